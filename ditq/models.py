@@ -1,0 +1,282 @@
+"""Loading DiTs: presets with seeded random weights, diffusers folders, original DiT checkpoints.
+
+Every loader returns a :class:`LoadedModel`: a float32 ``diffusers.DiTTransformer2DModel`` in eval mode
+plus a JSON-able ``source`` that says how to load it again (the exported model carries it, so
+``ditq validate`` can rebuild the reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ditq.errors import DitqError
+
+# The DiT paper's configurations: hidden size, depth, heads (patch 2, 4 latent channels, learned sigma,
+# 1000 classes, 32x32 latents for 256x256 images).
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "dit-s-2": (384, 12, 6),
+    "dit-b-2": (768, 12, 12),
+    "dit-l-2": (1024, 24, 16),
+    "dit-xl-2": (1152, 28, 16),
+}
+# Heads of the original DiT models by hidden size (the checkpoint does not record them).
+_HEADS_BY_HIDDEN = {h: n for h, _, n in PRESETS.values()}
+SUPPORTED_CLASS = "DiTTransformer2DModel"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # diffusers.DiTTransformer2DModel, float32, eval
+    source: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.model.config)
+
+
+def dit_config(
+    hidden: int,
+    depth: int,
+    heads: int,
+    *,
+    patch: int = 2,
+    in_channels: int = 4,
+    out_channels: int | None = 8,
+    sample_size: int = 32,
+    num_classes: int = 1000,
+    mlp_ratio: float = 4.0,
+) -> dict[str, Any]:
+    """diffusers ``DiTTransformer2DModel`` keyword arguments for a DiT of the given shape."""
+    if hidden % heads:
+        raise DitqError(f"hidden size {hidden} is not divisible by {heads} heads")
+    if mlp_ratio != 4.0:
+        raise DitqError(f"MLP ratio {mlp_ratio} is not supported (diffusers' DiT block uses 4)")
+    return dict(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        num_layers=depth,
+        sample_size=sample_size,
+        patch_size=patch,
+        num_embeds_ada_norm=num_classes,
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+    )
+
+
+def build_dit(config: dict[str, Any], seed: int | None = 0):
+    """A float32 eval-mode diffusers DiT; random weights drawn from ``seed`` without touching global RNG."""
+    import torch
+    from diffusers import DiTTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = DiTTransformer2DModel(**config)
+    return model.float().eval()
+
+
+def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_heads: int | None = None) -> LoadedModel:
+    """Load ``spec``: a preset name, a diffusers folder, or an original DiT checkpoint file."""
+    if spec in PRESETS:
+        hidden, depth, heads = PRESETS[spec]
+        sample = 32 if image_size is None else _latent_size(image_size)
+        model = build_dit(dit_config(hidden, depth, heads, sample_size=sample), seed)
+        return LoadedModel(model, {"kind": "preset", "name": spec, "seed": seed, "image_size": image_size})
+    path = Path(spec)
+    if not path.exists():
+        raise DitqError(
+            f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file or folder"
+        )
+    if path.is_dir():
+        return _load_diffusers(path)
+    return _load_original(path, image_size=image_size, num_heads=num_heads)
+
+
+def load_from_source(source: dict[str, Any]) -> LoadedModel:
+    """Reload a model from the ``source`` record an exported model carries."""
+    kind = source.get("kind")
+    if kind == "preset":
+        return load_model(source["name"], image_size=source.get("image_size"), seed=source.get("seed", 0))
+    if kind in ("diffusers", "dit-checkpoint"):
+        loaded = load_model(source["path"], image_size=source.get("image_size"), num_heads=source.get("num_heads"))
+        want = source.get("sha256")
+        if want and loaded.source.get("sha256") != want:
+            raise DitqError(f"{source['path']} changed since export (SHA-256 differs); pass --model explicitly")
+        return loaded
+    raise DitqError(f"unknown model source {source!r}")
+
+
+def _latent_size(image_size: int) -> int:
+    if image_size not in (256, 512):
+        raise DitqError(f"--image-size must be 256 or 512, got {image_size}")
+    return image_size // 8
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ diffusers
+def _load_diffusers(path: Path) -> LoadedModel:
+    folder = path
+    if (path / "model_index.json").is_file():  # a pipeline folder: the DiT lives in transformer/
+        folder = path / "transformer"
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise DitqError(f"{path}: not a diffusers model folder (no config.json{' in transformer/' if folder != path else ''})")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DitqError(f"{cfg_file}: corrupt config.json ({e})") from None
+    cls_name = cfg.get("_class_name")
+    if cls_name != SUPPORTED_CLASS:
+        raise DitqError(f"{path}: unsupported architecture {cls_name!r}; ditq exports {SUPPORTED_CLASS}")
+    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise DitqError(f"{folder}: no weights file (diffusion_pytorch_model.safetensors or .bin)")
+    from diffusers import DiTTransformer2DModel
+
+    use_st = any(w.endswith(".safetensors") for w in weights)
+    try:
+        model = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=use_st, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError, pickle.UnpicklingError) as e:
+        raise DitqError(f"{folder}: cannot load the diffusers model ({_one_line(e)})") from None
+    digest = hashlib.sha256()
+    for w in weights:
+        digest.update(file_sha256(folder / w).encode())
+    return LoadedModel(model.float().eval(), {"kind": "diffusers", "path": str(path.resolve()), "sha256": digest.hexdigest()})
+
+
+# --------------------------------------------------------------------------------- original checkpoints
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """Tensors of a ``.safetensors`` file, or of a ``.pt``/``.pth`` file loaded with ``weights_only=True``
+    (a pickle that tries to build anything but tensors and containers is refused, not executed)."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DitqError(f"{path}: corrupt safetensors file ({_one_line(e)})") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DitqError(
+            f"{path}: refused to load: the checkpoint holds objects other than tensors "
+            f"(unsafe pickle; only weights_only loading is allowed): {_one_line(e)[:160]}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise DitqError(f"{path}: corrupt or unreadable checkpoint ({_one_line(e)[:200]})") from None
+    if isinstance(obj, dict):
+        for key in ("ema", "model", "state_dict"):  # training checkpoints nest the weights
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DitqError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def _load_original(path: Path, *, image_size: int | None, num_heads: int | None) -> LoadedModel:
+    sd = read_state_dict(path)
+    try:
+        config, converted = convert_original_dit(sd, image_size=image_size, num_heads=num_heads, where=str(path))
+    except KeyError as e:
+        raise DitqError(f"{path}: incomplete DiT checkpoint (no tensor {e.args[0]!r})") from None
+    model = build_dit(config, seed=None)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise DitqError(
+            f"{path}: checkpoint does not fit a DiT of the inferred shape "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return LoadedModel(
+        model.float().eval(),
+        {
+            "kind": "dit-checkpoint",
+            "path": str(path.resolve()),
+            "sha256": file_sha256(path),
+            "image_size": image_size,
+            "num_heads": num_heads,
+        },
+    )
+
+
+def convert_original_dit(
+    sd: dict[str, Any], *, image_size: int | None = None, num_heads: int | None = None, where: str = "checkpoint"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """facebookresearch/DiT state dict -> (diffusers config, diffusers state dict).
+
+    The original model has one timestep and one class embedder; diffusers gives every block its own,
+    so they are copied into each block. The fixed sin-cos ``pos_embed`` buffer is recomputed by diffusers.
+    """
+    need = ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight")
+    absent = [k for k in need if k not in sd]
+    if absent:
+        raise DitqError(f"{where}: unsupported architecture: not an original DiT state dict (missing {absent[0]!r})")
+    w = sd["x_embedder.proj.weight"]
+    hidden, in_ch, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    heads = num_heads or _HEADS_BY_HIDDEN.get(hidden)
+    if heads is None:
+        raise DitqError(f"{where}: hidden size {hidden} is not a DiT paper model; pass --num-heads")
+    out_ch = int(sd["final_layer.linear.weight"].shape[0]) // (patch * patch)
+    num_classes = int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1  # last row: the CFG null class
+    tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
+    if image_size is not None:
+        sample = _latent_size(image_size)
+        if tokens is not None and tokens != (sample // patch) ** 2:
+            raise DitqError(f"{where}: --image-size {image_size} does not match the checkpoint's {tokens} tokens")
+    elif tokens is not None:
+        sample = int(round(tokens**0.5)) * patch
+    else:
+        sample = 32
+    mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    config = dit_config(
+        hidden, depth, heads, patch=patch, in_channels=in_ch, out_channels=out_ch,
+        sample_size=sample, num_classes=num_classes, mlp_ratio=mlp_ratio,
+    )  # fmt: skip
+
+    out: dict[str, Any] = {
+        "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+        "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": sd["final_layer.linear.weight"],
+        "proj_out_2.bias": sd["final_layer.linear.bias"],
+    }
+    for i in range(depth):
+        src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
+        for p in ("weight", "bias"):
+            q, k, v = sd[f"{src}attn.qkv.{p}"].chunk(3, dim=0)
+            out[f"{dst}attn1.to_q.{p}"], out[f"{dst}attn1.to_k.{p}"], out[f"{dst}attn1.to_v.{p}"] = q, k, v
+            out[f"{dst}attn1.to_out.0.{p}"] = sd[f"{src}attn.proj.{p}"]
+            out[f"{dst}ff.net.0.proj.{p}"] = sd[f"{src}mlp.fc1.{p}"]
+            out[f"{dst}ff.net.2.{p}"] = sd[f"{src}mlp.fc2.{p}"]
+            out[f"{dst}norm1.linear.{p}"] = sd[f"{src}adaLN_modulation.1.{p}"]
+            out[f"{dst}norm1.emb.timestep_embedder.linear_1.{p}"] = sd[f"t_embedder.mlp.0.{p}"]
+            out[f"{dst}norm1.emb.timestep_embedder.linear_2.{p}"] = sd[f"t_embedder.mlp.2.{p}"]
+        out[f"{dst}norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+    return config, out
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

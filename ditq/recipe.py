@@ -1,0 +1,251 @@
+"""The quantization recipe: what every linear (and embedding table) of a DiT gets.
+
+One versioned JSON document::
+
+    {
+      "format": "ditq-recipe", "version": 1, "method": "rtn",
+      "default": {"wbits": 4, "abits": null, "group_size": 64, "symmetric": false},
+      "rules": [
+        {"match": "transformer_blocks.*.attn1.to_[qkv]", "abits": 8},
+        {"match": "proj_out_2", "wbits": null}
+      ]
+    }
+
+Every ``nn.Linear`` and ``nn.Embedding`` of the model starts from ``default``; the ``rules`` are applied
+in order, each overriding the fields it names for the modules its ``match`` selects (an ``fnmatch``
+glob over the torch module name, or a regular expression written ``"re:<pattern>"``). A rule that
+selects no module is an error (it is almost always a typo).
+
+Fields of a layer's configuration:
+
+- ``wbits``: weight bits 2..8, or ``null`` for a float layer (not covered);
+- ``abits``: bits of the layer's *input* activation, quantized dynamically per token and group at every
+  forward, or ``null`` for float activations (weight-only). Ignored for embedding tables;
+- ``group_size``: consecutive input channels sharing one scale, for the weight rows and the activation
+  tokens alike (Q-DiT); ``null`` means the whole input width (per channel / per token). It must divide
+  the layer's input width;
+- ``symmetric``: signed codes with zero point 0 instead of Q-DiT's asymmetric min-max (the default).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from ditq.errors import DitqError
+
+RECIPE_FORMAT = "ditq-recipe"
+RECIPE_VERSION = 1
+METHODS = ("rtn",)
+BITS_RANGE = range(2, 9)
+
+# Q-DiT quantizes weights *and* input activations of these linears in every block (qkv, proj, fc1, fc2).
+QDIT_ACTIVATION_LINEARS = (
+    "transformer_blocks.*.attn1.to_q",
+    "transformer_blocks.*.attn1.to_k",
+    "transformer_blocks.*.attn1.to_v",
+    "transformer_blocks.*.attn1.to_out.0",
+    "transformer_blocks.*.ff.net.0.proj",
+    "transformer_blocks.*.ff.net.2",
+)
+# The final projection to pixels/latents stays float (both papers keep the final layer in float).
+QDIT_FLOAT_LINEARS = ("proj_out_2",)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one layer is quantized (see the module docstring for the meaning of each field)."""
+
+    wbits: int | None = 4
+    abits: int | None = None
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("wbits", "abits"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v not in BITS_RANGE):
+                raise DitqError(f"{name} must be an integer in 2..8 or null, got {v!r}")
+        g = self.group_size
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise DitqError(f"group_size must be a positive integer or null, got {g!r}")
+        if not isinstance(self.symmetric, bool):
+            raise DitqError(f"symmetric must be true or false, got {self.symmetric!r}")
+
+    @property
+    def covered(self) -> bool:
+        return self.wbits is not None
+
+    def tag(self) -> str:
+        a = "16" if self.abits is None else str(self.abits)
+        g = "ch" if self.group_size is None else str(self.group_size)
+        return f"W{self.wbits}A{a}g{g}" + ("s" if self.symmetric else "")
+
+
+_LAYER_KEYS = {f.name for f in fields(LayerQuant)}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Override ``values`` for every module whose name ``match`` selects."""
+
+    match: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = set(self.values) - _LAYER_KEYS
+        if bad:
+            raise DitqError(f"recipe rule {self.match!r}: unknown field(s) {sorted(bad)}; allowed {sorted(_LAYER_KEYS)}")
+        if self.match.startswith("re:"):
+            try:
+                re.compile(self.match[3:])
+            except re.error as e:
+                raise DitqError(f"recipe rule {self.match!r}: bad regular expression ({e})") from None
+
+    def selects(self, name: str) -> bool:
+        if self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.match)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A covered module as the exporter sees it: kind, shape and configuration."""
+
+    name: str
+    kind: str  # "linear" | "embedding"
+    in_features: int  # K: the grouped axis (embedding: the embedding width)
+    out_features: int  # N (embedding: the number of rows)
+    quant: LayerQuant
+
+    @property
+    def group_size(self) -> int:
+        return self.quant.group_size or self.in_features
+
+    @property
+    def abits(self) -> int | None:
+        return self.quant.abits if self.kind == "linear" else None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A default layer configuration plus ordered per-module overrides."""
+
+    default: LayerQuant = field(default_factory=LayerQuant)
+    rules: tuple[Rule, ...] = ()
+    method: str = "rtn"
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DitqError(f"recipe method {self.method!r} is not supported; choose from {list(METHODS)}")
+        if self.version != RECIPE_VERSION:
+            raise DitqError(f"recipe version {self.version} is not supported (this ditq reads version {RECIPE_VERSION})")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def qdit(
+        cls, wbits: int = 4, abits: int | None = 8, group_size: int | None = 128, symmetric: bool = False
+    ) -> "Recipe":
+        """Q-DiT coverage: W+A on qkv/proj/fc1/fc2 of every block; every other linear and the class
+        embedding tables weight-only (so the file really shrinks); the final projection float."""
+        rules = [Rule(p, {"abits": abits}) for p in QDIT_ACTIVATION_LINEARS]
+        rules += [Rule(p, {"wbits": None}) for p in QDIT_FLOAT_LINEARS]
+        return cls(LayerQuant(wbits, None, group_size, symmetric), tuple(rules))
+
+    # ------------------------------------------------------------------ resolution
+    def config_for(self, name: str) -> LayerQuant:
+        cfg = self.default
+        for rule in self.rules:
+            if rule.selects(name):
+                try:
+                    cfg = replace(cfg, **rule.values)
+                except TypeError as e:  # pragma: no cover - guarded by Rule.__post_init__
+                    raise DitqError(f"recipe rule {rule.match!r}: {e}") from None
+        return cfg
+
+    def resolve(self, model) -> dict[str, LayerPlan]:
+        """The covered modules of ``model`` with their configuration, checked against their shapes."""
+        import torch.nn as nn
+
+        names = []
+        plans: dict[str, LayerPlan] = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear):
+                kind, k, n = "linear", mod.in_features, mod.out_features
+            elif isinstance(mod, nn.Embedding):
+                kind, k, n = "embedding", mod.embedding_dim, mod.num_embeddings
+            else:
+                continue
+            names.append(name)
+            cfg = self.config_for(name)
+            if not cfg.covered:
+                continue
+            g = cfg.group_size or k
+            if k % g:
+                raise DitqError(
+                    f"group size {g} does not divide the input width {k} of layer {name!r}; "
+                    f"choose a divisor of {k} or override it for this layer in the recipe"
+                )
+            plans[name] = LayerPlan(name, kind, k, n, cfg)
+        for rule in self.rules:
+            if not any(rule.selects(n) for n in names):
+                raise DitqError(f"recipe rule {rule.match!r} selects no linear or embedding of this model")
+        return plans
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RECIPE_FORMAT,
+            "version": self.version,
+            "method": self.method,
+            "default": asdict(self.default),
+            "rules": [{"match": r.match, **dict(r.values)} for r in self.rules],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "Recipe":
+        if not isinstance(d, dict):
+            raise DitqError("recipe must be a JSON object")
+        if d.get("format") != RECIPE_FORMAT:
+            raise DitqError(f"not a ditq recipe: 'format' must be {RECIPE_FORMAT!r}, got {d.get('format')!r}")
+        unknown = set(d) - {"format", "version", "method", "default", "rules"}
+        if unknown:
+            raise DitqError(f"recipe: unknown key(s) {sorted(unknown)}")
+        default = d.get("default", {})
+        if not isinstance(default, dict) or set(default) - _LAYER_KEYS:
+            raise DitqError(f"recipe 'default' must be an object with keys among {sorted(_LAYER_KEYS)}")
+        rules_in = d.get("rules", [])
+        if not isinstance(rules_in, list):
+            raise DitqError("recipe 'rules' must be a list")
+        rules = []
+        for i, r in enumerate(rules_in):
+            if not isinstance(r, dict) or not isinstance(r.get("match"), str):
+                raise DitqError(f"recipe rule #{i} must be an object with a string 'match'")
+            rules.append(Rule(r["match"], {k: v for k, v in r.items() if k != "match"}))
+        return cls(LayerQuant(**default), tuple(rules), d.get("method", "rtn"), d.get("version", RECIPE_VERSION))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise DitqError(f"recipe is not valid JSON ({e})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        if not p.is_file():
+            raise DitqError(f"recipe file not found: {p}")
+        try:
+            return cls.from_json(p.read_text())
+        except DitqError as e:
+            raise DitqError(f"{p}: {e}") from None
+

@@ -1,0 +1,1 @@
+"""Torch -> ONNX: tracing, the PyTorch reference modules, and the export pipeline."""

@@ -1,0 +1,196 @@
+"""``ditq export``: float DiT + recipe -> a self-describing low-bit ONNX model folder.
+
+Output folder::
+
+    model.onnx          the graph (+ model.onnx.data when the weights pass `external_data_bytes`)
+    recipe.json         the recipe it was made with
+    manifest.json       tool version, source, target, files with their SHA-256 and sizes
+
+The folder is assembled under a temporary sibling name and renamed into place only when complete, so a
+crash never leaves a half-written model under the final name, and re-exporting over an old folder starts
+from empty files (ONNX's external-data writer appends, so reusing a folder would grow the data file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx.external_data_helper import load_external_data_for_model
+from tqdm.auto import tqdm
+
+from ditq.errors import DitqError
+from ditq.exporter.reference import QuantizedDiT
+from ditq.exporter.trace import bind_modules, export_float
+from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
+from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
+from ditq.models import file_sha256
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+RECIPE_FILE = "recipe.json"
+MANIFEST_FILE = "manifest.json"
+TARGETS = ("qdq",)
+DEFAULT_OPSET = 21  # blocked QuantizeLinear/DequantizeLinear and int4/uint4 (ONNX opset 21)
+
+# metadata_props keys of an exported model
+META_RECIPE = "ditq.recipe"
+META_SOURCE = "ditq.source"
+META_VERSION = "ditq.version"
+META_TARGET = "ditq.target"
+META_CONFIG = "ditq.model_config"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out_dir: Path
+    model_path: Path
+    file_bytes: int
+    seconds: float
+    layers: int
+    activation_subgraphs: int
+
+
+def tool_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ditq")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0+unknown"
+
+
+def _jsonable_config(config: Any) -> dict[str, Any]:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def build_quantized_graph(
+    qdit: QuantizedDiT, work_dir: Path, *, opset: int = DEFAULT_OPSET, progress: bool = True
+) -> tuple[onnx.ModelProto, int, int]:
+    """Trace the float model into ``work_dir`` and run the quantization passes; returns the proto
+    (its remaining float initializers loaded) and how many weights / activation subgraphs were inserted."""
+    steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
+    steps.set_postfix_str("trace (torch.onnx dynamo)")
+    float_path = work_dir / "float.onnx"
+    export_float(qdit.model, float_path, opset=opset)
+    steps.update()
+
+    steps.set_postfix_str("bind modules to nodes")
+    proto = onnx.load(str(float_path), load_external_data=False)
+    bound = bind_modules(proto, qdit.model, qdit.plans, work_dir)
+    steps.update()
+
+    steps.set_postfix_str("store low-bit weights, insert activation quantization")
+    weights = StoreQuantizedWeightsPass([WeightTarget(bound[n], n, qdit.weights[n]) for n in qdit.plans])
+    proto = weights(proto).model
+    act_targets = [
+        ActivationTarget(bound[n], n, p.abits, p.group_size, p.in_features, p.quant.symmetric)
+        for n, p in qdit.plans.items()
+        if p.abits is not None
+    ]
+    acts = InsertActivationQDQPass(act_targets)(proto)
+    load_external_data_for_model(proto, str(work_dir))  # the float tensors that stay (biases, norms, conv)
+    steps.update()
+    steps.set_postfix_str("check")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:  # a bug of ours, not bad input: let it be reported loudly
+        raise RuntimeError(f"the quantized graph fails the ONNX checker: {e}") from e
+    steps.update()
+    steps.close()
+    return proto, len(weights.targets), acts.count
+
+
+def export(
+    qdit: QuantizedDiT,
+    out_dir: str | Path,
+    *,
+    source: dict[str, Any],
+    target: str = "qdq",
+    opset: int = DEFAULT_OPSET,
+    external_data_bytes: int = 256 << 20,
+    progress: bool = True,
+) -> ExportResult:
+    """Export ``qdit`` to ``out_dir`` (replaced atomically if it exists)."""
+    if target not in TARGETS:
+        raise DitqError(f"unknown target {target!r}; choose from {list(TARGETS)}")
+    if opset < 21:
+        raise DitqError(f"opset {opset} has no blocked QuantizeLinear/DequantizeLinear; use 21 or later")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DitqError(f"--out {out_dir} exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        work = stage / ".work"
+        work.mkdir()
+        proto, n_weights, n_acts = build_quantized_graph(qdit, work, opset=opset, progress=progress)
+        meta = {
+            META_RECIPE: qdit.recipe.to_json(),
+            META_SOURCE: json.dumps(source),
+            META_VERSION: tool_version(),
+            META_TARGET: target,
+            META_CONFIG: json.dumps(_jsonable_config(qdit.model.config)),
+        }
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        proto.producer_name, proto.producer_version = "ditq", tool_version()
+        weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+        model_path = stage / MODEL_FILE
+        if weight_bytes > external_data_bytes:
+            onnx.save_model(
+                proto, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=DATA_FILE, size_threshold=1024,
+            )  # fmt: skip
+        else:
+            onnx.save_model(proto, str(model_path))
+        del proto
+        shutil.rmtree(work)
+        (stage / RECIPE_FILE).write_text(qdit.recipe.to_json() + "\n")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(stage.iterdir())}
+        manifest = {
+            "tool": "ditq",
+            "version": tool_version(),
+            "target": target,
+            "opset": opset,
+            "source": source,
+            "layers": n_weights,
+            "activation_subgraphs": n_acts,
+            "files": files,
+        }
+        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    model_bytes = sum(f["bytes"] for n, f in files.items() if n in (MODEL_FILE, DATA_FILE))
+    return ExportResult(out_dir, out_dir / MODEL_FILE, model_bytes, time.perf_counter() - t0, n_weights, n_acts)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move the finished folder ``new`` to ``final``; an old ``final`` is moved aside first and removed
+    after, so at every instant ``final`` is either the complete old or the complete new export."""
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, old / "x")
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, final)
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any]:
+    p = Path(out_dir) / MANIFEST_FILE
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DitqError(f"{p}: cannot read the manifest ({e})") from None

@@ -1,0 +1,95 @@
+"""The PyTorch reference: modules computing exactly what the exported ONNX graph computes.
+
+``QuantLinear``: ``y = dq(q_a(x)) @ dq(W_codes)^T + b`` where ``dq(W_codes)`` is the dequantized integer
+weight and ``q_a`` is dynamic per-token, per-group activation quantization recomputed from the input at
+every call (Q-DiT's sample-wise dynamic quantization). ``QuantEmbedding``: a lookup in the dequantized
+table. The numerics are :mod:`ditq.calib.numerics`, the same functions whose codes ONNX Runtime
+reproduces bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ditq.calib.numerics import QuantizedTensor, fake_quantize, quantize_rtn
+from ditq.recipe import LayerPlan, Recipe
+
+
+class QuantLinear(nn.Module):
+    """A linear with integer-code weights and optional dynamic per-group input quantization."""
+
+    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None, abits: int | None, symmetric: bool):
+        super().__init__()
+        self.register_buffer("weight", qweight.dequantize())  # (N, K) float32, exactly the graph's DQ output
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.abits, self.group_size, self.symmetric = abits, qweight.group_size, symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.abits is not None:
+            x = fake_quantize(x, self.abits, self.group_size, self.symmetric)  # (..., K), fresh qparams per call
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, abits={self.abits}, group={self.group_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table stored as integer codes (grouped along the embedding width)."""
+
+    def __init__(self, qweight: QuantizedTensor):
+        super().__init__()
+        self.register_buffer("weight", qweight.dequantize())  # (V, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+def quantize_weight(module: nn.Module, plan: LayerPlan) -> QuantizedTensor:
+    """RTN codes of one covered module's weight (``[N, K]`` linear weight, ``[V, D]`` table)."""
+    q = plan.quant
+    return quantize_rtn(module.weight, q.wbits, plan.group_size, q.symmetric)
+
+
+@dataclass
+class QuantizedDiT:
+    """A float DiT, its resolved recipe and the integer weights of every covered layer."""
+
+    model: nn.Module
+    recipe: Recipe
+    plans: dict[str, LayerPlan]
+    weights: dict[str, QuantizedTensor] = field(default_factory=dict)
+
+    def modules(self) -> Iterator[tuple[str, nn.Module, LayerPlan]]:
+        named = dict(self.model.named_modules())
+        for name, plan in self.plans.items():
+            yield name, named[name], plan
+
+    def reference(self, inplace: bool = False) -> nn.Module:
+        """The reference model; ``inplace=True`` swaps the modules of ``self.model`` (saves a copy)."""
+        model = self.model if inplace else copy.deepcopy(self.model)
+        named = dict(model.named_modules())
+        for name, plan in self.plans.items():
+            old = named[name]
+            if plan.kind == "linear":
+                new = QuantLinear(self.weights[name], old.bias, plan.abits, plan.quant.symmetric)
+            else:
+                new = QuantEmbedding(self.weights[name])
+            parent_name, _, attr = name.rpartition(".")
+            setattr(named[parent_name] if parent_name else model, attr, new)
+        return model.eval()
+
+
+def quantize_model(model: nn.Module, recipe: Recipe, progress: bool = True) -> QuantizedDiT:
+    """Resolve ``recipe`` on ``model`` and quantize every covered weight (round to nearest)."""
+    plans = recipe.resolve(model)
+    qd = QuantizedDiT(model, recipe, plans)
+    for name, module, plan in tqdm(list(qd.modules()), desc="quantize weights", unit="layer", disable=not progress):
+        qd.weights[name] = quantize_weight(module, plan)
+    return qd

@@ -1,0 +1,143 @@
+"""Trace a DiT to a float ONNX graph (torch.onnx dynamo exporter) and bind torch modules to its nodes.
+
+The dynamo exporter records each node's module path in ``metadata_props['namespace']``, e.g.
+``": W/dit: DiTTransformer2DModel/dit.transformer_blocks.0.attn1.to_q: torch.nn.modules.linear.Linear/
+linear_3: aten.linear.default"``. :func:`bind_modules` reads it to find the one MatMul/Gemm (linear) or
+Gather (embedding) of every covered module, then proves the binding by comparing the node's weight
+initializer with the module's own weight, so a pass never guesses from tensor names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from ditq.errors import DitqError
+from ditq.recipe import LayerPlan
+
+INPUT_NAMES = ("sample", "timestep", "class_labels")
+OUTPUT_NAMES = ("out",)
+_ROOT = "dit"  # attribute name of the DiT inside the export wrapper: module paths start with "dit."
+
+
+class DiTForward(nn.Module):
+    """``(sample, timestep, class_labels) -> model output`` with the diffusers DiT inside."""
+
+    def __init__(self, dit: nn.Module):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.dit(sample, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
+
+
+def example_inputs(config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Seeded inputs of the DiT's signature: latents, integer timesteps, class labels (null class included)."""
+    g = torch.Generator().manual_seed(seed)
+    c, s = config["in_channels"], config["sample_size"]
+    num_classes = config["num_embeds_ada_norm"]
+    x = torch.randn(batch, c, s, s, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    y = torch.randint(0, num_classes + 1, (batch,), generator=g)  # num_classes = the CFG null class
+    return x, t, y
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and warnings (ditq shows its own progress)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._export", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_float(model: nn.Module, path: Path, *, opset: int = 21) -> None:
+    """Write the float graph of ``model`` to ``path`` (+ external data), dynamic batch size."""
+    wrapper = DiTForward(model).eval()
+    inputs = example_inputs(dict(model.config), batch=2)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                wrapper,
+                inputs,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
+                external_data=True,
+                optimize=True,
+            )
+        except Exception as e:  # the exporter raises many types; report which model failed and why
+            raise DitqError(f"torch.onnx.export failed for this model: {' '.join(str(e).split())[:300]}") from None
+
+
+def _module_path(node: onnx.NodeProto) -> str | None:
+    """The innermost module scope of ``node`` (without the wrapper prefix), from dynamo's metadata."""
+    meta = {p.key: p.value for p in node.metadata_props}
+    ns = meta.get("namespace")
+    if not ns:
+        return None
+    scopes = [s.split(": ")[0] for s in ns.split("/")]
+    # the last scope is the aten op; the one before it is the module that called it
+    for scope in reversed(scopes[:-1]):
+        if scope == _ROOT or scope.startswith(_ROOT + "."):
+            return scope[len(_ROOT) + 1 :]
+    return None
+
+
+def bind_modules(
+    proto: onnx.ModelProto, model: nn.Module, plans: dict[str, LayerPlan], base_dir: Path
+) -> dict[str, str]:
+    """Map each covered module name to the name of the node that reads its weight.
+
+    Proven, not guessed: the node's op must fit the module kind, and its weight initializer must hold
+    exactly the module's weight (transposed for MatMul).
+    """
+    by_module: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Gather"):
+            path = _module_path(node)
+            if path in plans:
+                by_module.setdefault(path, []).append(node)
+    inits = {t.name: t for t in proto.graph.initializer}
+    named = dict(model.named_modules())
+    bound: dict[str, str] = {}
+    for name, plan in plans.items():
+        want_ops = ("MatMul", "Gemm") if plan.kind == "linear" else ("Gather",)
+        cands = [n for n in by_module.get(name, []) if n.op_type in want_ops]
+        weight = named[name].weight.detach().float().numpy()
+        hits = []
+        for node in cands:
+            w_in = node.input[1] if node.op_type != "Gather" else node.input[0]
+            if w_in not in inits:
+                continue
+            arr = onnx.numpy_helper.to_array(inits[w_in], base_dir=str(base_dir))
+            if node.op_type == "MatMul" and arr.shape == weight.T.shape and np.array_equal(arr, weight.T):
+                hits.append(node)
+            elif node.op_type in ("Gemm", "Gather") and arr.shape == weight.shape and np.array_equal(arr, weight):
+                hits.append(node)
+        if len(hits) != 1:
+            raise DitqError(
+                f"cannot locate module {name!r} in the traced graph "
+                f"({len(cands)} candidate {'/'.join(want_ops)} nodes, {len(hits)} holding its weight)"
+            )
+        bound[name] = hits[0].name
+    return bound

@@ -1,0 +1,154 @@
+"""Structural checks of an exported model against the layer plan it was built from.
+
+Each check returns a list of failure strings (empty = pass), naming the module and what is wrong:
+
+- ``check_weights``: every covered layer has exactly one weight DequantizeLinear whose codes have the
+  recipe's container type (INT4/UINT4 for <= 4 bits, INT8/UINT8 above), its block size and axis, scales
+  of shape ``[K/g, N]`` (tables: ``[V, D/g]``), and codes inside the ``b``-bit range;
+- ``check_activations``: every activation-quantized layer reads its input through a QuantizeLinear ->
+  DequantizeLinear pair with the recipe's block size whose scale and zero point are computed in the graph
+  from that activation (their producers reach a ReduceMin/ReduceMax), never a stored constant.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import onnx
+from onnx import helper, numpy_helper
+
+from ditq.graphs.quant_weights import stored_codes
+from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, code_type, node_meta
+from ditq.recipe import LayerPlan
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _tagged(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        m = node_meta(n)
+        if m.get(META_ROLE) == role:
+            out.setdefault(m[META_MODULE], []).append(n)
+    return out
+
+
+def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[str]:
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    dqs = _tagged(graph, ROLE_WEIGHT_DQ)
+    fails = []
+    for name, plan in plans.items():
+        nodes = dqs.get(name, [])
+        if len(nodes) != 1:
+            fails.append(f"{name}: expected 1 weight DequantizeLinear, found {len(nodes)}")
+            continue
+        dq = nodes[0]
+        q = plan.quant
+        codes = inits.get(dq.input[0])
+        scale = inits.get(dq.input[1])
+        if codes is None or scale is None:
+            fails.append(f"{name}: weight codes or scales are not initializers")
+            continue
+        a = _attrs(dq)
+        table = plan.kind == "embedding"
+        want_shape = (plan.out_features, plan.in_features) if table else (plan.in_features, plan.out_features)
+        want_scale = (plan.out_features, plan.in_features // plan.group_size) if table else (plan.in_features // plan.group_size, plan.out_features)
+        want_type = code_type(q.wbits, q.symmetric)
+        if codes.data_type != want_type:
+            fails.append(f"{name}: codes are {onnx.TensorProto.DataType.Name(codes.data_type)}, recipe needs {onnx.TensorProto.DataType.Name(want_type)}")
+        if a.get("block_size") != plan.group_size or a.get("axis", 1) != (1 if table else 0):
+            fails.append(f"{name}: block_size={a.get('block_size')} axis={a.get('axis', 1)}, recipe needs block_size={plan.group_size} axis={1 if table else 0}")
+        if tuple(codes.dims) != want_shape or tuple(scale.dims) != want_scale:
+            fails.append(f"{name}: codes {tuple(codes.dims)} / scales {tuple(scale.dims)}, expected {want_shape} / {want_scale}")
+        if not q.symmetric and (len(dq.input) < 3 or dq.input[2] not in inits):
+            fails.append(f"{name}: asymmetric weight without a stored zero point")
+        if codes.data_type == want_type and codes.raw_data:
+            c = stored_codes(codes)
+            lo, hi = (-(2 ** (q.wbits - 1) - 1), 2 ** (q.wbits - 1) - 1) if q.symmetric else (0, 2**q.wbits - 1)
+            if c.size and (int(c.min()) < lo or int(c.max()) > hi):
+                fails.append(f"{name}: codes outside the {q.wbits}-bit range [{lo}, {hi}]")
+    return fails
+
+
+def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[str]:
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    dqs = _tagged(graph, ROLE_WEIGHT_DQ)
+    fails = []
+    for name, plan in plans.items():
+        if plan.abits is None:
+            continue
+        dq_w = dqs.get(name, [])
+        mm = [c for d in dq_w for c in consumers.get(d.output[0], []) if c.op_type == "MatMul"]
+        if len(mm) != 1:
+            fails.append(f"{name}: cannot find the MatMul reading its quantized weight")
+            continue
+        # walk back from the MatMul's activation input through the act_quant subgraph
+        ql, seen, todo = None, set(), deque([mm[0].input[0]])
+        while todo:
+            t = todo.popleft()
+            n = producer.get(t)
+            if n is None or n.name in seen or node_meta(n).get(META_ROLE) != ROLE_ACT_QUANT:
+                continue
+            seen.add(n.name)
+            if n.op_type == "QuantizeLinear":
+                ql = n
+                break
+            todo.extend(n.input)
+        if ql is None:
+            fails.append(f"{name}: its input is not quantized (no QuantizeLinear in front of its MatMul)")
+            continue
+        if _attrs(ql).get("block_size") != plan.group_size:
+            fails.append(f"{name}: activation block_size {_attrs(ql).get('block_size')}, recipe needs {plan.group_size}")
+        for role, t in zip(("scale", "zero point"), ql.input[1:3]):
+            if t in inits or (producer.get(t) is not None and producer[t].op_type == "Constant"):
+                fails.append(f"{name}: activation {role} is a stored constant, not computed at run time")
+            elif not _reaches_reduce(t, producer):
+                fails.append(f"{name}: activation {role} is not computed from the activation's min/max")
+    return fails
+
+
+def _reaches_reduce(tensor: str, producer: dict[str, onnx.NodeProto]) -> bool:
+    seen, todo = set(), deque([tensor])
+    while todo:
+        n = producer.get(todo.popleft())
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type in ("ReduceMin", "ReduceMax"):
+            return True
+        todo.extend(n.input)
+    return False
+
+
+def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expected: dict[str, "object"]) -> list[str]:
+    """Stored weight codes and scales equal ``expected[name]`` (a QuantizedTensor) exactly."""
+    import numpy as np
+
+    inits = {t.name: t for t in model.graph.initializer}
+    dqs = _tagged(model.graph, ROLE_WEIGHT_DQ)
+    fails = []
+    for name, qt in expected.items():
+        nodes = dqs.get(name)
+        if not nodes or nodes[0].input[0] not in inits:
+            continue  # reported by check_weights
+        codes = stored_codes(inits[nodes[0].input[0]]).astype(np.int16)
+        scale = numpy_helper.to_array(inits[nodes[0].input[1]])
+        want = qt.codes.numpy()
+        want_scale = qt.scale.numpy()
+        if plans[name].kind == "linear":  # linears are stored transposed, [K, N]
+            want, want_scale = want.T, want_scale.T
+        if codes.shape != want.shape or not np.array_equal(codes, want):
+            bad = int((codes != want).sum()) if codes.shape == want.shape else -1
+            fails.append(f"{name}: stored weight codes differ from the reference's ({bad} of {want.size})")
+        elif not np.array_equal(scale, want_scale):
+            fails.append(f"{name}: stored weight scales differ from the reference's")
+    return fails

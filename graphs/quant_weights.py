@@ -1,0 +1,150 @@
+"""StoreQuantizedWeightsPass: float weight initializers -> low-bit codes behind blocked DequantizeLinear.
+
+For a linear with float weight ``W [N, K]`` and per-row, per-group codes ``Q [N, K]``, scales
+``S [N, K/g]`` and zero points ``Z [N, K/g]`` (``W ~ (Q - Z) * S``, groups of ``g`` along ``K``):
+
+    MatMul(X, W^T)            ->  MatMul(X, DequantizeLinear(Q^T, S^T, Z^T, axis=0, block_size=g))
+    Gemm(X, W, b, transB=1)   ->  Add(MatMul(X, DequantizeLinear(Q^T, ...)), b)
+
+The weight is stored transposed, ``[K, N]``, blocked along axis 0: the layout ONNX Runtime fuses with
+MatMul into ``MatMulNBits`` (a Gemm with an ``[N, K]`` DequantizeLinear is never fused). Embedding
+tables ``T [V, D]`` become ``Gather(DequantizeLinear(Q, S, Z, axis=1, block_size=g), ids)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ditq.calib.numerics import QuantizedTensor
+from ditq.graphs.tensors import (
+    ROLE_WEIGHT_DQ,
+    code_tensor,
+    float_tensor,
+    rebuild_nodes,
+    remove_unused_initializers,
+    tag,
+)
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """Quantize the weight that node ``node`` reads, belonging to torch module ``module``."""
+
+    node: str
+    module: str
+    weight: QuantizedTensor
+
+
+@dataclass(frozen=True)
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    count: int
+
+
+class StoreQuantizedWeightsPass:
+    """Replace each target's float weight with integer codes behind a blocked DequantizeLinear."""
+
+    def __init__(self, targets: list[WeightTarget]):
+        self.targets = {t.node: t for t in targets}
+
+    def check(self, node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], target: WeightTarget) -> str | None:
+        """Why ``node`` can't be rewritten, or None."""
+        n, k = target.weight.shape
+        if node.op_type == "MatMul":
+            w = inits.get(node.input[1])
+            if w is None:
+                return "weight is not a constant initializer"
+            if tuple(w.dims) != (k, n):
+                return f"weight shape {tuple(w.dims)} is not [K, N] = {(k, n)}"
+        elif node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                return "Gemm with transA, alpha or beta is not a plain linear"
+            w = inits.get(node.input[1])
+            want = (n, k) if attrs.get("transB", 0) else (k, n)
+            if w is None:
+                return "weight is not a constant initializer"
+            if tuple(w.dims) != want:
+                return f"weight shape {tuple(w.dims)} is not {want}"
+        elif node.op_type == "Gather":
+            w = inits.get(node.input[0])
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if w is None or attrs.get("axis", 0) != 0:
+                return "table is not a constant initializer gathered along axis 0"
+            if tuple(w.dims) != (n, k):
+                return f"table shape {tuple(w.dims)} is not {(n, k)}"
+        else:
+            return f"op {node.op_type} is not MatMul, Gemm or Gather"
+        return None
+
+    def __call__(self, model: onnx.ModelProto) -> PassResult:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        nodes = {n.name: n for n in graph.node}
+        missing = set(self.targets) - set(nodes)
+        if missing:
+            raise ValueError(f"nodes not in the graph: {sorted(missing)[:5]}")
+        before: dict[str, list] = {}
+        replace: dict[str, list] = {}
+        new_inits = []
+        for name, target in self.targets.items():
+            node = nodes[name]
+            reason = self.check(node, inits, target)
+            if reason:
+                raise ValueError(f"cannot quantize the weight of {target.module} (node {name}): {reason}")
+            qt, mod = target.weight, target.module
+            table = node.op_type == "Gather"
+            # linear: stored [K, N] blocked along axis 0; table: stored [V, D] blocked along axis 1
+            codes = qt.codes.numpy() if table else qt.codes.numpy().T
+            scale = qt.scale.numpy() if table else qt.scale.numpy().T
+            zero = qt.zero.numpy() if table else qt.zero.numpy().T
+            names = [f"{mod}.qweight", f"{mod}.qscale"]
+            new_inits += [code_tensor(names[0], codes, qt.bits, qt.symmetric), float_tensor(names[1], scale)]
+            if not qt.symmetric:
+                names.append(f"{mod}.qzero")
+                new_inits.append(code_tensor(names[2], zero, qt.bits, False))
+            dq_out = f"{mod}.weight_dq"
+            dq = helper.make_node(
+                "DequantizeLinear", names, [dq_out], name=f"{mod}/weight_dq",
+                axis=1 if table else 0, block_size=qt.group_size,
+            )  # fmt: skip
+            before[name] = [tag(dq, mod, ROLE_WEIGHT_DQ)]
+            if node.op_type == "Gather":
+                node.input[0] = dq_out
+            elif node.op_type == "MatMul":
+                node.input[1] = dq_out
+            else:  # Gemm -> MatMul (+ Add bias)
+                has_bias = len(node.input) > 2 and node.input[2]
+                mm_out = f"{node.output[0]}/matmul" if has_bias else node.output[0]
+                mm = helper.make_node("MatMul", [node.input[0], dq_out], [mm_out], name=node.name)
+                mm.metadata_props.extend(node.metadata_props)
+                replace[name] = [mm]
+                if has_bias:
+                    add = helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}/bias")
+                    add.metadata_props.extend(node.metadata_props)
+                    replace[name].append(add)
+        rebuild_nodes(graph, before, replace)
+        graph.initializer.extend(new_inits)
+        remove_unused_initializers(graph)
+        return PassResult(model, bool(self.targets), len(self.targets))
+
+
+def stored_codes(t: onnx.TensorProto) -> np.ndarray:
+    """Integer codes of an initializer written by this pass (unpacked, in its stored layout)."""
+    from onnx import TensorProto
+
+    from ditq.calib.numerics import unpack_4bit_u8
+
+    count = int(np.prod(t.dims)) if len(t.dims) else 1
+    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+        flat = unpack_4bit_u8(np.frombuffer(t.raw_data, np.uint8), count, signed=t.data_type == TensorProto.INT4)
+    elif t.data_type in (TensorProto.INT8, TensorProto.UINT8):
+        flat = np.frombuffer(t.raw_data, np.int8 if t.data_type == TensorProto.INT8 else np.uint8)[:count]
+    else:
+        raise ValueError(f"{t.name}: not an integer-code tensor")
+    return flat.reshape(tuple(t.dims))

@@ -1,0 +1,91 @@
+"""Low-bit ONNX tensors and small graph helpers shared by the passes.
+
+Container types for ``b``-bit codes (``qdq`` target): ``b <= 4`` -> INT4/UINT4 (two codes per byte),
+``5 <= b <= 8`` -> INT8/UINT8 (one code per byte); signed for symmetric, unsigned for asymmetric.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ditq.calib.numerics import pack_4bit_u8
+
+# metadata_props keys the passes put on the nodes they insert: which torch module, which role.
+META_MODULE = "ditq.module"
+META_ROLE = "ditq.role"
+ROLE_WEIGHT_DQ = "weight_dq"
+ROLE_ACT_QUANT = "act_quant"
+
+
+def code_type(bits: int, symmetric: bool) -> int:
+    """ONNX element type that stores ``bits``-bit codes."""
+    if bits <= 4:
+        return TensorProto.INT4 if symmetric else TensorProto.UINT4
+    return TensorProto.INT8 if symmetric else TensorProto.UINT8
+
+
+def code_tensor(name: str, codes: np.ndarray, bits: int, symmetric: bool) -> TensorProto:
+    """An integer-code initializer (packed for 4-bit containers) with the given shape."""
+    codes = np.asarray(codes)
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    if codes.size and (codes.min() < lo or codes.max() > hi):
+        raise ValueError(f"{name}: codes outside the {bits}-bit range [{lo}, {hi}]")
+    dtype = code_type(bits, symmetric)
+    t = TensorProto()
+    t.name = name
+    t.data_type = dtype
+    t.dims.extend(codes.shape)
+    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+        t.raw_data = pack_4bit_u8(codes).tobytes()
+    else:
+        t.raw_data = codes.astype(np.int8 if symmetric else np.uint8).tobytes()
+    return t
+
+
+def float_tensor(name: str, values: np.ndarray) -> TensorProto:
+    return onnx.numpy_helper.from_array(np.ascontiguousarray(values, dtype=np.float32), name)
+
+
+def scalar(name: str, value, dtype: int) -> TensorProto:
+    return helper.make_tensor(name, dtype, [], [value])
+
+
+def tag(node: onnx.NodeProto, module: str, role: str) -> onnx.NodeProto:
+    """Record on ``node`` which module it quantizes and its role (read by the structural checks)."""
+    for key, value in ((META_MODULE, module), (META_ROLE, role)):
+        p = node.metadata_props.add()
+        p.key, p.value = key, value
+    return node
+
+
+def node_meta(node: onnx.NodeProto) -> dict[str, str]:
+    return {p.key: p.value for p in node.metadata_props}
+
+
+def rebuild_nodes(graph: onnx.GraphProto, before: dict[str, list], replace: dict[str, list]) -> None:
+    """Rewrite ``graph.node`` in order: ``before[name]`` is emitted just ahead of node ``name`` and
+    ``replace[name]`` (if present) in its place. Keeps the graph topologically sorted when the
+    inserted nodes read only tensors defined before that node."""
+    new = []
+    for node in graph.node:
+        new.extend(before.get(node.name, ()))
+        new.extend(replace.get(node.name, [node]))
+    del graph.node[:]
+    graph.node.extend(new)
+
+
+def remove_unused_initializers(graph: onnx.GraphProto) -> int:
+    """Drop initializers no node or graph output reads; returns how many were removed."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for n in graph.node:  # subgraphs (If/Loop) may read outer initializers
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                used |= {i for sn in a.g.node for i in sn.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    removed = len(graph.initializer) - len(keep)
+    if removed:
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return removed
