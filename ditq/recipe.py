@@ -100,6 +100,7 @@ class Rule:
         bad = set(self.values) - _LAYER_KEYS
         if bad:
             raise DitqError(f"recipe rule {self.match!r}: unknown field(s) {sorted(bad)}; allowed {sorted(_LAYER_KEYS)}")
+        replace(LayerQuant(), **self.values)  # validates the values now, not when the rule first applies
         if self.match.startswith("re:"):
             try:
                 re.compile(self.match[3:])

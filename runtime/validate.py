@@ -10,16 +10,17 @@ Three kinds of evidence, all of which must hold (exit 0), else exit 1:
    input, must produce the same codes, all of them. This proves the in-graph min/max -> scale -> zero
    point -> QuantizeLinear arithmetic is Q-DiT's, bit for bit, on real activations.
 3. **Outputs** (bounded): on fixed inputs (batch 1, 2 and 3; timesteps from 0 to 999; real and null
-   classes) ORT and the reference agree to ``SQNR(ort, ref) >= bound``:
+   classes) ORT and the reference agree:
 
-   - fp32 floor, 80 dB (relative error 1e-4): what remains when the codes agree is fp32 reassociation
-     in MatMul/attention/LayerNorm (measured 120+ dB on DiT presets);
-   - with quantized activations, an fp32 difference of one ulp can land on a rounding boundary and flip
-     one activation code by one step, which then propagates. A flip adds ``s^2`` of noise energy where
-     quantization adds ``s^2/12`` per element, so flips on a fraction ``p`` of elements cost ``12 p`` of
-     the quantization noise. The bound ``min(80, SQNR(ref, float) + 20) dB`` allows flips on at most
-     ~0.1% of elements (1% of the noise energy), far below what a real defect (a wrong scale, group or
-     bit width in even one layer) produces: that is of the order of the quantization error itself.
+   - no quantized activation: ``SQNR(ort, ref) >= 80 dB`` (relative error 1e-4). With the codes equal,
+     only fp32 reassociation in MatMul/attention/LayerNorm remains (measured 120+ dB on DiT presets).
+   - quantized activations: an fp32 difference of one ulp flips an activation code wherever a value sits
+     on a rounding boundary; in a deep network the difference then grows and flips more codes
+     downstream (measured 49-55 dB ORT-vs-reference on random-weight DiT-S/XL presets at A8, while each
+     layer's codes are bit-exact when fed the same input, check 2). A flip moves a value by one rounding
+     step, the same size as the rounding quantization does anyway, so the two runs can differ by at most
+     about the quantization error itself: ``SQNR(ort, ref) >= SQNR(ref, float)``. And the ONNX model must
+     be exactly as accurate as the reference: ``|SQNR(ort, float) - SQNR(ref, float)| <= 1 dB``.
 
 Also reported: ``SQNR(float, ref)``, the error the quantization itself causes.
 """
@@ -38,7 +39,7 @@ import numpy as np
 from ditq.errors import DitqError
 
 FP32_FLOOR_DB = 80.0
-FLIP_MARGIN_DB = 20.0
+ACCURACY_MATCH_DB = 1.0
 CASES = (  # (batch, seed, timesteps)
     (1, 0, (999,)),
     (2, 1, (0, 500)),
@@ -95,7 +96,8 @@ class ValidationReport:
         lines = [f"ditq validate {self.model}", "", "checks"]
         for c in self.checks:
             lines.append(f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}" + (f": {c.detail}" if c.detail else ""))
-        lines += ["", "outputs (SQNR in dB; ort=ONNX Runtime, ref=PyTorch reference, float=unquantized model)"]
+        lines += ["", "outputs (SQNR in dB; ort=ONNX Runtime, ref=PyTorch reference, float=unquantized model;",
+                  "        pass: ort-vs-ref >= bound and ort-vs-float within 1 dB of ref-vs-float)"]
         lines.append(f"  {'batch':>5} {'timesteps':<16} {'ort-vs-ref':>10} {'bound':>6} {'max|ort-ref|':>12} {'ref-vs-float':>12} {'ort-vs-float':>12}  result")
         for c in self.cases:
             lines.append(
@@ -136,7 +138,7 @@ def output_bound_db(quantizes_activations: bool, sqnr_ref_vs_float_db: float) ->
     """The documented bound on SQNR(ort, ref) (see the module docstring)."""
     if not quantizes_activations:
         return FP32_FLOOR_DB
-    return min(FP32_FLOOR_DB, sqnr_ref_vs_float_db + FLIP_MARGIN_DB)
+    return min(FP32_FLOOR_DB, sqnr_ref_vs_float_db)
 
 
 def validate(
@@ -216,12 +218,14 @@ def validate(
         ref_vs_float = sqnr_db(f, r)
         bound = output_bound_db(quantizes_acts, ref_vs_float)
         ort_vs_ref = sqnr_db(r, o)
+        ort_vs_float = sqnr_db(f, o)
+        same_accuracy = abs(ort_vs_float - ref_vs_float) <= ACCURACY_MATCH_DB or ort_vs_ref >= FP32_FLOOR_DB
         report.cases.append(
             CaseResult(
                 batch=int(x.shape[0]), timesteps=t.tolist(), classes=y.tolist(),
                 sqnr_ort_vs_ref_db=ort_vs_ref, max_abs_ort_vs_ref=float(np.abs(o - r).max()),
-                sqnr_ref_vs_float_db=ref_vs_float, sqnr_ort_vs_float_db=sqnr_db(f, o),
-                bound_db=bound, passed=bool(ort_vs_ref >= bound) and bool(np.isfinite(o).all()),
+                sqnr_ref_vs_float_db=ref_vs_float, sqnr_ort_vs_float_db=ort_vs_float, bound_db=bound,
+                passed=bool(ort_vs_ref >= bound and same_accuracy and np.isfinite(o).all()),
             )
         )  # fmt: skip
         steps.update()

@@ -1,0 +1,99 @@
+"""The command line: bad input gives one line and exit 2 with nothing written; the happy path works."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ditq.cli import main
+from ditq.recipe import Recipe
+
+
+def run(argv, capsys):
+    code = main(["--quiet", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_dit):
+    tiny_dit.save_pretrained(tmp_path / "dit")
+    return str(tmp_path / "dit")
+
+
+def assert_refused(code, err, tmp_path, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ditq: error: "), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_missing_model(tmp_path, capsys):
+    code, _, err = run(["export", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, tmp_path, "missing.pt", "neither a preset")
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"\x01\x02not a safetensors file")
+    code, _, err = run(["export", "--model", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, tmp_path, "bad.safetensors", "corrupt")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(tmp_path / "vit.safetensors"))
+    code, _, err = run(["export", "--model", str(tmp_path / "vit.safetensors"), "--out", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, tmp_path, "unsupported architecture")
+
+
+def test_group_size_that_does_not_divide(tmp_path, capsys, tiny_folder):
+    code, _, err = run(["export", "--model", tiny_folder, "--group-size", "48", "--out", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, tmp_path, "group size 48", "layer 'transformer_blocks.0.")
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--wbits", "9", "wbits"), ("--wbits", "1", "wbits"), ("--abits", "1", "abits")])
+def test_impossible_bit_widths(tmp_path, capsys, tiny_folder, flag, value, needle):
+    code, _, err = run(["export", "--model", tiny_folder, flag, value, "--out", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, tmp_path, needle)
+
+
+def test_bad_recipe(tmp_path, capsys, tiny_folder):
+    (tmp_path / "r.json").write_text('{"format": "ditq-recipe", "default": {"wbits": 4, "group_size": 3.5}}')
+    code, _, err = run(["export", "--model", tiny_folder, "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "out")], capsys)
+    assert_refused(code, err, tmp_path, "r.json", "group_size")
+
+
+def test_validate_bad_input(tmp_path, capsys):
+    code, _, err = run(["validate", str(tmp_path / "nothing")], capsys)
+    assert_refused(code, err, tmp_path, "no exported model")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 50)
+    code, _, err = run(["validate", str(tmp_path / "junk.onnx")], capsys)
+    assert_refused(code, err, tmp_path, "junk.onnx")
+
+
+def test_export_validate_recipe_round_trip(tmp_path, capsys, tiny_folder):
+    code, _, err = run(["recipe", "--model", tiny_folder, "--wbits", "6", "--group-size", "16", "--out", str(tmp_path / "r.json")], capsys)
+    assert code == 0 and Recipe.load(tmp_path / "r.json") == Recipe.qdit(6, 8, 16)
+    code, out, _ = run(["export", "--model", tiny_folder, "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "m")], capsys)
+    assert code == 0 and "wrote" in out
+    code, out, _ = run(["validate", str(tmp_path / "m"), "--json", str(tmp_path / "v.json")], capsys)
+    assert code == 0 and "PASSED" in out
+    import json
+
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["passed"] is True and len(report["cases"]) == 3
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed entry point, in a fresh process: bad input is one line on stderr, no traceback."""
+    r = subprocess.run(
+        [sys.executable, "-m", "ditq.cli", "export", "--model", "dit-q-9", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("ditq: error: model not found")
+    assert not (tmp_path / "out").exists()
