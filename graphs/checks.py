@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ditq.calib.numerics import QuantizedTensor
 from ditq.graphs.quant_weights import stored_codes
 from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, code_type, node_meta
 from ditq.recipe import LayerPlan
@@ -129,10 +131,8 @@ def _reaches_reduce(tensor: str, producer: dict[str, onnx.NodeProto]) -> bool:
     return False
 
 
-def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expected: dict[str, "object"]) -> list[str]:
-    """Stored weight codes and scales equal ``expected[name]`` (a QuantizedTensor) exactly."""
-    import numpy as np
-
+def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expected: dict[str, QuantizedTensor]) -> list[str]:
+    """Stored weight codes and scales equal ``expected[name]`` exactly, element for element."""
     inits = {t.name: t for t in model.graph.initializer}
     dqs = _tagged(model.graph, ROLE_WEIGHT_DQ)
     fails = []

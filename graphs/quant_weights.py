@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
-from ditq.calib.numerics import QuantizedTensor
+from ditq.calib.numerics import QuantizedTensor, unpack_4bit_u8
 from ditq.graphs.tensors import (
     ROLE_WEIGHT_DQ,
     code_tensor,
@@ -136,10 +136,6 @@ class StoreQuantizedWeightsPass:
 
 def stored_codes(t: onnx.TensorProto) -> np.ndarray:
     """Integer codes of an initializer written by this pass (unpacked, in its stored layout)."""
-    from onnx import TensorProto
-
-    from ditq.calib.numerics import unpack_4bit_u8
-
     count = int(np.prod(t.dims)) if len(t.dims) else 1
     if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
         flat = unpack_4bit_u8(np.frombuffer(t.raw_data, np.uint8), count, signed=t.data_type == TensorProto.INT4)

@@ -9,7 +9,6 @@ quantizes that kernel's *activations* to int8, which changes the numbers a QDQ g
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -66,6 +65,3 @@ class OrtDiT:
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray) -> np.ndarray:
         feeds = dict(zip(self.input_names, (sample.astype(np.float32), timestep.astype(np.int64), class_labels.astype(np.int64))))
         return self.session.run(None, feeds)[0]
-
-    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> list[np.ndarray]:
-        return self.session.run(list(outputs) if outputs else None, feeds)

@@ -233,14 +233,13 @@ def validate(
 
     # activation codes: expose every QuantizeLinear's input and final codes, recompute them in torch
     probes = []  # (module, float input, codes output, bits, group, symmetric)
-    plans_by_module = qd.plans
     sub: dict[str, list] = {}
     for n in proto.graph.node:
         m = node_meta(n)
         if m.get(META_ROLE) == ROLE_ACT_QUANT:
             sub.setdefault(m[META_MODULE], []).append(n)
     for module, nodes in sub.items():
-        plan = plans_by_module.get(module)
+        plan = qd.plans.get(module)
         ql = next((n for n in nodes if n.op_type == "QuantizeLinear"), None)
         if plan is None or ql is None:
             continue
