@@ -16,16 +16,12 @@ from collections import deque
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from ditq.calib.numerics import QuantizedTensor
+from ditq.calib.numerics import QuantizedTensor, qrange
 from ditq.graphs.quant_weights import stored_codes
-from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, code_type, node_meta
+from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, attrs, code_type, node_meta
 from ditq.recipe import LayerPlan
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _tagged(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.NodeProto]]:
@@ -54,7 +50,7 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
         if codes is None or scale is None:
             fails.append(f"{name}: weight codes or scales are not initializers")
             continue
-        a = _attrs(dq)
+        a = attrs(dq)
         table = plan.kind == "embedding"
         want_shape = (plan.out_features, plan.in_features) if table else (plan.in_features, plan.out_features)
         want_scale = (plan.out_features, plan.in_features // plan.group_size) if table else (plan.in_features // plan.group_size, plan.out_features)
@@ -69,7 +65,7 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
             fails.append(f"{name}: asymmetric weight without a stored zero point")
         if codes.data_type == want_type and codes.raw_data:
             c = stored_codes(codes)
-            lo, hi = (-(2 ** (q.wbits - 1) - 1), 2 ** (q.wbits - 1) - 1) if q.symmetric else (0, 2**q.wbits - 1)
+            lo, hi = qrange(q.wbits, q.symmetric)
             if c.size and (int(c.min()) < lo or int(c.max()) > hi):
                 fails.append(f"{name}: codes outside the {q.wbits}-bit range [{lo}, {hi}]")
     return fails
@@ -108,8 +104,8 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
         if ql is None:
             fails.append(f"{name}: its input is not quantized (no QuantizeLinear in front of its MatMul)")
             continue
-        if _attrs(ql).get("block_size") != plan.group_size:
-            fails.append(f"{name}: activation block_size {_attrs(ql).get('block_size')}, recipe needs {plan.group_size}")
+        if attrs(ql).get("block_size") != plan.group_size:
+            fails.append(f"{name}: activation block_size {attrs(ql).get('block_size')}, recipe needs {plan.group_size}")
         for role, t in zip(("scale", "zero point"), ql.input[1:3]):
             if t in inits or (producer.get(t) is not None and producer[t].op_type == "Constant"):
                 fails.append(f"{name}: activation {role} is a stored constant, not computed at run time")

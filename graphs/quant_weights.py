@@ -22,6 +22,7 @@ from onnx import TensorProto, helper
 from ditq.calib.numerics import QuantizedTensor, unpack_4bit_u8
 from ditq.graphs.tensors import (
     ROLE_WEIGHT_DQ,
+    attrs,
     code_tensor,
     float_tensor,
     rebuild_nodes,
@@ -62,19 +63,18 @@ class StoreQuantizedWeightsPass:
             if tuple(w.dims) != (k, n):
                 return f"weight shape {tuple(w.dims)} is not [K, N] = {(k, n)}"
         elif node.op_type == "Gemm":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            a = attrs(node)
+            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
                 return "Gemm with transA, alpha or beta is not a plain linear"
             w = inits.get(node.input[1])
-            want = (n, k) if attrs.get("transB", 0) else (k, n)
+            want = (n, k) if a.get("transB", 0) else (k, n)
             if w is None:
                 return "weight is not a constant initializer"
             if tuple(w.dims) != want:
                 return f"weight shape {tuple(w.dims)} is not {want}"
         elif node.op_type == "Gather":
             w = inits.get(node.input[0])
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if w is None or attrs.get("axis", 0) != 0:
+            if w is None or attrs(node).get("axis", 0) != 0:
                 return "table is not a constant initializer gathered along axis 0"
             if tuple(w.dims) != (n, k):
                 return f"table shape {tuple(w.dims)} is not {(n, k)}"

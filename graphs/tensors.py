@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ditq.calib.numerics import pack_4bit_u8
+from ditq.calib.numerics import pack_4bit_u8, qrange
 
 # metadata_props keys the passes put on the nodes they insert: which torch module, which role.
 META_MODULE = "ditq.module"
@@ -29,7 +29,7 @@ def code_type(bits: int, symmetric: bool) -> int:
 def code_tensor(name: str, codes: np.ndarray, bits: int, symmetric: bool) -> TensorProto:
     """An integer-code initializer (packed for 4-bit containers) with the given shape."""
     codes = np.asarray(codes)
-    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    lo, hi = qrange(bits, symmetric)
     if codes.size and (codes.min() < lo or codes.max() > hi):
         raise ValueError(f"{name}: codes outside the {bits}-bit range [{lo}, {hi}]")
     dtype = code_type(bits, symmetric)
@@ -58,6 +58,11 @@ def tag(node: onnx.NodeProto, module: str, role: str) -> onnx.NodeProto:
         p = node.metadata_props.add()
         p.key, p.value = key, value
     return node
+
+
+def attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes as plain Python values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def node_meta(node: onnx.NodeProto) -> dict[str, str]:
