@@ -36,10 +36,6 @@ class LoadedModel:
     model: Any  # diffusers.DiTTransformer2DModel, float32, eval
     source: dict[str, Any]
 
-    @property
-    def config(self) -> dict[str, Any]:
-        return dict(self.model.config)
-
 
 def dit_config(
     hidden: int,

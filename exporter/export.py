@@ -187,10 +187,3 @@ def _replace_dir(new: Path, final: Path) -> None:
     else:
         os.replace(new, final)
 
-
-def read_manifest(out_dir: Path) -> dict[str, Any]:
-    p = Path(out_dir) / MANIFEST_FILE
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DitqError(f"{p}: cannot read the manifest ({e})") from None

@@ -24,7 +24,8 @@ from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEI
 from ditq.recipe import LayerPlan
 
 
-def _tagged(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.NodeProto]]:
+def nodes_by_module(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes a pass inserted with ``role``, grouped by the torch module they quantize."""
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         m = node_meta(n)
@@ -36,7 +37,7 @@ def _tagged(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.NodeProto]
 def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[str]:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    dqs = _tagged(graph, ROLE_WEIGHT_DQ)
+    dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
     fails = []
     for name, plan in plans.items():
         nodes = dqs.get(name, [])
@@ -79,7 +80,7 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
     for n in graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    dqs = _tagged(graph, ROLE_WEIGHT_DQ)
+    dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
     fails = []
     for name, plan in plans.items():
         if plan.abits is None:
@@ -130,7 +131,7 @@ def _reaches_reduce(tensor: str, producer: dict[str, onnx.NodeProto]) -> bool:
 def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expected: dict[str, QuantizedTensor]) -> list[str]:
     """Stored weight codes and scales equal ``expected[name]`` exactly, element for element."""
     inits = {t.name: t for t in model.graph.initializer}
-    dqs = _tagged(model.graph, ROLE_WEIGHT_DQ)
+    dqs = nodes_by_module(model.graph, ROLE_WEIGHT_DQ)
     fails = []
     for name, qt in expected.items():
         nodes = dqs.get(name)

@@ -160,7 +160,7 @@ def validate(
     from ditq.exporter.reference import quantize_model
     from ditq.exporter.trace import INPUT_NAMES, example_inputs
     from ditq.graphs import checks
-    from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, node_meta
+    from ditq.graphs.tensors import ROLE_ACT_QUANT
     from ditq.models import load_from_source, load_model
     from ditq.recipe import Recipe
     from ditq.runtime.session import create_session
@@ -233,12 +233,7 @@ def validate(
 
     # activation codes: expose every QuantizeLinear's input and final codes, recompute them in torch
     probes = []  # (module, float input, codes output, bits, group, symmetric)
-    sub: dict[str, list] = {}
-    for n in proto.graph.node:
-        m = node_meta(n)
-        if m.get(META_ROLE) == ROLE_ACT_QUANT:
-            sub.setdefault(m[META_MODULE], []).append(n)
-    for module, nodes in sub.items():
+    for module, nodes in checks.nodes_by_module(proto.graph, ROLE_ACT_QUANT).items():
         plan = qd.plans.get(module)
         ql = next((n for n in nodes if n.op_type == "QuantizeLinear"), None)
         if plan is None or ql is None:
