@@ -97,6 +97,105 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    import time
+
+    import numpy as np
+
+    from ditq.runtime.generate import ExportedDiT, parse_classes
+
+    t0 = time.perf_counter()
+    model = ExportedDiT.open(args.path, provider=args.provider)
+    classes = parse_classes(args.classes, model.num_classes)
+    if args.per_class < 1:
+        raise DitqError(f"--per-class must be at least 1, got {args.per_class}")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".npy"):
+        raise DitqError(f"--out {out}: expected a .png grid or a .npy array of samples")
+    if out.suffix.lower() == ".png" and model.pipeline.get("space") != "pixel":
+        raise DitqError(f"{model.path} samples latents and carries no VAE decoder: write them with --out FILE.npy")
+    labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
+    x = model.generate(
+        labels, seed=args.seed, steps=args.steps, cfg=args.cfg, method=args.sampler,
+        batch_size=args.batch_size, progress=not args.quiet,
+    )  # fmt: skip
+    if out.suffix.lower() == ".npy":
+        _write_bytes_atomic(out, lambda f: np.save(f, x))
+    else:
+        from ditq.runtime.images import grid_image, save_png
+
+        lo, hi = model.pipeline.get("value_range", [-1.0, 1.0])
+        imgs = np.clip((x - lo) / (hi - lo), 0, 1)
+        rows = [imgs[i * args.per_class : (i + 1) * args.per_class] for i in range(len(classes))]
+        save_png(grid_image(rows, row_labels=[str(c) for c in classes]), out)
+    msg = f"wrote {out}: {len(classes)} classes x {args.per_class}, {args.sampler}-{args.steps}, cfg {args.cfg}, seed {args.seed}"
+    if model.pipeline.get("judge") == "digits" and model.pipeline.get("space") == "pixel":
+        from ditq.runtime.metrics import DigitJudge
+
+        acc = DigitJudge.load().accuracy(np.clip((x + 1) / 2, 0, 1), labels)
+        msg += f"; the digit judge recognises {100 * acc:.1f}% of them"
+    print(f"{msg} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ditq.runtime.evaluate import evaluate, parse_configs
+
+    seeds = _int_list(args.seeds, "--seeds")
+    report = evaluate(
+        args.model, parse_configs(args.configs, args.group_size), num_samples=args.num_samples, steps=args.steps,
+        cfg=args.cfg, sampler=args.sampler, seeds=seeds, group_size=args.group_size, symmetric=args.symmetric,
+        provider=args.provider, exports_dir=args.exports, grid_path=args.grid, progress=not args.quiet,
+    )  # fmt: skip
+    print(report.table())
+    if args.json:
+        _write_json(Path(args.json), report.to_dict())
+    if args.grid:
+        print(f"wrote {args.grid}")
+    return 0
+
+
+def cmd_train_digits(args) -> int:
+    from ditq.calib.digits import train_digits_model, train_judge
+    from ditq.calib.train import TrainConfig
+    from ditq.models import BUILTIN
+    from ditq.runtime.metrics import default_judge_path
+
+    judge = train_judge(default_judge_path())
+    print(f"judge: held-out accuracy {100 * judge['held_out_accuracy']:.1f}% -> {default_judge_path()}")
+    if args.judge_only:
+        return 0
+    out = Path(args.out) if args.out else BUILTIN["digits"]
+    rec = train_digits_model(out, TrainConfig(steps=args.steps, seed=args.seed), checkpoint=args.checkpoint, progress=not args.quiet)
+    print(f"digits DiT: {rec['parameters']:,} parameters, {args.steps} steps in {rec['seconds'] / 60:.1f} min, "
+          f"final loss {rec['loss_per_100_steps'][-1] if rec['loss_per_100_steps'] else float('nan'):.4f} -> {out}")  # fmt: skip
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DitqError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise DitqError(f"{flag} is empty")
+    return vals
+
+
+def _write_bytes_atomic(path: Path, write) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write atomically: a temporary sibling renamed over the final name."""
     import os
@@ -118,7 +217,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ditq.exporter.export import DEFAULT_OPSET, TARGETS
+    from ditq.exporter import DEFAULT_OPSET, TARGETS
 
     parser = argparse.ArgumentParser(prog="ditq", description="Quantize Diffusion Transformers into low-bit ONNX models and run them with ONNX Runtime.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -145,7 +244,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--out", help="output file (default stdout)")
     p.set_defaults(func=cmd_recipe)
+
+    p = sub.add_parser("sample", help="generate images from an exported model with ONNX Runtime alone")
+    p.add_argument("path", help="exported folder or model.onnx")
+    p.add_argument("--classes", help="comma-separated class ids (default: every class)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class: the grid's columns (default 8)")
+    _add_sampler_args(p)
+    p.add_argument("--batch-size", type=int, default=256, help="samples per ONNX Runtime call (doubled by guidance)")
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--out", required=True, help="grid.png (labelled image grid) or samples.npy (raw samples)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="quantize, export and sample several configurations; FID-digits and class accuracy")
+    p.add_argument("--model", default="digits", help="model to evaluate (default: the shipped digits model)")
+    p.add_argument("--configs", default="fp,w8a8,w6a8,w4a8,w4a16", help="comma-separated: fp, wXaY[gN] (default fp,w8a8,w6a8,w4a8,w4a16)")
+    p.add_argument("--group-size", type=_group, default=64, help="group size of configs without gN (default 64)")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--num-samples", type=int, default=500, help="samples per seed set (default 500, one class after another)")
+    p.add_argument("--seeds", default="0", help="comma-separated seed sets; more than one reports the spread (default 0)")
+    _add_sampler_args(p, seed=False)
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--exports", help="keep the exported models in this folder (default: a temporary one)")
+    p.add_argument("--grid", help="write a PNG of the same seeds across configurations")
+    p.add_argument("--json", help="write the report as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train-digits", help="train the digit judge and the shipped digits DiT from scratch (CPU)")
+    p.add_argument("--steps", type=int, default=6000, help="training steps of batch 128 (default 6000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output diffusers folder (default: the shipped ditq/assets/digits)")
+    p.add_argument("--checkpoint", help="resumable training checkpoint file (written every 500 steps)")
+    p.add_argument("--judge-only", action="store_true", help="train only the judge (seconds)")
+    p.set_defaults(func=cmd_train_digits)
     return parser
+
+
+def _add_sampler_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
+    from ditq.runtime.samplers import METHODS
+
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale; 1 = none (default 1.5)")
+    p.add_argument("--sampler", default="ddim", choices=METHODS, help="ddim (deterministic) or ddpm (default ddim)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,20 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 _HEADS_BY_HIDDEN = {h: n for h, _, n in PRESETS.values()}
 SUPPORTED_CLASS = "DiTTransformer2DModel"
 
+# Models trained by the project and shipped with it (diffusers folders under ditq/assets/).
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN: dict[str, Path] = {"digits": ASSETS / "digits"}
+# How to sample each built-in model: pixel space in [-1, 1], so the predicted x0 is clipped.
+BUILTIN_PIPELINE: dict[str, dict[str, Any]] = {
+    "digits": {"space": "pixel", "value_range": [-1.0, 1.0], "clip_denoised": True, "judge": "digits"}
+}
+
+
+def digits_config() -> dict[str, Any]:
+    """The shipped ``digits`` DiT: DiT-XL/2's blocks at hidden 192, 6 blocks, 3 heads, patch 2 on 8x8 grey
+    images, 10 classes, epsilon prediction (no learned sigma)."""
+    return dit_config(192, 6, 3, patch=2, in_channels=1, out_channels=1, sample_size=8, num_classes=10)
+
 
 @dataclass
 class LoadedModel:
@@ -84,6 +98,12 @@ def build_dit(config: dict[str, Any], seed: int | None = 0):
 
 def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_heads: int | None = None) -> LoadedModel:
     """Load ``spec``: a preset name, a diffusers folder, or an original DiT checkpoint file."""
+    if spec in BUILTIN:
+        folder = BUILTIN[spec]
+        if not (folder / "config.json").is_file():
+            raise DitqError(f"the shipped {spec!r} weights are missing from {folder}; run `make train-{spec}` to recreate them")
+        loaded = _load_diffusers(folder)
+        return LoadedModel(loaded.model, {"kind": "builtin", "name": spec, "sha256": loaded.source["sha256"]})
     if spec in PRESETS:
         hidden, depth, heads = PRESETS[spec]
         sample = 32 if image_size is None else _latent_size(image_size)
@@ -92,7 +112,8 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
     path = Path(spec)
     if not path.exists():
         raise DitqError(
-            f"model not found: {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file or folder"
+            f"model not found: {spec!r} is neither a built-in model ({', '.join(BUILTIN)}), "
+            f"a preset ({', '.join(PRESETS)}) nor an existing file or folder"
         )
     if path.is_dir():
         return _load_diffusers(path)
@@ -102,6 +123,11 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
 def load_from_source(source: dict[str, Any]) -> LoadedModel:
     """Reload a model from the ``source`` record an exported model carries."""
     kind = source.get("kind")
+    if kind == "builtin":
+        loaded = load_model(source["name"])
+        if source.get("sha256") and loaded.source["sha256"] != source["sha256"]:
+            raise DitqError(f"the shipped {source['name']!r} weights changed since export (SHA-256 differs); re-export")
+        return loaded
     if kind == "preset":
         return load_model(source["name"], image_size=source.get("image_size"), seed=source.get("seed", 0))
     if kind in ("diffusers", "dit-checkpoint"):
@@ -111,6 +137,13 @@ def load_from_source(source: dict[str, Any]) -> LoadedModel:
             raise DitqError(f"{source['path']} changed since export (SHA-256 differs); pass --model explicitly")
         return loaded
     raise DitqError(f"unknown model source {source!r}")
+
+
+def pipeline_info(source: dict[str, Any]) -> dict[str, Any]:
+    """How to sample a model from this source: pixel space (clip x0 to [-1, 1]) or latent space."""
+    if source.get("kind") == "builtin" and source.get("name") in BUILTIN_PIPELINE:
+        return dict(BUILTIN_PIPELINE[source["name"]])
+    return {"space": "latent", "clip_denoised": False}
 
 
 def _latent_size(image_size: int) -> int:

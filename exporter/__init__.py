@@ -1,1 +1,6 @@
-"""Torch -> ONNX: tracing, the PyTorch reference modules, and the export pipeline."""
+"""Torch -> ONNX: tracing, the PyTorch reference modules, and the export pipeline.
+
+The constants below are importable without torch (the CLI builds its parser from them)."""
+
+TARGETS = ("qdq",)
+DEFAULT_OPSET = 21  # blocked QuantizeLinear/DequantizeLinear and int4/uint4 (ONNX opset 21)

@@ -27,18 +27,17 @@ from onnx.external_data_helper import load_external_data_for_model
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
+from ditq.exporter import DEFAULT_OPSET, TARGETS
 from ditq.exporter.reference import QuantizedDiT
 from ditq.exporter.trace import bind_modules, export_float
 from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
 from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
-from ditq.models import file_sha256
+from ditq.models import file_sha256, pipeline_info
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 RECIPE_FILE = "recipe.json"
 MANIFEST_FILE = "manifest.json"
-TARGETS = ("qdq",)
-DEFAULT_OPSET = 21  # blocked QuantizeLinear/DequantizeLinear and int4/uint4 (ONNX opset 21)
 
 # metadata_props keys of an exported model
 META_RECIPE = "ditq.recipe"
@@ -46,6 +45,7 @@ META_SOURCE = "ditq.source"
 META_VERSION = "ditq.version"
 META_TARGET = "ditq.target"
 META_CONFIG = "ditq.model_config"
+META_PIPELINE = "ditq.pipeline"  # how to sample: {"space": "pixel"|"latent", "clip_denoised": bool, ...}
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,7 @@ def export(
             META_VERSION: tool_version(),
             META_TARGET: target,
             META_CONFIG: json.dumps(_jsonable_config(qdit.model.config)),
+            META_PIPELINE: json.dumps(pipeline_info(source)),
         }
         del proto.metadata_props[:]
         for k, v in meta.items():

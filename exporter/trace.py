@@ -141,3 +141,21 @@ def bind_modules(
             )
         bound[name] = hits[0].name
     return bound
+
+
+class TorchDiT:
+    """A PyTorch DiT (float or quantized reference) as a sampler callable over numpy arrays, like
+    :class:`ditq.runtime.session.OrtDiT`, so one sampling loop drives both."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model.eval()
+
+    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = self.model(
+                torch.from_numpy(np.ascontiguousarray(sample, np.float32)),
+                timestep=torch.from_numpy(np.asarray(timestep, np.int64)),
+                class_labels=torch.from_numpy(np.asarray(class_labels, np.int64)),
+                return_dict=False,
+            )[0]
+        return out.numpy()

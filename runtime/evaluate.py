@@ -1,0 +1,242 @@
+"""``ditq eval``: quantize, export and sample several configurations on the same seeds, and judge them.
+
+For every configuration (``fp``, ``w8a8``, ``w4a16``, ``w4a4g32``, ...) the model is quantized (RTN,
+Q-DiT coverage), exported to a ``qdq`` ONNX model, and sampled with ONNX Runtime from the same starting
+noise and labels. Reported per configuration, as the mean (and spread) over the seed sets:
+
+- ``fid``: Frechet distance to the held-out real images in the judge's feature space (FID-digits);
+- ``class_accuracy``: how often the judge recognises the class each sample was asked for;
+- ``sqnr_db``: the first denoising step's model output against the float PyTorch model on the same inputs;
+- ``sample_rmse``: RMSE of the final samples against the float export's samples from the same noise;
+- ``file_bytes``: the exported model's size (graph + weights).
+
+``noise_floor_fid`` is the same distance between two disjoint real sets (training images, as many as
+samples, against the held-out images): a generator is as good as real data by this metric when its FID
+reaches the floor. Run-to-run noise is the spread over the seed sets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ditq.errors import DitqError
+from ditq.runtime.metrics import DigitJudge, fid
+from ditq.runtime.samplers import NoiseSchedule, seeded_noise
+
+_CONFIG_RE = re.compile(r"^w([2-8])a([2-8]|16|fp)(?:g(\d+|ch))?$")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str
+    wbits: int | None  # None: the float model
+    abits: int | None
+    group_size: int | None
+
+    def recipe(self, symmetric: bool = False):
+        from ditq.recipe import LayerQuant, Recipe
+
+        if self.wbits is None:
+            return Recipe(LayerQuant(None, None, None), ())
+        return Recipe.qdit(self.wbits, self.abits, self.group_size, symmetric)
+
+
+def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
+    """``"fp,w8a8,w4a16,w4a4g32,w4a4gch"``: bits of weights and activations (16/fp: float activations),
+    optional group size (``gch``: per channel/token; default ``group_size``)."""
+    out = []
+    for name in [c.strip().lower() for c in text.split(",") if c.strip()]:
+        if name in ("fp", "float", "fp32"):
+            out.append(EvalConfig("fp", None, None, None))
+            continue
+        m = _CONFIG_RE.match(name)
+        if not m:
+            raise DitqError(f"--configs: cannot read {name!r}; expected fp or wXaY[gN], e.g. w4a8, w4a16, w4a4g32")
+        abits = None if m.group(2) in ("16", "fp") else int(m.group(2))
+        g = group_size if m.group(3) is None else (None if m.group(3) == "ch" else int(m.group(3)))
+        out.append(EvalConfig(name, int(m.group(1)), abits, g))
+    if not out:
+        raise DitqError("--configs is empty")
+    if len({c.name for c in out}) != len(out):
+        raise DitqError(f"--configs lists a configuration twice: {text!r}")
+    return out
+
+
+@dataclass
+class EvalRow:
+    config: str
+    fid: float
+    class_accuracy: float | None
+    sqnr_db: float
+    file_bytes: int
+    fid_std: float = 0.0
+    class_accuracy_std: float = 0.0
+    sample_rmse: float | None = None
+    per_seed: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class EvalReport:
+    rows: list[EvalRow]
+    noise_floor_fid: float
+    noise_floor_fid_std: float
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": [asdict(r) for r in self.rows],
+            "noise_floor_fid": self.noise_floor_fid,
+            "noise_floor_fid_std": self.noise_floor_fid_std,
+            "settings": self.settings,
+        }
+
+    def table(self) -> str:
+        s = self.settings
+        spread = len(s["seeds"]) > 1
+        head = f"{'config':<10} {'FID-digits':>14} {'class acc':>14} {'SQNR step1':>11} {'RMSE vs fp':>11} {'file MB':>8}"
+        lines = [
+            f"{s['model']}: {s['num_samples']} samples x {len(s['seeds'])} seed set(s) {s['seeds']}, "
+            f"{s['sampler']}-{s['steps']}, cfg {s['cfg']}, group size {s['group_size']}",
+            head,
+            "-" * len(head),
+        ]
+        for r in self.rows:
+            f = f"{r.fid:.2f}" + (f" ±{r.fid_std:.2f}" if spread else "")
+            a = "-" if r.class_accuracy is None else f"{100 * r.class_accuracy:.1f}%" + (f" ±{100 * r.class_accuracy_std:.1f}" if spread else "")
+            q = "inf" if not np.isfinite(r.sqnr_db) else f"{r.sqnr_db:.1f} dB"
+            e = "-" if r.sample_rmse is None else f"{r.sample_rmse:.4f}"
+            lines.append(f"{r.config:<10} {f:>14} {a:>14} {q:>11} {e:>11} {r.file_bytes / 1e6:>8.2f}")
+        floor = f"{self.noise_floor_fid:.2f}" + (f" ±{self.noise_floor_fid_std:.2f}" if spread else "")
+        lines.append(f"noise floor (real vs real, {s['num_samples']} vs {s['real_images']} images): FID-digits {floor}")
+        return "\n".join(lines)
+
+
+def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
+    err = float(np.sum((x.astype(np.float64) - ref) ** 2))
+    return float("inf") if err == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / err)
+
+
+def evaluate(
+    model_spec: str = "digits",
+    configs: list[EvalConfig] | None = None,
+    *,
+    num_samples: int = 500,
+    steps: int = 50,
+    cfg: float = 1.5,
+    sampler: str = "ddim",
+    seeds: list[int] = (0,),
+    group_size: int | None = 64,
+    symmetric: bool = False,
+    provider: str = "cpu",
+    exports_dir: str | Path | None = None,
+    grid_path: str | Path | None = None,
+    grid_columns: int = 10,
+    judge_path: str | Path | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    from ditq.calib.digits import load_split, to_unit_range
+    from ditq.exporter.export import export
+    from ditq.exporter.reference import quantize_model
+    from ditq.exporter.trace import TorchDiT
+    from ditq.models import load_model, pipeline_info
+    from ditq.runtime.generate import ExportedDiT
+
+    configs = configs or parse_configs("fp,w8a8,w6a8,w4a8,w4a16", group_size)
+    seeds = list(seeds)
+    if num_samples < 2:
+        raise DitqError("--num-samples must be at least 2 (FID needs a covariance)")
+    loaded = load_model(model_spec)
+    mcfg = dict(loaded.model.config)
+    c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
+    if (c, size, ncls) != (1, 8, 10):
+        raise DitqError(
+            f"{model_spec}: ditq eval judges 8x8 grey digit images (the digits model); this model makes "
+            f"{c}x{size}x{size} samples of {ncls} classes"
+        )
+    judge = DigitJudge.load(judge_path)
+    split = load_split()
+    real_feats = judge.features(to_unit_range(split.x_test))
+    clip = bool(pipeline_info(loaded.source).get("clip_denoised", False))
+    labels = np.arange(num_samples, dtype=np.int64) % ncls
+
+    # float reference of the first denoising step (the sampler's first timestep), on seed set 0
+    first_t = int(NoiseSchedule.linear().timesteps(steps)[-1])
+    probe = min(num_samples, 64)
+    x_probe = seeded_noise(seeds[0], probe, c, size)
+    t_probe, y_probe = np.full(probe, first_t, np.int64), labels[:probe]
+    float_out = TorchDiT(loaded.model)(x_probe, t_probe, y_probe)
+
+    tmp = None
+    if exports_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="ditq-eval-")
+        exports_dir = tmp.name
+    exports_dir = Path(exports_dir)
+    rows: list[EvalRow] = []
+    samples: dict[str, dict[int, np.ndarray]] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(configs) * (1 + len(seeds)), desc="eval", unit="job", disable=not progress)
+    try:
+        for conf in configs:
+            bar.set_postfix_str(f"{conf.name}: quantize + export")
+            qdit = quantize_model(loaded.model, conf.recipe(symmetric), progress=False)
+            res = export(qdit, exports_dir / conf.name, source=loaded.source, progress=False)
+            del qdit
+            model = ExportedDiT.open(res.out_dir, provider=provider)
+            sqnr = _sqnr(float_out, model.fn(x_probe, t_probe, y_probe))
+            bar.update()
+            per_seed, samples[conf.name] = [], {}
+            for s in seeds:
+                bar.set_postfix_str(f"{conf.name}: sample seed set {s}")
+                x = model.generate(labels, seed=s, steps=steps, cfg=cfg, method=sampler, batch_size=num_samples)
+                samples[conf.name][s] = x
+                imgs = to_unit_range(x)
+                per_seed.append(
+                    {"seed": s, "fid": fid(judge.features(imgs), real_feats), "class_accuracy": judge.accuracy(imgs, labels)}
+                )
+                bar.update()
+            fids = np.array([p["fid"] for p in per_seed])
+            accs = np.array([p["class_accuracy"] for p in per_seed])
+            rows.append(
+                EvalRow(
+                    conf.name, float(fids.mean()), float(accs.mean()), sqnr, res.file_bytes,
+                    fid_std=float(fids.std(ddof=1)) if len(fids) > 1 else 0.0,
+                    class_accuracy_std=float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                    per_seed=per_seed,
+                )  # fmt: skip
+            )
+    finally:
+        bar.close()
+        if tmp is not None:
+            tmp.cleanup()
+    if "fp" in samples:
+        for r in rows:
+            diffs = [np.sqrt(np.mean((samples[r.config][s] - samples["fp"][s]) ** 2)) for s in seeds]
+            r.sample_rmse = float(np.mean(diffs))
+    floor = []
+    for s in seeds:
+        idx = np.random.default_rng(10_000 + s).choice(len(split.x_train), min(num_samples, len(split.x_train)), replace=False)
+        floor.append(fid(judge.features(to_unit_range(split.x_train[idx])), real_feats))
+    if grid_path is not None:
+        from ditq.runtime.images import grid_image, save_png
+
+        k = min(grid_columns, num_samples)
+        grid = grid_image(
+            [to_unit_range(samples[cf.name][seeds[0]][:k]) for cf in configs],
+            row_labels=[cf.name for cf in configs], col_labels=[str(int(v)) for v in labels[:k]],
+        )  # fmt: skip
+        save_png(grid, grid_path)
+    settings = {
+        "model": model_spec, "num_samples": num_samples, "steps": steps, "cfg": cfg, "sampler": sampler,
+        "seeds": seeds, "group_size": group_size, "symmetric": symmetric, "real_images": len(split.x_test),
+        "first_step_timestep": first_t, "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    return EvalReport(rows, float(np.mean(floor)), float(np.std(floor, ddof=1)) if len(floor) > 1 else 0.0, settings)

@@ -1,0 +1,65 @@
+"""Labelled image grids as PNG (Pillow; no torch)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ditq.errors import DitqError
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> [N, H, W, C] uint8 (grey images keep one channel)."""
+    x = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    return np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def grid_image(
+    rows: list[np.ndarray],
+    *,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    cell: int = 64,
+    pad: int = 2,
+):
+    """A ``PIL.Image`` with one row per entry of ``rows`` (each [N, C, H, W] in [0, 1]), every image
+    scaled to ``cell`` pixels (nearest neighbour, so small images stay sharp), with text labels."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    left = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
+    top = 0 if not col_labels else 16
+    ncols = max(len(r) for r in rows)
+    width = left + ncols * (cell + pad) + pad
+    height = top + len(rows) * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, text in enumerate(col_labels or []):
+        draw.text((left + pad + c * (cell + pad) + cell // 2 - 3 * len(text), 2), text, fill=(0, 0, 0), font=font)
+    for r, images in enumerate(rows):
+        y = top + pad + r * (cell + pad)
+        if row_labels:
+            draw.text((4, y + cell // 2 - 6), row_labels[r], fill=(0, 0, 0), font=font)
+        for c, img in enumerate(to_uint8(images)):
+            mode = "L" if img.shape[-1] == 1 else "RGB"
+            tile = Image.fromarray(img[..., 0] if mode == "L" else img, mode).resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile.convert("RGB"), (left + pad + c * (cell + pad), y))
+    return canvas
+
+
+def save_png(image, path: str | Path) -> Path:
+    """Write ``image`` atomically (a temporary sibling renamed into place)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise DitqError(f"--out {path}: expected a .png file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
