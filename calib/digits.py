@@ -73,7 +73,7 @@ def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = T
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        result.ema.to(torch.float16).save_pretrained(stage, safe_serialization=True)
+        torch.nn.Module.half(result.ema).save_pretrained(stage, safe_serialization=True)
         record = {
             "data": f"scikit-learn load_digits: {len(split.x_train)} training images, {len(split.x_test)} held out "
             f"(stratified, seed {SPLIT_SEED}); pixels 0..16 -> [-1, 1]",

@@ -33,7 +33,7 @@ def _group(text: str) -> int | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", required=required, help="preset (dit-s-2, dit-b-2, dit-l-2, dit-xl-2), diffusers folder, or original DiT .pt/.safetensors")
+    p.add_argument("--model", required=required, help="digits (shipped), a preset (dit-s-2, dit-b-2, dit-l-2, dit-xl-2), a diffusers folder, or an original DiT .pt/.safetensors")
     p.add_argument("--image-size", type=int, choices=(256, 512), help="image size of an original DiT checkpoint (latents = size/8)")
     p.add_argument("--num-heads", type=int, help="attention heads of an original DiT checkpoint with a non-standard width")
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
@@ -142,10 +142,18 @@ def cmd_eval(args) -> int:
     from ditq.runtime.evaluate import evaluate, parse_configs
 
     seeds = _int_list(args.seeds, "--seeds")
+    features = real = None
+    if args.inception or args.real_images:
+        if not (args.inception and args.real_images):
+            raise DitqError("--inception and --real-images go together")
+        from ditq.runtime.metrics import inception_features, load_images
+
+        features, real = inception_features(args.inception), load_images(args.real_images)
     report = evaluate(
         args.model, parse_configs(args.configs, args.group_size), num_samples=args.num_samples, steps=args.steps,
         cfg=args.cfg, sampler=args.sampler, seeds=seeds, group_size=args.group_size, symmetric=args.symmetric,
-        provider=args.provider, exports_dir=args.exports, grid_path=args.grid, progress=not args.quiet,
+        provider=args.provider, exports_dir=args.exports, grid_path=args.grid, features=features,
+        real_images=real, progress=not args.quiet,
     )  # fmt: skip
     print(report.table())
     if args.json:
@@ -266,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--exports", help="keep the exported models in this folder (default: a temporary one)")
     p.add_argument("--grid", help="write a PNG of the same seeds across configurations")
+    p.add_argument("--inception", help="pytorch-fid Inception weights (.pth, local) for FID of non-digit models")
+    p.add_argument("--real-images", help="real images for --inception: .npy [N,C,H,W] in [0,1]")
     p.add_argument("--json", help="write the report as JSON")
     p.set_defaults(func=cmd_eval)
 

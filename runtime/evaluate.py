@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.runtime.metrics import DigitJudge, fid
+from ditq.runtime.metrics import DigitJudge, FeatureFn, fid
 from ditq.runtime.samplers import NoiseSchedule, seeded_noise
 
 _CONFIG_RE = re.compile(r"^w([2-8])a([2-8]|16|fp)(?:g(\d+|ch))?$")
@@ -141,8 +141,17 @@ def evaluate(
     grid_path: str | Path | None = None,
     grid_columns: int = 10,
     judge_path: str | Path | None = None,
+    features: FeatureFn | None = None,
+    real_images: np.ndarray | None = None,
     progress: bool = True,
 ) -> EvalReport:
+    """Evaluate ``configs`` of ``model_spec`` (see the module docstring).
+
+    ``features``/``real_images``: another feature space for the Frechet distance (e.g.
+    :func:`ditq.runtime.metrics.inception_features`) and the real images ([N,C,H,W] in [0,1]) to compare
+    with; by default the digit judge's features and the held-out digits. Class accuracy needs the judge,
+    so it is reported for digit models only.
+    """
     from ditq.calib.digits import load_split, to_unit_range
     from ditq.exporter.export import export
     from ditq.exporter.reference import quantize_model
@@ -157,15 +166,24 @@ def evaluate(
     loaded = load_model(model_spec)
     mcfg = dict(loaded.model.config)
     c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
-    if (c, size, ncls) != (1, 8, 10):
-        raise DitqError(
-            f"{model_spec}: ditq eval judges 8x8 grey digit images (the digits model); this model makes "
-            f"{c}x{size}x{size} samples of {ncls} classes"
-        )
-    judge = DigitJudge.load(judge_path)
+    pipe = pipeline_info(loaded.source)
+    if pipe.get("space") != "pixel":
+        raise DitqError(f"{model_spec}: samples latents and has no VAE decoder here; ditq eval judges images")
+    is_digits = (c, size, ncls) == (1, 8, 10)
+    judge = DigitJudge.load(judge_path) if is_digits else None
     split = load_split()
-    real_feats = judge.features(to_unit_range(split.x_test))
-    clip = bool(pipeline_info(loaded.source).get("clip_denoised", False))
+    own_space = features is None  # the judge's features and the digits split
+    if own_space:
+        if not is_digits:
+            raise DitqError(
+                f"{model_spec}: makes {c}x{size}x{size} images of {ncls} classes, not 8x8 digits; "
+                "give a feature extractor (--inception WEIGHTS) and --real-images"
+            )
+        features, real_images = judge.features, to_unit_range(split.x_test)
+    elif real_images is None:
+        raise DitqError("a custom feature space needs real images to compare with (--real-images)")
+    real_feats = features(real_images)
+    lo, hi = pipe.get("value_range", [-1.0, 1.0])
     labels = np.arange(num_samples, dtype=np.int64) % ncls
 
     # float reference of the first denoising step (the sampler's first timestep), on seed set 0
@@ -198,18 +216,18 @@ def evaluate(
                 bar.set_postfix_str(f"{conf.name}: sample seed set {s}")
                 x = model.generate(labels, seed=s, steps=steps, cfg=cfg, method=sampler, batch_size=num_samples)
                 samples[conf.name][s] = x
-                imgs = to_unit_range(x)
+                imgs = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
                 per_seed.append(
-                    {"seed": s, "fid": fid(judge.features(imgs), real_feats), "class_accuracy": judge.accuracy(imgs, labels)}
+                    {"seed": s, "fid": fid(features(imgs), real_feats), "class_accuracy": judge.accuracy(imgs, labels) if judge else None}
                 )
                 bar.update()
             fids = np.array([p["fid"] for p in per_seed])
-            accs = np.array([p["class_accuracy"] for p in per_seed])
+            accs = np.array([p["class_accuracy"] for p in per_seed], dtype=float) if judge else None
             rows.append(
                 EvalRow(
-                    conf.name, float(fids.mean()), float(accs.mean()), sqnr, res.file_bytes,
+                    conf.name, float(fids.mean()), float(accs.mean()) if judge else None, sqnr, res.file_bytes,
                     fid_std=float(fids.std(ddof=1)) if len(fids) > 1 else 0.0,
-                    class_accuracy_std=float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                    class_accuracy_std=float(accs.std(ddof=1)) if judge and len(accs) > 1 else 0.0,
                     per_seed=per_seed,
                 )  # fmt: skip
             )
@@ -221,22 +239,30 @@ def evaluate(
         for r in rows:
             diffs = [np.sqrt(np.mean((samples[r.config][s] - samples["fp"][s]) ** 2)) for s in seeds]
             r.sample_rmse = float(np.mean(diffs))
+    # noise floor: a real set as large as the samples, disjoint from the reference set, in the same space
     floor = []
+    pool = to_unit_range(split.x_train) if own_space else None
     for s in seeds:
-        idx = np.random.default_rng(10_000 + s).choice(len(split.x_train), min(num_samples, len(split.x_train)), replace=False)
-        floor.append(fid(judge.features(to_unit_range(split.x_train[idx])), real_feats))
+        rng = np.random.default_rng(10_000 + s)
+        if pool is not None:
+            other = pool[rng.choice(len(pool), min(num_samples, len(pool)), replace=False)]
+            floor.append(fid(features(other), real_feats))
+        else:  # split the user's real images in two halves
+            perm = rng.permutation(len(real_images))
+            half = len(perm) // 2
+            floor.append(fid(features(real_images[perm[:half]]), features(real_images[perm[half:]])))
     if grid_path is not None:
         from ditq.runtime.images import grid_image, save_png
 
         k = min(grid_columns, num_samples)
         grid = grid_image(
-            [to_unit_range(samples[cf.name][seeds[0]][:k]) for cf in configs],
+            [np.clip((samples[cf.name][seeds[0]][:k] - lo) / (hi - lo), 0, 1) for cf in configs],
             row_labels=[cf.name for cf in configs], col_labels=[str(int(v)) for v in labels[:k]],
         )  # fmt: skip
         save_png(grid, grid_path)
     settings = {
         "model": model_spec, "num_samples": num_samples, "steps": steps, "cfg": cfg, "sampler": sampler,
-        "seeds": seeds, "group_size": group_size, "symmetric": symmetric, "real_images": len(split.x_test),
+        "seeds": seeds, "group_size": group_size, "symmetric": symmetric, "real_images": len(real_images),
         "first_step_timestep": first_t, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     return EvalReport(rows, float(np.mean(floor)), float(np.std(floor, ddof=1)) if len(floor) > 1 else 0.0, settings)

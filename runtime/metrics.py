@@ -96,6 +96,20 @@ def default_judge_path() -> Path:
     return Path(__file__).resolve().parent.parent / "ditq" / "assets" / "judge" / "digits_judge.safetensors"
 
 
+def load_images(path: str | Path) -> np.ndarray:
+    """Real images for a custom feature space: a ``.npy`` array [N, C, H, W] with values in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DitqError(f"real images not found: {path}")
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise DitqError(f"{path}: not a .npy array ({e})") from None
+    if x.ndim != 4 or len(x) < 4 or not np.issubdtype(x.dtype, np.floating) or x.min() < 0 or x.max() > 1:
+        raise DitqError(f"{path}: expected float images [N, C, H, W] in [0, 1] (N >= 4), got {x.dtype} {x.shape}")
+    return x.astype(np.float32)
+
+
 def inception_features(weights: str | Path, batch_size: int = 50) -> FeatureFn:
     """The 2048-d pool features of pytorch-fid's Inception network, from a local weights file
     (``pt_inception-2015-12-05-*.pth``). Needs the optional ``pytorch-fid`` package; imports torch."""

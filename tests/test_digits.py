@@ -135,3 +135,36 @@ def test_eval_reports_every_config_on_the_same_seeds(tmp_path):
 def test_eval_bad_config_is_one_line(capsys):
     assert main(["eval", "--configs", "fp,w9a8"]) == 2
     assert "cannot read 'w9a8'" in capsys.readouterr().err
+
+
+def test_eval_takes_any_feature_extractor():
+    """The Frechet distance runs in the space it is given: raw pixels here, against a user's real set."""
+    from ditq.calib.digits import load_split, to_unit_range
+    from ditq.runtime.evaluate import evaluate, parse_configs
+
+    calls = []
+
+    def pixels(images):
+        calls.append(images.shape)
+        return images.reshape(len(images), -1)
+
+    real = to_unit_range(load_split().x_test[:200])
+    rep = evaluate("digits", parse_configs("fp", 64), num_samples=20, steps=3, features=pixels, real_images=real, progress=False)
+    assert (200, 1, 8, 8) in calls and (20, 1, 8, 8) in calls
+    assert rep.rows[0].fid > 0 and rep.rows[0].class_accuracy is not None
+    assert rep.settings["real_images"] == 200
+
+
+def test_sample_of_a_latent_model_writes_npy_and_refuses_png(tiny_dit, tmp_path, capsys):
+    from ditq.exporter.export import export
+    from ditq.exporter.reference import quantize_model
+    from ditq.recipe import Recipe
+
+    res = export(quantize_model(tiny_dit, Recipe.qdit(8, 8, 32), progress=False), tmp_path / "m", source={"kind": "api"}, progress=False)
+    assert main(["sample", str(res.out_dir), "--out", str(tmp_path / "g.png")]) == 2
+    assert "samples latents" in capsys.readouterr().err
+    out = tmp_path / "x.npy"
+    argv = ["--quiet", "sample", str(res.out_dir), "--classes", "0,9", "--per-class", "2", "--steps", "3", "--sampler", "ddpm", "--out", str(out)]
+    assert main(argv) == 0
+    x = np.load(out)
+    assert x.shape == (4, 4, 8, 8) and np.isfinite(x).all()
