@@ -40,7 +40,7 @@ from ditq.errors import DitqError
 
 RECIPE_FORMAT = "ditq-recipe"
 RECIPE_VERSION = 1
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")  # how integer weights are found: round to nearest, or GPTQ on calibration data
 BITS_RANGE = range(2, 9)
 
 # Q-DiT quantizes weights *and* input activations of these linears in every block (qkv, proj, fc1, fc2).

@@ -86,10 +86,36 @@ class QuantizedDiT:
         return model.eval()
 
 
-def quantize_model(model: nn.Module, recipe: Recipe, progress: bool = True) -> QuantizedDiT:
-    """Resolve ``recipe`` on ``model`` and quantize every covered weight (round to nearest)."""
+def quantize_model(
+    model: nn.Module, recipe: Recipe, progress: bool = True, calibration: dict[str, torch.Tensor] | None = None
+) -> QuantizedDiT:
+    """Resolve ``recipe`` on ``model`` and quantize every covered weight: round to nearest, or, for
+    ``method: gptq``, GPTQ with each linear's Hessian taken from its ``calibration`` inputs ``[rows, K]``
+    after the layer's own activation quantization (what the layer sees at inference). Embedding tables
+    have no input to calibrate on and are always rounded to nearest."""
+    from ditq.errors import DitqError
+
     plans = recipe.resolve(model)
     qd = QuantizedDiT(model, recipe, plans)
-    for name, module, plan in tqdm(list(qd.modules()), desc="quantize weights", unit="layer", disable=not progress):
-        qd.weights[name] = quantize_weight(module, plan)
+    gptq = recipe.method == "gptq"
+    if gptq:
+        missing = [n for n, p in plans.items() if p.kind == "linear" and (calibration is None or n not in calibration)]
+        if missing:
+            raise DitqError(f"recipe method gptq needs calibration inputs; none for layer {missing[0]!r}")
+    desc = "GPTQ" if gptq else "quantize weights"
+    for name, module, plan in tqdm(list(qd.modules()), desc=desc, unit="layer", disable=not progress):
+        if gptq and plan.kind == "linear":
+            qd.weights[name] = gptq_weight(module, plan, calibration[name])
+        else:
+            qd.weights[name] = quantize_weight(module, plan)
     return qd
+
+
+def gptq_weight(module: nn.Module, plan: LayerPlan, x: torch.Tensor) -> QuantizedTensor:
+    """GPTQ codes of one linear from its calibration inputs, activation-quantized as the recipe says."""
+    from ditq.calib.gptq import HessianState, accumulate_hessian, gptq_quantize
+
+    if plan.abits is not None:
+        x = fake_quantize(x, plan.abits, plan.group_size, plan.quant.symmetric)
+    h = accumulate_hessian(HessianState.zeros(x.shape[-1]), x).h
+    return gptq_quantize(module.weight, h, plan.quant.wbits, plan.group_size, plan.quant.symmetric).weight

@@ -1,0 +1,106 @@
+"""Calibration data: the inputs of every covered linear, recorded along real sampling trajectories.
+
+As Q-DiT does, the float model samples from seeded noise (DDIM, classifier-free guidance) and at a few
+timesteps of every trajectory the input of each covered linear is captured with a forward hook, a
+random subset of its tokens kept. The set is cached on disk as safetensors (one tensor per layer,
+``[rows, K]`` float32) with its settings in the metadata, so a second run with the same settings reads
+it instead of sampling again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ditq.errors import DitqError
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    num_samples: int = 64
+    steps: int = 50
+    timesteps_per_sample: int = 10  # evenly spread over the trajectory, the same for every sample
+    tokens_per_call: int = 16  # tokens kept per recorded call and sample
+    cfg: float = 1.5
+    seed: int = 1234
+
+
+def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfig, *, clip_denoised: bool = True,
+                       progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Inputs of ``layer_names`` (``[rows, K]``) at ``cfg.timesteps_per_sample`` steps of DDIM trajectories."""
+    from ditq.exporter.trace import TorchDiT
+    from ditq.runtime.samplers import NoiseSchedule, sample, seeded_noise
+
+    named = dict(model.named_modules())
+    missing = [n for n in layer_names if n not in named]
+    if missing:
+        raise DitqError(f"no module {missing[0]!r} in the model")
+    mcfg = dict(model.config)
+    c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
+    use = NoiseSchedule.linear().timesteps(cfg.steps)[::-1]
+    keep_t = set(use[np.linspace(0, len(use) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
+    rng = np.random.default_rng(cfg.seed)
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in layer_names}
+    state = {"record": False}
+
+    def hook(name):
+        def fn(_mod, inputs):
+            if not state["record"]:
+                return
+            x = inputs[0].detach().reshape(inputs[0].shape[0], -1, inputs[0].shape[-1])  # [B, tokens, K]
+            t = x.shape[1]
+            idx = torch.from_numpy(rng.choice(t, min(cfg.tokens_per_call, t), replace=False))
+            store[name].append(x[:, idx].reshape(-1, x.shape[-1]).float().clone())
+
+        return fn
+
+    handles = [named[n].register_forward_pre_hook(hook(n)) for n in layer_names]
+    torch_fn = TorchDiT(model)
+
+    def model_fn(x, t, y):
+        state["record"] = int(t[0]) in keep_t
+        return torch_fn(x, t, y)
+
+    try:
+        labels = np.arange(cfg.num_samples) % ncls
+        sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, steps=cfg.steps, cfg=cfg.cfg,
+               null_class=ncls, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
+
+
+def load_or_record(path: str | Path, model: nn.Module, layer_names: list[str], cfg: CalibConfig, *,
+                   model_digest: str, clip_denoised: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The cached set at ``path`` if it was made with these settings and model, else record and cache it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    path = Path(path)
+    meta = {"config": json.dumps(asdict(cfg), sort_keys=True), "model": model_digest}
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                have = f.metadata() or {}
+            if have.get("config") == meta["config"] and have.get("model") == model_digest:
+                data = load_file(str(path))
+                if set(layer_names) <= set(data):
+                    return {n: data[n] for n in layer_names}
+        except (SafetensorError, OSError) as e:
+            raise DitqError(f"{path}: corrupt calibration cache ({e}); remove it") from None
+    data = record_activations(model, layer_names, cfg, clip_denoised=clip_denoised, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({n: t.contiguous() for n, t in data.items()}, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return data
