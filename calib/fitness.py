@@ -1,0 +1,116 @@
+"""Fitness of a quantization recipe on the ``digits`` model, evaluated in parallel worker processes.
+
+A candidate is quantized with RTN (as Q-DiT's search does) and sampled through the fast PyTorch
+reference from the same noise and labels as every other candidate. Its fitness (lower is better) is
+
+    fitness = FID-digits(samples, held-out digits) + rmse_weight * RMSE(samples, float samples)
+
+where the float samples come from the same noise. The second term is the distance to what the float
+model draws from the same start: it is far less noisy than FID on a few hundred samples, and makes the
+fitness separate configurations whose FIDs lie within each other's noise.
+
+Workers (``spawn``ed, one torch thread each) load the model, the judge, the real features and the float
+samples once, then evaluate genomes sent to them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FitnessConfig:
+    num_samples: int = 250
+    steps: int = 25
+    cfg: float = 1.5
+    seed: int = 777
+    rmse_weight: float = 20.0
+
+
+_W: dict[str, Any] = {}  # per-worker state
+
+
+def _init(model_spec: str, base_recipe_json: str, genes, fcfg: dict, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    from ditq.calib.digits import load_split, to_unit_range
+    from ditq.exporter.trace import TorchDiT
+    from ditq.models import load_model, pipeline_info
+    from ditq.recipe import Recipe
+    from ditq.runtime.metrics import DigitJudge
+
+    cfg = FitnessConfig(**fcfg)
+    loaded = load_model(model_spec)
+    judge = DigitJudge.load()
+    _W.update(
+        model=loaded.model,
+        base=Recipe.from_json(base_recipe_json),
+        genes=genes,
+        cfg=cfg,
+        judge=judge,
+        real=judge.features(to_unit_range(load_split().x_test)),
+        clip=bool(pipeline_info(loaded.source).get("clip_denoised", False)),
+    )
+    _W["float"] = _sample(TorchDiT(loaded.model))
+
+
+def _sample(fn) -> np.ndarray:
+    from ditq.runtime.samplers import sample, seeded_noise
+
+    cfg: FitnessConfig = _W["cfg"]
+    mc = dict(_W["model"].config)
+    labels = np.arange(cfg.num_samples) % mc["num_embeds_ada_norm"]
+    noise = seeded_noise(cfg.seed, cfg.num_samples, mc["in_channels"], mc["sample_size"])
+    return sample(fn, noise, labels, steps=cfg.steps, cfg=cfg.cfg, null_class=mc["num_embeds_ada_norm"], clip_denoised=_W["clip"])
+
+
+def metrics_of(x: np.ndarray) -> dict[str, float]:
+    from ditq.calib.digits import to_unit_range
+    from ditq.runtime.metrics import fid
+
+    cfg: FitnessConfig = _W["cfg"]
+    imgs = to_unit_range(x)
+    labels = np.arange(len(x)) % 10
+    f = fid(_W["judge"].features(imgs), _W["real"])
+    rmse = float(np.sqrt(np.mean((x - _W["float"]) ** 2)))
+    return {"fid": f, "rmse": rmse, "class_accuracy": _W["judge"].accuracy(imgs, labels), "fitness": f + cfg.rmse_weight * rmse}
+
+
+def _eval(genome: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, float]]:
+    from ditq.calib.search import genome_recipe
+    from ditq.exporter.reference import quantize_model
+    from ditq.exporter.trace import TorchDiT
+
+    recipe = genome_recipe(_W["base"], _W["genes"], genome)
+    ref = quantize_model(_W["model"], recipe, progress=False).reference()
+    return genome, metrics_of(_sample(TorchDiT(ref)))
+
+
+class ParallelFitness:
+    """``evaluate(genomes)`` for :func:`ditq.calib.search.evolve`, over ``workers`` processes."""
+
+    def __init__(self, model_spec: str, base_recipe, genes, cfg: FitnessConfig = FitnessConfig(), workers: int = 2):
+        self.workers = max(1, workers)
+        args = (model_spec, base_recipe.to_json(), genes, asdict(cfg), 1 if self.workers > 1 else 2)
+        if self.workers == 1:
+            _init(*args)
+            self.pool = None
+        else:
+            self.pool = mp.get_context("spawn").Pool(self.workers, initializer=_init, initargs=args)
+
+    def __call__(self, genomes: list[tuple[int, ...]]) -> Iterable[tuple[tuple[int, ...], dict[str, float]]]:
+        if self.pool is None:
+            for g in genomes:
+                yield _eval(g)
+        else:
+            yield from self.pool.imap_unordered(_eval, genomes)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()

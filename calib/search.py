@@ -1,0 +1,256 @@
+"""Q-DiT's evolutionary search over per-layer group sizes, crash-safe and resumable.
+
+Genome: one group size per *gene*; a gene is one quantized linear of a block, with ``to_q``, ``to_k`` and
+``to_v`` together (they read one activation, as Q-DiT's fused ``qkv``), so 4 genes per block. A gene's
+size applies to the weight rows and the input activation alike. The choices of a gene are the sizes of
+the search space that divide its input width.
+
+Cost (documented in the README): per token, a linear ``K -> N`` at ``w``-bit weights and ``a``-bit
+activations costs ``N K w a`` BitOPs for the integer products, plus ``N (K / g) * 32 * 32`` for the fp32
+rescaling of each group's partial sum (one multiply-add per output and group). Smaller groups cost more.
+``--budget g128`` is the cost of every gene at ``g = 128`` (by the formula, even where 128 does not
+divide a width); a genome is feasible when its cost is within the budget.
+
+Evolution (Q-DiT's defaults): a random feasible population, then per generation the ``top_k`` best are
+kept and ``crossovers`` (uniform, p=0.5) and ``mutations`` (each gene redrawn with p=0.1) are bred from
+them, infeasible or already-seen children redrawn. Every random draw comes from one seeded generator and
+depends on the fitness values only through the ranking, so a rerun with the same seed and the same
+fitness values makes the same choices.
+
+Journal: every finished evaluation is appended as one JSON line (flushed and fsynced) *before* the search
+uses it. Restarting with the same settings replays the run from the seed and takes every genome already
+in the journal from it instead of evaluating again, so an interrupted and an uninterrupted run end at the
+same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ditq.errors import DitqError
+
+QDIT_SPACE = (32, 64, 128, 192, 288)
+_GENE_LAYERS = (("attn1.to_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")), ("attn1.to_out.0", ("attn1.to_out.0",)),
+                ("ff.net.0.proj", ("ff.net.0.proj",)), ("ff.net.2", ("ff.net.2",)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Gene:
+    name: str
+    layers: tuple[str, ...]
+    in_features: int
+    out_features: int  # summed over the gene's layers
+    choices: tuple[int, ...]
+
+
+def genes_of(plans: dict, space: Iterable[int] = QDIT_SPACE) -> list[Gene]:
+    """The genes of a resolved recipe's activation-quantized block linears."""
+    space = sorted(set(int(s) for s in space))
+    if not space or space[0] < 1:
+        raise DitqError(f"search space must be positive group sizes, got {space}")
+    blocks = sorted({int(n.split(".")[1]) for n, p in plans.items() if n.startswith("transformer_blocks.") and p.abits})
+    genes = []
+    for b in blocks:
+        for gname, suffixes in _GENE_LAYERS:
+            layers = tuple(f"transformer_blocks.{b}.{s}" for s in suffixes)
+            ps = [plans.get(n) for n in layers]
+            if any(p is None or p.abits is None for p in ps):
+                continue
+            k = ps[0].in_features
+            choices = tuple(s for s in space if k % s == 0)
+            if not choices:
+                raise DitqError(f"no group size of the search space {space} divides the width {k} of {layers[0]!r}")
+            genes.append(Gene(f"transformer_blocks.{b}.{gname}", layers, k, sum(p.out_features for p in ps), choices))
+    if not genes:
+        raise DitqError("the recipe quantizes no block activations: nothing to search")
+    return genes
+
+
+def gene_cost(gene: Gene, g: float, wbits: int, abits: int) -> float:
+    """BitOPs per token of one gene at group size ``g`` (see the module docstring)."""
+    k, n = gene.in_features, gene.out_features
+    return n * k * wbits * abits + n * (k / g) * 32 * 32
+
+
+def genome_cost(genes: list[Gene], genome: tuple[int, ...], wbits: int, abits: int) -> float:
+    return sum(gene_cost(ge, g, wbits, abits) for ge, g in zip(genes, genome))
+
+
+def parse_budget(text: str, genes: list[Gene], wbits: int, abits: int) -> float:
+    """``g128``: the cost of uniform group 128 by the formula; a plain number: BitOPs per token."""
+    t = text.strip().lower()
+    try:
+        if t.startswith("g"):
+            g = float(t[1:])
+            if g <= 0:
+                raise ValueError
+            return sum(gene_cost(ge, g, wbits, abits) for ge in genes)
+        return float(t)
+    except ValueError:
+        raise DitqError(f"--budget: expected gN (the cost of uniform group size N) or BitOPs, got {text!r}") from None
+
+
+def genome_recipe(base, genes: list[Gene], genome: tuple[int, ...]):
+    """``base`` with one rule per searched layer setting its group size."""
+    from dataclasses import replace
+
+    from ditq.recipe import Rule
+
+    rules = tuple(Rule(layer, {"group_size": int(g)}) for ge, g in zip(genes, genome) for layer in ge.layers)
+    return replace(base, rules=tuple(base.rules) + rules)
+
+
+def genome_key(genome: tuple[int, ...]) -> str:
+    return ",".join(str(g) for g in genome)
+
+
+# --------------------------------------------------------------------------------------------- journal
+class Journal:
+    """Append-only JSON lines: a header line with the search settings, then one line per evaluation."""
+
+    def __init__(self, path: str | Path, settings: dict[str, Any]):
+        self.path = Path(path)
+        self.settings = settings
+        self.records: dict[str, dict[str, Any]] = {}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            lines = self.path.read_text().splitlines()
+            try:
+                head = json.loads(lines[0])
+            except (json.JSONDecodeError, IndexError):
+                raise DitqError(f"{self.path}: not a ditq search journal") from None
+            if head.get("settings_digest") != digest:
+                raise DitqError(f"{self.path}: journal of a search with other settings; use another --journal or the same options")
+            for i, line in enumerate(lines[1:], 2):
+                try:
+                    rec = json.loads(line)
+                    self.records[rec["key"]] = rec
+                except (json.JSONDecodeError, KeyError):
+                    if i == len(lines):  # a line cut by a crash mid-write: drop it, it will be redone
+                        self._truncate_last(lines)
+                        break
+                    raise DitqError(f"{self.path}: corrupt journal line {i}") from None
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"journal": "ditq-search", "settings": settings, "settings_digest": digest})
+
+    def _truncate_last(self, lines: list[str]) -> None:
+        text = "\n".join(lines[:-1]) + "\n"
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+
+    def _append(self, obj: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(obj, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self._append(rec)
+        self.records[rec["key"]] = rec
+
+
+# ------------------------------------------------------------------------------------------- evolution
+@dataclass(frozen=True)
+class SearchConfig:
+    population: int = 50
+    generations: int = 10
+    top_k: int = 10
+    crossovers: int = 25
+    mutations: int = 25
+    mutation_prob: float = 0.1
+    crossover_prob: float = 0.5
+    seed: int = 0
+    max_tries: int = 2000  # draws per child before giving up on finding a new feasible genome
+
+
+@dataclass
+class SearchResult:
+    best: tuple[int, ...]
+    best_record: dict[str, Any]
+    evaluated: int  # evaluations run by this call
+    reused: int  # evaluations taken from the journal
+    history: list[float] = field(default_factory=list)  # best fitness after each generation
+
+
+EvaluateFn = Callable[[list[tuple[int, ...]]], Iterable[tuple[tuple[int, ...], dict[str, Any]]]]
+
+
+def evolve(
+    genes: list[Gene],
+    cfg: SearchConfig,
+    budget: float,
+    cost: Callable[[tuple[int, ...]], float],
+    evaluate: EvaluateFn,
+    journal: Journal,
+    *,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> SearchResult:
+    """Run the search; ``evaluate(genomes)`` yields ``(genome, metrics)`` with ``metrics['fitness']``
+    (lower is better) in any order as evaluations finish."""
+    rng = np.random.default_rng(cfg.seed)
+    seen: set[tuple[int, ...]] = set()
+    counts = {"evaluated": 0, "reused": 0}
+
+    def feasible(gn):
+        return cost(gn) <= budget * (1 + 1e-12)
+
+    def draw(make):
+        for _ in range(cfg.max_tries):
+            gn = make()
+            if gn not in seen and feasible(gn):
+                seen.add(gn)
+                return gn
+        return None
+
+    def score(genomes: list[tuple[int, ...]], generation: int) -> None:
+        todo = [g for g in genomes if genome_key(g) not in journal.records]
+        counts["reused"] += len(genomes) - len(todo)
+        if todo:
+            for gn, metrics in evaluate(todo):
+                rec = {"key": genome_key(gn), "genome": list(gn), "cost": cost(gn), "generation": generation, **metrics}
+                journal.add(rec)  # durable before use
+                counts["evaluated"] += 1
+                if on_result:
+                    on_result(rec)
+
+    def fitness(gn):
+        return journal.records[genome_key(gn)]["fitness"]
+
+    population = [g for g in (draw(lambda: tuple(int(rng.choice(ge.choices)) for ge in genes)) for _ in range(cfg.population)) if g]
+    if not population:
+        raise DitqError("no genome of the search space fits the budget; raise --budget or add larger group sizes")
+    score(population, 0)
+    history = [min(fitness(g) for g in population)]
+    for gen in range(1, cfg.generations):
+        parents = sorted(population, key=lambda g: (fitness(g), genome_key(g)))[: cfg.top_k]
+
+        def crossover():
+            a, b = rng.choice(len(parents), 2, replace=len(parents) < 2)
+            pick = rng.random(len(genes)) < cfg.crossover_prob
+            return tuple(int(x) if p else int(y) for x, y, p in zip(parents[a], parents[b], pick))
+
+        def mutate():
+            p = parents[int(rng.integers(len(parents)))]
+            flip = rng.random(len(genes)) < cfg.mutation_prob
+            return tuple(int(rng.choice(ge.choices)) if f else int(x) for ge, x, f in zip(genes, p, flip))
+
+        children = [g for g in (draw(crossover) for _ in range(cfg.crossovers)) if g]
+        children += [g for g in (draw(mutate) for _ in range(cfg.mutations)) if g]
+        score(children, gen)
+        population = parents + children
+        history.append(min(fitness(g) for g in population))
+    best = min(population, key=lambda g: (fitness(g), genome_key(g)))
+    return SearchResult(best, journal.records[genome_key(best)], counts["evaluated"], counts["reused"], history)
+
+
+def settings_dict(**kw) -> dict[str, Any]:
+    return {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in kw.items()}
