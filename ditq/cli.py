@@ -61,12 +61,35 @@ def cmd_export(args) -> int:
     from ditq.models import load_model
 
     recipe = _recipe_from_args(args)
+    if args.method:
+        from dataclasses import replace
+
+        recipe = replace(recipe, method=args.method)
     loaded = load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads)
-    qdit = quantize_model(loaded.model, recipe, progress=not args.quiet)
+    calibration = _calibration(args, loaded, recipe) if recipe.method == "gptq" else None
+    qdit = quantize_model(loaded.model, recipe, progress=not args.quiet, calibration=calibration)
     res = export(qdit, args.out, source=loaded.source, target=args.target, opset=args.opset, progress=not args.quiet)
     print(f"wrote {res.model_path} ({res.file_bytes / 1e6:.2f} MB, {res.layers} quantized weights, "
           f"{res.activation_subgraphs} activation quantizers) in {res.seconds:.1f} s")  # fmt: skip
     return 0
+
+
+def _calibration(args, loaded, recipe):
+    """Calibration inputs of every covered linear for GPTQ, recorded along float sampling trajectories
+    and cached (by model and settings) in ``--calib-cache``."""
+    import hashlib
+    from dataclasses import asdict
+
+    from ditq.calib.calibration import CalibConfig, load_or_record
+    from ditq.models import pipeline_info
+
+    cfg = CalibConfig(num_samples=args.calib_samples)
+    linears = [n for n, p in recipe.resolve(loaded.model).items() if p.kind == "linear"]
+    digest = hashlib.sha256(json.dumps(loaded.source, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    cache = Path(args.calib_cache) / f"calib-{digest}-{key}.safetensors"
+    return load_or_record(cache, loaded.model, linears, cfg, model_digest=digest,
+                          clip_denoised=bool(pipeline_info(loaded.source).get("clip_denoised")), progress=not args.quiet)  # fmt: skip
 
 
 def cmd_validate(args) -> int:
@@ -237,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
     p.add_argument("--target", default="qdq", choices=TARGETS, help="qdq: portable standard-ONNX QDQ graph")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 21, default {DEFAULT_OPSET})")
+    p.add_argument("--method", choices=("rtn", "gptq"), help="how integer weights are found (default: the recipe's, rtn)")
+    p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
+    p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("validate", help="prove an exported model equal to its PyTorch reference in ONNX Runtime")

@@ -149,3 +149,32 @@ def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expec
         elif not np.array_equal(scale, want_scale):
             fails.append(f"{name}: stored weight scales differ from the reference's")
     return fails
+
+
+def weights_from_graph(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> dict[str, QuantizedTensor]:
+    """The integer weights a model stores, read back per covered module (``[N, K]`` layout, like RTN's).
+
+    Used to build the reference of weights that cannot be recomputed from the float model alone (GPTQ
+    depends on calibration data); :func:`check_weights` must pass first."""
+    import torch
+
+    inits = {t.name: t for t in model.graph.initializer}
+    dqs = nodes_by_module(model.graph, ROLE_WEIGHT_DQ)
+    out = {}
+    for name, plan in plans.items():
+        node = dqs[name][0]
+        codes = stored_codes(inits[node.input[0]]).astype(np.int16)
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        zero = (
+            stored_codes(inits[node.input[2]]).astype(np.int16)
+            if len(node.input) > 2 and node.input[2]
+            else np.zeros_like(scale, np.int16)
+        )
+        if plan.kind == "linear":
+            codes, scale, zero = codes.T, scale.T, zero.T
+        q = plan.quant
+        out[name] = QuantizedTensor(
+            torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(scale)),
+            torch.from_numpy(np.ascontiguousarray(zero)), q.wbits, plan.group_size, q.symmetric,
+        )  # fmt: skip
+    return out

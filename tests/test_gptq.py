@@ -73,6 +73,7 @@ def test_gptq_recipe_on_a_dit_lowers_layer_error_and_exports_valid(tiny_dit, tmp
     from ditq.calib.numerics import sqnr_db
     from ditq.exporter.trace import TorchDiT, example_inputs
     from ditq.runtime.session import OrtDiT
+    from ditq.runtime.validate import validate
 
     recipe = Recipe.qdit(3, 8, 16)
     plans = recipe.resolve(tiny_dit)
@@ -94,3 +95,8 @@ def test_gptq_recipe_on_a_dit_lowers_layer_error_and_exports_valid(tiny_dit, tmp
     args = (x.numpy(), t.numpy(), y.numpy())
     out_ort, out_ref, out_fp = OrtDiT(res.model_path)(*args), TorchDiT(gq.reference())(*args), TorchDiT(tiny_dit)(*args)
     assert sqnr_db(out_ref, out_ort) >= sqnr_db(out_fp, out_ref)
+    # and `validate` proves it, taking the GPTQ codes from the graph (they cannot be recomputed)
+    tiny_dit.save_pretrained(tmp_path / "tiny")
+    report = validate(res.out_dir, model_spec=str(tmp_path / "tiny"), progress=False)
+    assert report.passed, report.table()
+    assert "stored codes and scales equal the reference's" not in [c.name for c in report.checks]
