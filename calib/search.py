@@ -13,7 +13,8 @@ divide a width); a genome is feasible when its cost is within the budget.
 
 Evolution (Q-DiT's defaults): a random feasible population, then per generation the ``top_k`` best are
 kept and ``crossovers`` (uniform, p=0.5) and ``mutations`` (each gene redrawn with p=0.1) are bred from
-them, infeasible or already-seen children redrawn. Every random draw comes from one seeded generator and
+them. A genome over the budget is repaired by coarsening randomly chosen genes one size at a time
+(random genomes of a tight budget are almost never feasible as drawn); already-seen ones are redrawn. Every random draw comes from one seeded generator and
 depends on the fitness values only through the ranking, so a rerun with the same seed and the same
 fitness values makes the same choices.
 
@@ -203,10 +204,21 @@ def evolve(
     def feasible(gn):
         return cost(gn) <= budget * (1 + 1e-12)
 
+    def repair(gn):
+        """Coarsen random genes one notch until the genome fits the budget (None if it cannot)."""
+        gn = list(gn)
+        while not feasible(tuple(gn)):
+            up = [i for i, (ge, g) in enumerate(zip(genes, gn)) if g < ge.choices[-1]]
+            if not up:
+                return None
+            i = up[int(rng.integers(len(up)))]
+            gn[i] = next(c for c in genes[i].choices if c > gn[i])
+        return tuple(gn)
+
     def draw(make):
         for _ in range(cfg.max_tries):
-            gn = make()
-            if gn not in seen and feasible(gn):
+            gn = repair(make())
+            if gn is not None and gn not in seen:
                 seen.add(gn)
                 return gn
         return None

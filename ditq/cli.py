@@ -203,6 +203,71 @@ def cmd_train_digits(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import time
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from ditq.calib.fitness import FitnessConfig, ParallelFitness
+    from ditq.calib.search import (
+        Journal, SearchConfig, evolve, genes_of, genome_cost, genome_recipe, parse_budget, settings_dict,
+    )  # fmt: skip
+    from ditq.models import load_model
+    from ditq.recipe import Recipe
+
+    t0 = time.perf_counter()
+    base = Recipe.qdit(args.wbits, args.abits, args.group_size, args.symmetric)
+    loaded = load_model(args.model)
+    genes = genes_of(base.resolve(loaded.model), _int_list(args.space, "--space"))
+    budget = parse_budget(args.budget, genes, args.wbits, args.abits)
+    scfg = SearchConfig(
+        population=args.population, generations=args.generations, top_k=args.top_k,
+        crossovers=args.crossovers, mutations=args.mutations, seed=args.seed,
+    )  # fmt: skip
+    fcfg = FitnessConfig(num_samples=args.num_samples, steps=args.fitness_steps, rmse_weight=args.rmse_weight)
+    settings = settings_dict(model=loaded.source, base=base.to_dict(), space=[list(g.choices) for g in genes],
+                             budget=budget, search=scfg, fitness=fcfg)  # fmt: skip
+    journal = Journal(args.journal, settings)
+
+    def cost(g):
+        return genome_cost(genes, g, args.wbits, args.abits)
+
+    expected = scfg.population + (scfg.generations - 1) * (scfg.crossovers + scfg.mutations)
+    bar = tqdm(total=expected, desc="search", unit="eval", initial=0, disable=args.quiet)
+    best = [float("inf")]
+
+    def on_result(rec):
+        best[0] = min(best[0], rec["fitness"])
+        bar.update()
+        bar.set_postfix(best=f"{best[0]:.3f}", fid=f"{rec['fid']:.2f}")
+
+    def evaluate(genomes):
+        if evaluate.pool is None:
+            evaluate.pool = ParallelFitness(args.model, base, genes, fcfg, workers=args.workers)
+        return evaluate.pool(genomes)
+
+    evaluate.pool = None
+    if journal.records:
+        bar.update(len(journal.records))
+        best[0] = min(r["fitness"] for r in journal.records.values())
+    try:
+        res = evolve(genes, scfg, budget, cost, evaluate, journal, on_result=on_result)
+    finally:
+        bar.close()
+        if evaluate.pool is not None:
+            evaluate.pool.close()
+    recipe = replace(genome_recipe(base, genes, res.best), method=args.method)
+    _write_text(Path(args.out), recipe.to_json() + "\n")
+    r = res.best_record
+    print(f"best of {len(journal.records)} evaluated genomes ({res.evaluated} now, {res.reused} from the journal): "
+          f"fitness {r['fitness']:.3f} (FID-digits {r['fid']:.2f}, RMSE vs float {r['rmse']:.4f}), "
+          f"cost {cost(res.best) / budget:.3f} of the budget, in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print("group sizes: " + ", ".join(f"{ge.name.removeprefix('transformer_blocks.')}={g}" for ge, g in zip(genes, res.best)))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -304,6 +369,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-images", help="real images for --inception: .npy [N,C,H,W] in [0,1]")
     p.add_argument("--json", help="write the report as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="evolutionary search of per-layer group sizes (Q-DiT), resumable")
+    p.add_argument("--model", default="digits", help="model to search on (default digits; fitness is FID-digits)")
+    p.add_argument("--wbits", type=int, default=4)
+    p.add_argument("--abits", type=int, default=8)
+    p.add_argument("--group-size", type=_group, default=64, help="group size of the layers not searched (default 64)")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--space", default="32,64,128,192,288", help="candidate group sizes (default Q-DiT's 32,64,128,192,288)")
+    p.add_argument("--budget", default="g128", help="cost ceiling: gN = uniform group N by the cost model (default g128)")
+    p.add_argument("--population", type=int, default=50)
+    p.add_argument("--generations", type=int, default=10)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--crossovers", type=int, default=25)
+    p.add_argument("--mutations", type=int, default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=250, help="samples per fitness evaluation (default 250)")
+    p.add_argument("--fitness-steps", type=int, default=25, help="DDIM steps per fitness evaluation (default 25)")
+    p.add_argument("--rmse-weight", type=float, default=20.0, help="fitness = FID-digits + this x RMSE vs float samples")
+    p.add_argument("--workers", type=int, default=2, help="parallel evaluation processes (default 2)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="method written into the recipe (default gptq)")
+    p.add_argument("--journal", required=True, help="JSON-lines log of every evaluation; rerun to resume")
+    p.add_argument("--out", required=True, help="the best recipe (JSON)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("train-digits", help="train the digit judge and the shipped digits DiT from scratch (CPU)")
     p.add_argument("--steps", type=int, default=6000, help="training steps of batch 128 (default 6000)")
