@@ -179,7 +179,11 @@ def export(
 
 def _replace_dir(new: Path, final: Path) -> None:
     """Move the finished folder ``new`` to ``final``; an old ``final`` is moved aside first and removed
-    after, so at every instant ``final`` is either the complete old or the complete new export."""
+    after, so at every instant ``final`` is either the complete old or the complete new export.
+    The staging folder was made private by ``mkdtemp``; the result gets the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, old / "x")

@@ -105,3 +105,45 @@ def test_infeasible_budget_is_a_clear_error(tmp_path):
     cfg = SearchConfig(population=4, generations=1, max_tries=50)
     with pytest.raises(DitqError, match="fits the budget"):
         _run(tmp_path, "j.jsonl", cfg, _evaluate([]), budget=1.0)
+
+
+def test_cli_search_killed_mid_generation_resumes_to_the_same_recipe(tmp_path):
+    """`ditq search` on digits (tiny settings), SIGKILLed with its workers after the first child of
+    generation 1 is journaled, then rerun: no finished evaluation is redone, and the recipe equals an
+    uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def argv(journal, out):
+        return [sys.executable, "-m", "ditq.cli", "--quiet", "search", "--model", "digits", "--abits", "4",
+                "--population", "4", "--generations", "3", "--top-k", "2", "--crossovers", "2", "--mutations", "2",
+                "--num-samples", "20", "--fitness-steps", "3", "--workers", "2",
+                "--journal", str(journal), "--out", str(out)]  # fmt: skip
+
+    straight = subprocess.run(argv(tmp_path / "a.jsonl", tmp_path / "a.json"), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+
+    journal = tmp_path / "b.jsonl"
+    proc = subprocess.Popen(argv(journal, tmp_path / "b.json"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 1 + 5:  # header + 4 + 1 child
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b.json").exists()
+    done_before = {json.loads(x)["key"] for x in journal.read_text().splitlines()[1:] if x.endswith("}")}
+    assert 5 <= len(done_before) < 12
+
+    resumed = subprocess.run(argv(journal, tmp_path / "b.json"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    keys = [json.loads(x)["key"] for x in journal.read_text().splitlines()[1:]]
+    assert len(keys) == len(set(keys))  # every genome evaluated once over both runs
+    assert f"{len(done_before)} from the journal" in resumed.stdout
+    assert (tmp_path / "b.json").read_text() == (tmp_path / "a.json").read_text()
