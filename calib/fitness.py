@@ -91,6 +91,16 @@ def _eval(genome: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, float]]:
     return genome, metrics_of(_sample(TorchDiT(ref)))
 
 
+def _eval_recipe(item: tuple[str, str]) -> tuple[str, dict[str, float]]:
+    from ditq.exporter.reference import quantize_model
+    from ditq.exporter.trace import TorchDiT
+    from ditq.recipe import Recipe
+
+    name, recipe_json = item
+    ref = quantize_model(_W["model"], Recipe.from_json(recipe_json), progress=False).reference()
+    return name, metrics_of(_sample(TorchDiT(ref)))
+
+
 class ParallelFitness:
     """``evaluate(genomes)`` for :func:`ditq.calib.search.evolve`, over ``workers`` processes."""
 
@@ -109,6 +119,13 @@ class ParallelFitness:
                 yield _eval(g)
         else:
             yield from self.pool.imap_unordered(_eval, genomes)
+
+    def recipes(self, named: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """Fitness of whole recipes (``name -> Recipe``), e.g. to check the fitness separates them."""
+        items = [(n, r.to_json()) for n, r in named.items()]
+        if self.pool is None:
+            return dict(_eval_recipe(i) for i in items)
+        return dict(self.pool.imap_unordered(_eval_recipe, items))
 
     def close(self) -> None:
         if self.pool is not None:

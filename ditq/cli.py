@@ -175,8 +175,8 @@ def cmd_eval(args) -> int:
     report = evaluate(
         args.model, parse_configs(args.configs, args.group_size), num_samples=args.num_samples, steps=args.steps,
         cfg=args.cfg, sampler=args.sampler, seeds=seeds, group_size=args.group_size, symmetric=args.symmetric,
-        provider=args.provider, exports_dir=args.exports, grid_path=args.grid, features=features,
-        real_images=real, progress=not args.quiet,
+        method=args.method, provider=args.provider, exports_dir=args.exports, grid_path=args.grid, features=features,
+        real_images=real, calib_fn=lambda loaded, recipe: _calibration(args, loaded, recipe), progress=not args.quiet,
     )  # fmt: skip
     print(report.table())
     if args.json:
@@ -268,6 +268,36 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_fitness(args) -> int:
+    """The search's fitness of whole configurations on several seed sets: can it tell them apart?"""
+    from ditq.calib.fitness import FitnessConfig, ParallelFitness
+    from ditq.recipe import Recipe
+    from ditq.runtime.evaluate import parse_configs
+
+    configs = parse_configs(args.configs, args.group_size)
+    named = {c.name: c.recipe(args.symmetric) for c in configs}
+    seeds = _int_list(args.seeds, "--seeds")
+    rows: dict[str, list[dict]] = {n: [] for n in named}
+    for s in seeds:
+        fcfg = FitnessConfig(num_samples=args.num_samples, steps=args.fitness_steps, rmse_weight=args.rmse_weight, seed=s)
+        pool = ParallelFitness(args.model, Recipe.qdit(4, 8, 64), [], fcfg, workers=args.workers)
+        try:
+            for n, m in pool.recipes(named).items():
+                rows[n].append({"seed": s, **m})
+        finally:
+            pool.close()
+    print(f"fitness = FID-digits + {args.rmse_weight} x RMSE vs float; {args.num_samples} samples, DDIM-{args.fitness_steps}, seed sets {seeds}")
+    print(f"{'config':<12} " + " ".join(f"{'seed ' + str(s):>22}" for s in seeds))
+    for n, per in rows.items():
+        print(f"{n:<12} " + " ".join(f"{m['fitness']:>8.3f} ({m['fid']:.2f}, {m['rmse']:.3f})" for m in per))
+    ranks = [sorted(named, key=lambda n: rows[n][i]["fitness"]) for i in range(len(seeds))]
+    consistent = all(r == ranks[0] for r in ranks)
+    print(f"ranking (best first): {' < '.join(ranks[0])}; {'the same' if consistent else 'NOT the same'} on every seed set")
+    if args.json:
+        _write_json(Path(args.json), {"rows": rows, "rankings": ranks, "consistent": consistent})
+    return 0 if consistent else 1
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
@@ -356,9 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="quantize, export and sample several configurations; FID-digits and class accuracy")
     p.add_argument("--model", default="digits", help="model to evaluate (default: the shipped digits model)")
-    p.add_argument("--configs", default="fp,w8a8,w6a8,w4a8,w4a16", help="comma-separated: fp, wXaY[gN] (default fp,w8a8,w6a8,w4a8,w4a16)")
+    p.add_argument("--configs", default="fp,w8a8,w6a8,w4a8,w4a16", help="comma-separated: fp, wXaY[gN], or recipe .json files (default fp,w8a8,w6a8,w4a8,w4a16)")
     p.add_argument("--group-size", type=_group, default=64, help="group size of configs without gN (default 64)")
     p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--method", choices=("rtn", "gptq"), help="weight method of the quantized configs (default: rtn / the recipe file's)")
+    p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
+    p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
     p.add_argument("--num-samples", type=int, default=500, help="samples per seed set (default 500, one class after another)")
     p.add_argument("--seeds", default="0", help="comma-separated seed sets; more than one reports the spread (default 0)")
     _add_sampler_args(p, seed=False)
@@ -392,6 +425,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--journal", required=True, help="JSON-lines log of every evaluation; rerun to resume")
     p.add_argument("--out", required=True, help="the best recipe (JSON)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("fitness", help="the search's fitness of whole configurations on several seed sets (exit 1 if rankings differ)")
+    p.add_argument("--model", default="digits")
+    p.add_argument("--configs", required=True, help="comma-separated wXaY[gN] or recipe .json files")
+    p.add_argument("--group-size", type=_group, default=64)
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--seeds", default="1,2,3", help="seed sets (default 1,2,3)")
+    p.add_argument("--num-samples", type=int, default=250)
+    p.add_argument("--fitness-steps", type=int, default=25)
+    p.add_argument("--rmse-weight", type=float, default=20.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", help="write the table as JSON")
+    p.set_defaults(func=cmd_fitness)
 
     p = sub.add_parser("train-digits", help="train the digit judge and the shipped digits DiT from scratch (CPU)")
     p.add_argument("--steps", type=int, default=6000, help="training steps of batch 128 (default 6000)")

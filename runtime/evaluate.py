@@ -41,20 +41,34 @@ class EvalConfig:
     wbits: int | None  # None: the float model
     abits: int | None
     group_size: int | None
+    recipe_file: str | None = None  # a recipe JSON (e.g. from ``ditq search``) instead of the bits above
 
-    def recipe(self, symmetric: bool = False):
+    def recipe(self, symmetric: bool = False, method: str | None = None):
+        from dataclasses import replace
+
         from ditq.recipe import LayerQuant, Recipe
 
-        if self.wbits is None:
+        if self.recipe_file is not None:
+            r = Recipe.load(self.recipe_file)
+        elif self.wbits is None:
             return Recipe(LayerQuant(None, None, None), ())
-        return Recipe.qdit(self.wbits, self.abits, self.group_size, symmetric)
+        else:
+            r = Recipe.qdit(self.wbits, self.abits, self.group_size, symmetric)
+        return replace(r, method=method) if method else r
 
 
 def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
-    """``"fp,w8a8,w4a16,w4a4g32,w4a4gch"``: bits of weights and activations (16/fp: float activations),
-    optional group size (``gch``: per channel/token; default ``group_size``)."""
+    """``"fp,w8a8,w4a16,w4a4g32,w4a4gch,searched.json"``: bits of weights and activations (16/fp: float
+    activations), optional group size (``gch``: per channel/token; default ``group_size``), or a recipe
+    file (named by its file stem)."""
     out = []
-    for name in [c.strip().lower() for c in text.split(",") if c.strip()]:
+    for raw in [c.strip() for c in text.split(",") if c.strip()]:
+        name = raw.lower()
+        if name.endswith(".json"):
+            if not Path(raw).is_file():
+                raise DitqError(f"--configs: recipe file not found: {raw}")
+            out.append(EvalConfig(Path(raw).stem, None, None, None, raw))
+            continue
         if name in ("fp", "float", "fp32"):
             out.append(EvalConfig("fp", None, None, None))
             continue
@@ -136,6 +150,7 @@ def evaluate(
     seeds: list[int] = (0,),
     group_size: int | None = 64,
     symmetric: bool = False,
+    method: str | None = None,
     provider: str = "cpu",
     exports_dir: str | Path | None = None,
     grid_path: str | Path | None = None,
@@ -143,6 +158,7 @@ def evaluate(
     judge_path: str | Path | None = None,
     features: FeatureFn | None = None,
     real_images: np.ndarray | None = None,
+    calib_fn=None,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate ``configs`` of ``model_spec`` (see the module docstring).
@@ -150,7 +166,8 @@ def evaluate(
     ``features``/``real_images``: another feature space for the Frechet distance (e.g.
     :func:`ditq.runtime.metrics.inception_features`) and the real images ([N,C,H,W] in [0,1]) to compare
     with; by default the digit judge's features and the held-out digits. Class accuracy needs the judge,
-    so it is reported for digit models only.
+    so it is reported for digit models only. ``method`` overrides the quantized configurations' weight
+    method (``gptq`` needs ``calib_fn(loaded, recipe) -> calibration inputs``).
     """
     from ditq.calib.digits import load_split, to_unit_range
     from ditq.exporter.export import export
@@ -205,7 +222,14 @@ def evaluate(
     try:
         for conf in configs:
             bar.set_postfix_str(f"{conf.name}: quantize + export")
-            qdit = quantize_model(loaded.model, conf.recipe(symmetric), progress=False)
+            recipe = conf.recipe(symmetric, method if conf.wbits or conf.recipe_file else None)
+            calibration = None
+            if recipe.method == "gptq":
+                if calib_fn is None:
+                    raise DitqError("GPTQ configurations need calibration data (pass calibration=...)")
+                bar.set_postfix_str(f"{conf.name}: calibration + GPTQ")
+                calibration = calib_fn(loaded, recipe)
+            qdit = quantize_model(loaded.model, recipe, progress=False, calibration=calibration)
             res = export(qdit, exports_dir / conf.name, source=loaded.source, progress=False)
             del qdit
             model = ExportedDiT.open(res.out_dir, provider=provider)
@@ -262,7 +286,7 @@ def evaluate(
         save_png(grid, grid_path)
     settings = {
         "model": model_spec, "num_samples": num_samples, "steps": steps, "cfg": cfg, "sampler": sampler,
-        "seeds": seeds, "group_size": group_size, "symmetric": symmetric, "real_images": len(real_images),
+        "seeds": seeds, "group_size": group_size, "symmetric": symmetric, "method": method or "rtn", "real_images": len(real_images),
         "first_step_timestep": first_t, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     return EvalReport(rows, float(np.mean(floor)), float(np.std(floor, ddof=1)) if len(floor) > 1 else 0.0, settings)

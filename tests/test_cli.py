@@ -35,7 +35,7 @@ def assert_refused(code, err, tmp_path, *needles):
 
 def test_missing_model(tmp_path, capsys):
     code, _, err = run(["export", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, tmp_path, "missing.pt", "neither a preset")
+    assert_refused(code, err, tmp_path, "missing.pt", "neither a built-in model")
 
 
 def test_corrupt_checkpoint(tmp_path, capsys):

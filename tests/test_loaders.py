@@ -112,7 +112,7 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path, shared_embedder_dit,
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(DitqError, match="neither a preset"):
+    with pytest.raises(DitqError, match="neither a built-in model"):
         load_model(str(tmp_path / "nope.pt"))
     bad = tmp_path / "corrupt.safetensors"
     bad.write_bytes(b"\x00garbage" * 10)
