@@ -176,7 +176,8 @@ def cmd_eval(args) -> int:
         args.model, parse_configs(args.configs, args.group_size), num_samples=args.num_samples, steps=args.steps,
         cfg=args.cfg, sampler=args.sampler, seeds=seeds, group_size=args.group_size, symmetric=args.symmetric,
         method=args.method, provider=args.provider, exports_dir=args.exports, grid_path=args.grid, features=features,
-        real_images=real, calib_fn=lambda loaded, recipe: _calibration(args, loaded, recipe), progress=not args.quiet,
+        real_images=real, calib_fn=lambda loaded, recipe: _calibration(args, loaded, recipe), layer_error=args.layer_error,
+        progress=not args.quiet,
     )  # fmt: skip
     print(report.table())
     if args.json:
@@ -392,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rtn", "gptq"), help="weight method of the quantized configs (default: rtn / the recipe file's)")
     p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
     p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
+    p.add_argument("--layer-error", action="store_true", help="also report the block linears' mean relative output error on held-out inputs")
     p.add_argument("--num-samples", type=int, default=500, help="samples per seed set (default 500, one class after another)")
     p.add_argument("--seeds", default="0", help="comma-separated seed sets; more than one reports the spread (default 0)")
     _add_sampler_args(p, seed=False)

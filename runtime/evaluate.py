@@ -95,6 +95,7 @@ class EvalRow:
     fid_std: float = 0.0
     class_accuracy_std: float = 0.0
     sample_rmse: float | None = None
+    layer_error: float | None = None  # mean relative output error of the block linears (--layer-error)
     per_seed: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -116,10 +117,12 @@ class EvalReport:
     def table(self) -> str:
         s = self.settings
         spread = len(s["seeds"]) > 1
-        head = f"{'config':<10} {'FID-digits':>14} {'class acc':>14} {'SQNR step1':>11} {'RMSE vs fp':>11} {'file MB':>8}"
+        le = any(r.layer_error is not None for r in self.rows)
+        head = f"{'config':<10} {'FID-digits':>14} {'class acc':>14} {'SQNR step1':>11} {'RMSE vs fp':>11} {'file MB':>8}" + (
+            f" {'layer err':>10}" if le else "")
         lines = [
             f"{s['model']}: {s['num_samples']} samples x {len(s['seeds'])} seed set(s) {s['seeds']}, "
-            f"{s['sampler']}-{s['steps']}, cfg {s['cfg']}, group size {s['group_size']}",
+            f"{s['sampler']}-{s['steps']}, cfg {s['cfg']}, group size {s['group_size']}, weights {s['method']}",
             head,
             "-" * len(head),
         ]
@@ -128,10 +131,31 @@ class EvalReport:
             a = "-" if r.class_accuracy is None else f"{100 * r.class_accuracy:.1f}%" + (f" ±{100 * r.class_accuracy_std:.1f}" if spread else "")
             q = "inf" if not np.isfinite(r.sqnr_db) else f"{r.sqnr_db:.1f} dB"
             e = "-" if r.sample_rmse is None else f"{r.sample_rmse:.4f}"
-            lines.append(f"{r.config:<10} {f:>14} {a:>14} {q:>11} {e:>11} {r.file_bytes / 1e6:>8.2f}")
+            lines.append(f"{r.config:<10} {f:>14} {a:>14} {q:>11} {e:>11} {r.file_bytes / 1e6:>8.2f}"
+                         + ((f" {r.layer_error:>10.4f}" if r.layer_error is not None else f" {'-':>10}") if le else ""))  # fmt: skip
         floor = f"{self.noise_floor_fid:.2f}" + (f" ±{self.noise_floor_fid_std:.2f}" if spread else "")
         lines.append(f"noise floor (real vs real, {s['num_samples']} vs {s['real_images']} images): FID-digits {floor}")
         return "\n".join(lines)
+
+
+def _layer_error(qdit, inputs) -> float:
+    """Mean over the covered block linears of ``|Q_a(x) Q(W)^T - x W^T| / |x W^T|`` on held-out inputs
+    (the layer as it runs: activation-quantized input, integer weights)."""
+    import torch
+
+    from ditq.calib.numerics import fake_quantize
+
+    named = dict(qdit.model.named_modules())
+    errs = []
+    for name, plan in qdit.plans.items():
+        if plan.kind != "linear" or name not in inputs:
+            continue
+        x = inputs[name].double()
+        ref = x @ named[name].weight.detach().double().T
+        xq = fake_quantize(inputs[name], plan.abits, plan.group_size, plan.quant.symmetric).double() if plan.abits else x
+        out = xq @ qdit.weights[name].dequantize().double().T
+        errs.append(float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)))
+    return float(np.mean(errs)) if errs else float("nan")
 
 
 def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
@@ -159,6 +183,7 @@ def evaluate(
     features: FeatureFn | None = None,
     real_images: np.ndarray | None = None,
     calib_fn=None,
+    layer_error: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate ``configs`` of ``model_spec`` (see the module docstring).
@@ -217,6 +242,8 @@ def evaluate(
     exports_dir = Path(exports_dir)
     rows: list[EvalRow] = []
     samples: dict[str, dict[int, np.ndarray]] = {}
+    held_out = None
+    import torch.nn as torch_nn
     t0 = time.perf_counter()
     bar = tqdm(total=len(configs) * (1 + len(seeds)), desc="eval", unit="job", disable=not progress)
     try:
@@ -230,6 +257,15 @@ def evaluate(
                 bar.set_postfix_str(f"{conf.name}: calibration + GPTQ")
                 calibration = calib_fn(loaded, recipe)
             qdit = quantize_model(loaded.model, recipe, progress=False, calibration=calibration)
+            lerr = None
+            if layer_error and qdit.plans:
+                if held_out is None:
+                    from ditq.calib.calibration import CalibConfig, record_activations
+
+                    bar.set_postfix_str("record held-out layer inputs")
+                    names = [n for n, m in loaded.model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, torch_nn.Linear)]
+                    held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), clip_denoised=bool(pipe.get("clip_denoised")), progress=False)
+                lerr = _layer_error(qdit, held_out)
             res = export(qdit, exports_dir / conf.name, source=loaded.source, progress=False)
             del qdit
             model = ExportedDiT.open(res.out_dir, provider=provider)
@@ -252,7 +288,7 @@ def evaluate(
                     conf.name, float(fids.mean()), float(accs.mean()) if judge else None, sqnr, res.file_bytes,
                     fid_std=float(fids.std(ddof=1)) if len(fids) > 1 else 0.0,
                     class_accuracy_std=float(accs.std(ddof=1)) if judge and len(accs) > 1 else 0.0,
-                    per_seed=per_seed,
+                    per_seed=per_seed, layer_error=lerr,
                 )  # fmt: skip
             )
     finally:
