@@ -275,8 +275,14 @@ def cmd_fitness(args) -> int:
     from ditq.recipe import Recipe
     from ditq.runtime.evaluate import parse_configs
 
+    from ditq.models import load_model
+
     configs = parse_configs(args.configs, args.group_size)
     named = {c.name: c.recipe(args.symmetric) for c in configs}
+    model = load_model(args.model).model
+    for r in named.values():  # fail here, not inside a worker
+        r.resolve(model)
+    del model
     seeds = _int_list(args.seeds, "--seeds")
     rows: dict[str, list[dict]] = {n: [] for n in named}
     for s in seeds:

@@ -42,6 +42,7 @@ class EvalConfig:
     abits: int | None
     group_size: int | None
     recipe_file: str | None = None  # a recipe JSON (e.g. from ``ditq search``) instead of the bits above
+    base_group: int | None = None  # group size of the weight-only layers (gN sets the W+A block linears)
 
     def recipe(self, symmetric: bool = False, method: str | None = None):
         from dataclasses import replace
@@ -53,14 +54,18 @@ class EvalConfig:
         elif self.wbits is None:
             return Recipe(LayerQuant(None, None, None), ())
         else:
-            r = Recipe.qdit(self.wbits, self.abits, self.group_size, symmetric)
+            from ditq.recipe import QDIT_ACTIVATION_LINEARS, Rule
+
+            r = Recipe.qdit(self.wbits, self.abits, self.base_group, symmetric)
+            if self.group_size != self.base_group:  # gN: Q-DiT's searched layers only, as the search's genes
+                r = replace(r, rules=r.rules + tuple(Rule(m, {"group_size": self.group_size}) for m in QDIT_ACTIVATION_LINEARS))
         return replace(r, method=method) if method else r
 
 
 def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
     """``"fp,w8a8,w4a16,w4a4g32,w4a4gch,searched.json"``: bits of weights and activations (16/fp: float
-    activations), optional group size (``gch``: per channel/token; default ``group_size``), or a recipe
-    file (named by its file stem)."""
+    activations), optional group size of the weight+activation block linears (``gch``: per channel /
+    token; every other layer keeps ``group_size``), or a recipe file (named by its file stem)."""
     out = []
     for raw in [c.strip() for c in text.split(",") if c.strip()]:
         name = raw.lower()
@@ -77,7 +82,7 @@ def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
             raise DitqError(f"--configs: cannot read {name!r}; expected fp or wXaY[gN], e.g. w4a8, w4a16, w4a4g32")
         abits = None if m.group(2) in ("16", "fp") else int(m.group(2))
         g = group_size if m.group(3) is None else (None if m.group(3) == "ch" else int(m.group(3)))
-        out.append(EvalConfig(name, int(m.group(1)), abits, g))
+        out.append(EvalConfig(name, int(m.group(1)), abits, g, base_group=group_size))
     if not out:
         raise DitqError("--configs is empty")
     if len({c.name for c in out}) != len(out):
