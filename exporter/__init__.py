@@ -4,3 +4,4 @@ The constants below are importable without torch (the CLI builds its parser from
 
 TARGETS = ("qdq",)
 DEFAULT_OPSET = 21  # blocked QuantizeLinear/DequantizeLinear and int4/uint4 (ONNX opset 21)
+MODEL_FILE = "model.onnx"  # the graph inside an exported folder

@@ -27,14 +27,13 @@ from onnx.external_data_helper import load_external_data_for_model
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.exporter import DEFAULT_OPSET, TARGETS
+from ditq.exporter import DEFAULT_OPSET, MODEL_FILE, TARGETS
 from ditq.exporter.reference import QuantizedDiT
 from ditq.exporter.trace import bind_modules, export_float
 from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
 from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
 from ditq.models import file_sha256, pipeline_info
 
-MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 RECIPE_FILE = "recipe.json"
 MANIFEST_FILE = "manifest.json"

@@ -14,11 +14,9 @@ from typing import Any
 import numpy as np
 
 from ditq.errors import DitqError
+from ditq.exporter import MODEL_FILE
 from ditq.runtime.samplers import NoiseSchedule, sample, seeded_noise
 from ditq.runtime.session import OrtDiT
-
-MODEL_FILE = "model.onnx"
-
 
 def resolve_model_file(path: str | Path) -> Path:
     """An exported folder or a ``.onnx`` file -> the ``.onnx`` file."""

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ditq.errors import DitqError
+from ditq.runtime.generate import resolve_model_file
 
 FP32_FLOOR_DB = 80.0
 ACCURACY_MATCH_DB = 1.0
@@ -111,17 +112,6 @@ class ValidationReport:
 
 def _db(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.1f}"
-
-
-def resolve_model_file(path: str | Path) -> Path:
-    from ditq.exporter.export import MODEL_FILE
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / MODEL_FILE
-    if not p.is_file():
-        raise DitqError(f"no exported model at {path} (expected a folder with {MODEL_FILE} or an .onnx file)")
-    return p
 
 
 def load_proto(path: Path):
