@@ -83,7 +83,7 @@ def _calibration(args, loaded, recipe):
     from ditq.calib.calibration import CalibConfig, load_or_record
     from ditq.models import pipeline_info
 
-    cfg = CalibConfig(num_samples=args.calib_samples)
+    cfg = CalibConfig(num_samples=args.calib_samples, timesteps_per_sample=args.calib_timesteps)
     linears = [n for n, p in recipe.resolve(loaded.model).items() if p.kind == "linear"]
     digest = hashlib.sha256(json.dumps(loaded.source, sort_keys=True).encode()).hexdigest()[:16]
     key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
@@ -364,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 21, default {DEFAULT_OPSET})")
     p.add_argument("--method", choices=("rtn", "gptq"), help="how integer weights are found (default: the recipe's, rtn)")
     p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
+    p.add_argument("--calib-timesteps", type=int, default=10, help="GPTQ: timesteps recorded per trajectory (default 10)")
     p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
     p.set_defaults(func=cmd_export)
 
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--method", choices=("rtn", "gptq"), help="weight method of the quantized configs (default: rtn / the recipe file's)")
     p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
+    p.add_argument("--calib-timesteps", type=int, default=10, help="GPTQ: timesteps recorded per trajectory (default 10)")
     p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
     p.add_argument("--layer-error", action="store_true", help="also report the block linears' mean relative output error on held-out inputs")
     p.add_argument("--num-samples", type=int, default=500, help="samples per seed set (default 500, one class after another)")
