@@ -127,7 +127,12 @@ class ParallelFitness:
             return dict(_eval_recipe(i) for i in items)
         return dict(self.pool.imap_unordered(_eval_recipe, items))
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Let the workers finish and exit cleanly, or stop them at once (``abort``, on errors)."""
         if self.pool is not None:
-            self.pool.terminate()
+            if abort:
+                self.pool.terminate()
+            else:
+                self.pool.close()
             self.pool.join()
+            self.pool = None

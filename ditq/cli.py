@@ -252,12 +252,14 @@ def cmd_search(args) -> int:
     if journal.records:
         bar.update(len(journal.records))
         best[0] = min(r["fitness"] for r in journal.records.values())
+    ok = False
     try:
         res = evolve(genes, scfg, budget, cost, evaluate, journal, on_result=on_result)
+        ok = True
     finally:
         bar.close()
         if evaluate.pool is not None:
-            evaluate.pool.close()
+            evaluate.pool.close(abort=not ok)
     recipe = replace(genome_recipe(base, genes, res.best), method=args.method)
     _write_text(Path(args.out), recipe.to_json() + "\n")
     r = res.best_record
@@ -288,11 +290,13 @@ def cmd_fitness(args) -> int:
     for s in seeds:
         fcfg = FitnessConfig(num_samples=args.num_samples, steps=args.fitness_steps, rmse_weight=args.rmse_weight, seed=s)
         pool = ParallelFitness(args.model, Recipe.qdit(4, 8, 64), [], fcfg, workers=args.workers)
+        ok = False
         try:
             for n, m in pool.recipes(named).items():
                 rows[n].append({"seed": s, **m})
+            ok = True
         finally:
-            pool.close()
+            pool.close(abort=not ok)
     print(f"fitness = FID-digits + {args.rmse_weight} x RMSE vs float; {args.num_samples} samples, DDIM-{args.fitness_steps}, seed sets {seeds}")
     print(f"{'config':<12} " + " ".join(f"{'seed ' + str(s):>22}" for s in seeds))
     for n, per in rows.items():
