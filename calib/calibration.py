@@ -10,7 +10,6 @@ it instead of sampling again.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
+from ditq.files import atomic_path
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,6 @@ def load_or_record(path: str | Path, model: nn.Module, layer_names: list[str], c
         except (SafetensorError, OSError) as e:
             raise DitqError(f"{path}: corrupt calibration cache ({e}); remove it") from None
     data = record_activations(model, layer_names, cfg, clip_denoised=clip_denoised, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({n: t.contiguous() for n, t in data.items()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({n: t.contiguous() for n, t in data.items()}, str(tmp), metadata=meta)
     return data

@@ -54,25 +54,19 @@ def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = T
     config.json, training.json) to ``out_dir``, replaced atomically. Returns the training record."""
     import json
     import platform
-    import shutil
-    import tempfile
     from dataclasses import asdict
-    from pathlib import Path
 
     import torch
 
     from ditq.calib.train import TrainConfig, train_dit
-    from ditq.exporter.export import _replace_dir
+    from ditq.files import staged_dir
     from ditq.models import build_dit, digits_config
 
     cfg = cfg or TrainConfig()
     split = load_split()
     model = build_dit(digits_config(), seed=cfg.seed)
     result = train_dit(model, split.x_train, split.y_train, cfg, null_class=NUM_CLASSES, checkpoint=checkpoint, progress=progress)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as stage:
         torch.nn.Module.half(result.ema).save_pretrained(stage, safe_serialization=True)
         record = {
             "data": f"scikit-learn load_digits: {len(split.x_train)} training images, {len(split.x_test)} held out "
@@ -84,10 +78,6 @@ def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = T
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         }
         (stage / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return record
 
 
@@ -97,11 +87,10 @@ JUDGE_HIDDEN = (256, 64)
 def train_judge(out_file, *, seed: int = 0) -> dict:
     """Train the digit judge (scikit-learn MLP on the training split) and write its layers as safetensors
     (``w0, b0, w1, b1, ...``; the last hidden layer is the FID-digits feature space). Returns its record."""
-    import os
-    from pathlib import Path
-
     from safetensors.numpy import save_file
     from sklearn.neural_network import MLPClassifier
+
+    from ditq.files import atomic_path
 
     split = load_split()
     flat = lambda x: to_unit_range(x).reshape(len(x), -1)  # noqa: E731
@@ -111,9 +100,6 @@ def train_judge(out_file, *, seed: int = 0) -> dict:
     for i, (w, b) in enumerate(zip(clf.coefs_, clf.intercepts_)):
         tensors[f"w{i}"], tensors[f"b{i}"] = w.astype(np.float32), b.astype(np.float32)
     acc = float(clf.score(flat(split.x_test), split.y_test))
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"held_out_accuracy": f"{acc:.4f}", "hidden": str(JUDGE_HIDDEN)})
-    os.replace(tmp, out_file)
+    with atomic_path(out_file) as tmp:
+        save_file(tensors, str(tmp), metadata={"held_out_accuracy": f"{acc:.4f}", "hidden": str(JUDGE_HIDDEN)})
     return {"held_out_accuracy": acc, "hidden": list(JUDGE_HIDDEN)}

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ditq.errors import DitqError
+from ditq.files import atomic_path
 
 QDIT_SPACE = (32, 64, 128, 192, 288)
 _GENE_LAYERS = (("attn1.to_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")), ("attn1.to_out.0", ("attn1.to_out.0",)),
@@ -143,10 +144,8 @@ class Journal:
             self._append({"journal": "ditq-search", "settings": settings, "settings_digest": digest})
 
     def _truncate_last(self, lines: list[str]) -> None:
-        text = "\n".join(lines[:-1]) + "\n"
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("\n".join(lines[:-1]) + "\n")
 
     def _append(self, obj: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

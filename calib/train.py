@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import json
 import pickle
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
+from ditq.files import atomic_path
 from ditq.runtime.samplers import NoiseSchedule
 
 
@@ -139,10 +139,8 @@ def _save_checkpoint(path: Path, cfg, step, losses, rng, model, ema, opt) -> Non
         "ema": ema.state_dict(),
         "opt": opt.state_dict(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _load_checkpoint(path: Path, cfg, model, ema, opt):

@@ -14,9 +14,7 @@ from empty files (ONNX's external-data writer appends, so reusing a folder would
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from ditq.errors import DitqError
 from ditq.exporter import DEFAULT_OPSET, MODEL_FILE, TARGETS
 from ditq.exporter.reference import QuantizedDiT
 from ditq.exporter.trace import bind_modules, export_float
+from ditq.files import staged_dir
 from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
 from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
 from ditq.models import file_sha256, pipeline_info
@@ -125,10 +124,8 @@ def export(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DitqError(f"--out {out_dir} exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as stage:
         work = stage / ".work"
         work.mkdir()
         proto, n_weights, n_acts = build_quantized_graph(qdit, work, opset=opset, progress=progress)
@@ -168,26 +165,5 @@ def export(
             "files": files,
         }
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     model_bytes = sum(f["bytes"] for n, f in files.items() if n in (MODEL_FILE, DATA_FILE))
     return ExportResult(out_dir, out_dir / MODEL_FILE, model_bytes, time.perf_counter() - t0, n_weights, n_acts)
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move the finished folder ``new`` to ``final``; an old ``final`` is moved aside first and removed
-    after, so at every instant ``final`` is either the complete old or the complete new export.
-    The staging folder was made private by ``mkdtemp``; the result gets the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(new, 0o777 & ~umask)
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, old / "x")
-        os.replace(new, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, final)
-

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ditq.errors import DitqError
+from ditq.files import atomic_path
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -54,12 +54,6 @@ def save_png(image, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise DitqError(f"--out {path}: expected a .png file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
