@@ -175,11 +175,11 @@ def validate(
     report = ValidationReport(str(model_path), recipe.to_dict())
     steps = tqdm(total=4 + len(CASES), desc="validate", unit="step", disable=not progress)
     gptq = recipe.method == "gptq"
+    plans = recipe.resolve(loaded.model)
+    weight_fails = checks.check_weights(proto, plans)
     if gptq:  # GPTQ codes depend on calibration data: the reference takes the stored ones
         from ditq.exporter.reference import QuantizedDiT
 
-        plans = recipe.resolve(loaded.model)
-        weight_fails = checks.check_weights(proto, plans)
         if weight_fails:  # nothing trustworthy to build the reference from
             detail = f"{len(weight_fails)} problem(s): " + "; ".join(weight_fails[:3])
             report.checks.append(Check("quantized weights: type, block size, shapes, code range", False, detail))
@@ -194,7 +194,7 @@ def validate(
     except Exception as e:  # checker raises ValidationError / InferenceError
         report.checks.append(Check("onnx checker (full shape inference)", False, " ".join(str(e).split())[:300]))
     for name, fails in (
-        ("quantized weights: type, block size, shapes, code range", checks.check_weights(proto, qd.plans)),
+        ("quantized weights: type, block size, shapes, code range", weight_fails),
         *(
             []
             if gptq
