@@ -34,7 +34,7 @@ class FitnessConfig:
 _W: dict[str, Any] = {}  # per-worker state
 
 
-def _init(model_spec: str, base_recipe_json: str, genes, fcfg: dict, threads: int) -> None:
+def _init(model_spec: str, base_recipe_json: str | None, genes, fcfg: dict, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -47,9 +47,11 @@ def _init(model_spec: str, base_recipe_json: str, genes, fcfg: dict, threads: in
     cfg = FitnessConfig(**fcfg)
     loaded = load_model(model_spec)
     judge = DigitJudge.load()
+    mc = dict(loaded.model.config)
     _W.update(
         model=loaded.model,
-        base=Recipe.from_json(base_recipe_json),
+        labels=np.arange(cfg.num_samples) % mc["num_embeds_ada_norm"],
+        base=Recipe.from_json(base_recipe_json) if base_recipe_json else None,
         genes=genes,
         cfg=cfg,
         judge=judge,
@@ -64,9 +66,8 @@ def _sample(fn) -> np.ndarray:
 
     cfg: FitnessConfig = _W["cfg"]
     mc = dict(_W["model"].config)
-    labels = np.arange(cfg.num_samples) % mc["num_embeds_ada_norm"]
     noise = seeded_noise(cfg.seed, cfg.num_samples, mc["in_channels"], mc["sample_size"])
-    return sample(fn, noise, labels, steps=cfg.steps, cfg=cfg.cfg, null_class=mc["num_embeds_ada_norm"], clip_denoised=_W["clip"])
+    return sample(fn, noise, _W["labels"], steps=cfg.steps, cfg=cfg.cfg, null_class=mc["num_embeds_ada_norm"], clip_denoised=_W["clip"])
 
 
 def metrics_of(x: np.ndarray) -> dict[str, float]:
@@ -75,10 +76,9 @@ def metrics_of(x: np.ndarray) -> dict[str, float]:
 
     cfg: FitnessConfig = _W["cfg"]
     imgs = to_unit_range(x)
-    labels = np.arange(len(x)) % 10
     f = fid(_W["judge"].features(imgs), _W["real"])
     rmse = float(np.sqrt(np.mean((x - _W["float"]) ** 2)))
-    return {"fid": f, "rmse": rmse, "class_accuracy": _W["judge"].accuracy(imgs, labels), "fitness": f + cfg.rmse_weight * rmse}
+    return {"fid": f, "rmse": rmse, "class_accuracy": _W["judge"].accuracy(imgs, _W["labels"]), "fitness": f + cfg.rmse_weight * rmse}
 
 
 def _eval(genome: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, float]]:
@@ -102,11 +102,12 @@ def _eval_recipe(item: tuple[str, str]) -> tuple[str, dict[str, float]]:
 
 
 class ParallelFitness:
-    """``evaluate(genomes)`` for :func:`ditq.calib.search.evolve`, over ``workers`` processes."""
+    """``evaluate(genomes)`` for :func:`ditq.calib.search.evolve`, over ``workers`` processes; genomes
+    apply to ``base_recipe`` through ``genes``. Without them, only :meth:`recipes` is available."""
 
-    def __init__(self, model_spec: str, base_recipe, genes, cfg: FitnessConfig = FitnessConfig(), workers: int = 2):
+    def __init__(self, model_spec: str, base_recipe=None, genes=(), cfg: FitnessConfig = FitnessConfig(), workers: int = 2):
         self.workers = max(1, workers)
-        args = (model_spec, base_recipe.to_json(), genes, asdict(cfg), 1 if self.workers > 1 else 2)
+        args = (model_spec, base_recipe.to_json() if base_recipe else None, list(genes), asdict(cfg), 1 if self.workers > 1 else 2)
         if self.workers == 1:
             _init(*args)
             self.pool = None

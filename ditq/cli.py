@@ -142,20 +142,23 @@ def cmd_sample(args) -> int:
         labels, seed=args.seed, steps=args.steps, cfg=args.cfg, method=args.sampler,
         batch_size=args.batch_size, progress=not args.quiet,
     )  # fmt: skip
+    lo, hi = model.pipeline.get("value_range", [-1.0, 1.0])
+    imgs = np.clip((x - lo) / (hi - lo), 0, 1)  # [0, 1] images (pixel models)
     if out.suffix.lower() == ".npy":
-        _write_bytes_atomic(out, lambda f: np.save(f, x))
+        from ditq.files import atomic_path
+
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            np.save(f, x)
     else:
         from ditq.runtime.images import grid_image, save_png
 
-        lo, hi = model.pipeline.get("value_range", [-1.0, 1.0])
-        imgs = np.clip((x - lo) / (hi - lo), 0, 1)
         rows = [imgs[i * args.per_class : (i + 1) * args.per_class] for i in range(len(classes))]
         save_png(grid_image(rows, row_labels=[str(c) for c in classes]), out)
     msg = f"wrote {out}: {len(classes)} classes x {args.per_class}, {args.sampler}-{args.steps}, cfg {args.cfg}, seed {args.seed}"
     if model.pipeline.get("judge") == "digits" and model.pipeline.get("space") == "pixel":
         from ditq.runtime.metrics import DigitJudge
 
-        acc = DigitJudge.load().accuracy(np.clip((x + 1) / 2, 0, 1), labels)
+        acc = DigitJudge.load().accuracy(imgs, labels)
         msg += f"; the digit judge recognises {100 * acc:.1f}% of them"
     print(f"{msg} ({time.perf_counter() - t0:.1f} s)")
     return 0
@@ -274,10 +277,8 @@ def cmd_search(args) -> int:
 def cmd_fitness(args) -> int:
     """The search's fitness of whole configurations on several seed sets: can it tell them apart?"""
     from ditq.calib.fitness import FitnessConfig, ParallelFitness
-    from ditq.recipe import Recipe
-    from ditq.runtime.evaluate import parse_configs
-
     from ditq.models import load_model
+    from ditq.runtime.evaluate import parse_configs
 
     configs = parse_configs(args.configs, args.group_size)
     named = {c.name: c.recipe(args.symmetric) for c in configs}
@@ -289,7 +290,7 @@ def cmd_fitness(args) -> int:
     rows: dict[str, list[dict]] = {n: [] for n in named}
     for s in seeds:
         fcfg = FitnessConfig(num_samples=args.num_samples, steps=args.fitness_steps, rmse_weight=args.rmse_weight, seed=s)
-        pool = ParallelFitness(args.model, Recipe.qdit(4, 8, 64), [], fcfg, workers=args.workers)
+        pool = ParallelFitness(args.model, cfg=fcfg, workers=args.workers)
         ok = False
         try:
             for n, m in pool.recipes(named).items():
@@ -319,34 +320,12 @@ def _int_list(text: str, flag: str) -> list[int]:
     return vals
 
 
-def _write_bytes_atomic(path: Path, write) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
     """Write atomically: a temporary sibling renamed over the final name."""
-    import os
-    import tempfile
+    from ditq.files import atomic_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -367,9 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="qdq", choices=TARGETS, help="qdq: portable standard-ONNX QDQ graph")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 21, default {DEFAULT_OPSET})")
     p.add_argument("--method", choices=("rtn", "gptq"), help="how integer weights are found (default: the recipe's, rtn)")
-    p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
-    p.add_argument("--calib-timesteps", type=int, default=10, help="GPTQ: timesteps recorded per trajectory (default 10)")
-    p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
+    _add_calib_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("validate", help="prove an exported model equal to its PyTorch reference in ONNX Runtime")
@@ -402,9 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_group, default=64, help="group size of configs without gN (default 64)")
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--method", choices=("rtn", "gptq"), help="weight method of the quantized configs (default: rtn / the recipe file's)")
-    p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
-    p.add_argument("--calib-timesteps", type=int, default=10, help="GPTQ: timesteps recorded per trajectory (default 10)")
-    p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
+    _add_calib_args(p)
     p.add_argument("--layer-error", action="store_true", help="also report the block linears' mean relative output error on held-out inputs")
     p.add_argument("--num-samples", type=int, default=500, help="samples per seed set (default 500, one class after another)")
     p.add_argument("--seeds", default="0", help="comma-separated seed sets; more than one reports the spread (default 0)")
@@ -431,10 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crossovers", type=int, default=25)
     p.add_argument("--mutations", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=250, help="samples per fitness evaluation (default 250)")
-    p.add_argument("--fitness-steps", type=int, default=25, help="DDIM steps per fitness evaluation (default 25)")
-    p.add_argument("--rmse-weight", type=float, default=20.0, help="fitness = FID-digits + this x RMSE vs float samples")
-    p.add_argument("--workers", type=int, default=2, help="parallel evaluation processes (default 2)")
+    _add_fitness_args(p)
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="method written into the recipe (default gptq)")
     p.add_argument("--journal", required=True, help="JSON-lines log of every evaluation; rerun to resume")
     p.add_argument("--out", required=True, help="the best recipe (JSON)")
@@ -446,10 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_group, default=64)
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--seeds", default="1,2,3", help="seed sets (default 1,2,3)")
-    p.add_argument("--num-samples", type=int, default=250)
-    p.add_argument("--fitness-steps", type=int, default=25)
-    p.add_argument("--rmse-weight", type=float, default=20.0)
-    p.add_argument("--workers", type=int, default=2)
+    _add_fitness_args(p)
     p.add_argument("--json", help="write the table as JSON")
     p.set_defaults(func=cmd_fitness)
 
@@ -461,6 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-only", action="store_true", help="train only the judge (seconds)")
     p.set_defaults(func=cmd_train_digits)
     return parser
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
+    p.add_argument("--calib-timesteps", type=int, default=10, help="GPTQ: timesteps recorded per trajectory (default 10)")
+    p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
+
+
+def _add_fitness_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-samples", type=int, default=250, help="samples per fitness evaluation (default 250)")
+    p.add_argument("--fitness-steps", type=int, default=25, help="DDIM steps per fitness evaluation (default 25)")
+    p.add_argument("--rmse-weight", type=float, default=20.0, help="fitness = FID-digits + this x RMSE vs float samples")
+    p.add_argument("--workers", type=int, default=2, help="parallel evaluation processes (default 2)")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser, seed: bool = True) -> None:

@@ -247,8 +247,7 @@ def evaluate(
     exports_dir = Path(exports_dir)
     rows: list[EvalRow] = []
     samples: dict[str, dict[int, np.ndarray]] = {}
-    held_out = None
-    import torch.nn as torch_nn
+    held_out = None  # block-linear inputs of held-out trajectories, recorded once for --layer-error
     t0 = time.perf_counter()
     bar = tqdm(total=len(configs) * (1 + len(seeds)), desc="eval", unit="job", disable=not progress)
     try:
@@ -265,6 +264,8 @@ def evaluate(
             lerr = None
             if layer_error and qdit.plans:
                 if held_out is None:
+                    import torch.nn as torch_nn
+
                     from ditq.calib.calibration import CalibConfig, record_activations
 
                     bar.set_postfix_str("record held-out layer inputs")
