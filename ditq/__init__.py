@@ -26,11 +26,11 @@ def load_model(spec: str, **kwargs):
     return _load(spec, **kwargs)
 
 
-def quantize(model, recipe: Recipe, progress: bool = False):
+def quantize(model, recipe: Recipe, progress: bool = False, target: str = "qdq"):
     """See :func:`ditq.exporter.reference.quantize_model`."""
     from ditq.exporter.reference import quantize_model
 
-    return quantize_model(model, recipe, progress=progress)
+    return quantize_model(model, recipe, progress=progress, target=target)
 
 
 def export(qdit, out_dir, *, source: dict | None = None, **kwargs):

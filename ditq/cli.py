@@ -67,8 +67,8 @@ def cmd_export(args) -> int:
         recipe = replace(recipe, method=args.method)
     loaded = load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads)
     calibration = _calibration(args, loaded, recipe) if recipe.method == "gptq" else None
-    qdit = quantize_model(loaded.model, recipe, progress=not args.quiet, calibration=calibration)
-    res = export(qdit, args.out, source=loaded.source, target=args.target, opset=args.opset, progress=not args.quiet)
+    qdit = quantize_model(loaded.model, recipe, progress=not args.quiet, calibration=calibration, target=args.target)
+    res = export(qdit, args.out, source=loaded.source, opset=args.opset, progress=not args.quiet)
     print(f"wrote {res.model_path} ({res.file_bytes / 1e6:.2f} MB, {res.layers} quantized weights, "
           f"{res.activation_subgraphs} activation quantizers) in {res.seconds:.1f} s")  # fmt: skip
     return 0
@@ -135,7 +135,7 @@ def cmd_sample(args) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npy"):
         raise DitqError(f"--out {out}: expected a .png grid or a .npy array of samples")
-    if out.suffix.lower() == ".png" and model.pipeline.get("space") != "pixel":
+    if out.suffix.lower() == ".png" and model.pipeline.get("space") != "pixel" and not model.has_decoder:
         raise DitqError(f"{model.path} samples latents and carries no VAE decoder: write them with --out FILE.npy")
     labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
     x = model.generate(
@@ -143,7 +143,9 @@ def cmd_sample(args) -> int:
         batch_size=args.batch_size, progress=not args.quiet,
     )  # fmt: skip
     lo, hi = model.pipeline.get("value_range", [-1.0, 1.0])
-    imgs = np.clip((x - lo) / (hi - lo), 0, 1)  # [0, 1] images (pixel models)
+    if out.suffix.lower() == ".png" and model.has_decoder:
+        x = model.decode(x, provider=args.provider)  # latents -> images with the float VAE decoder
+    imgs = np.clip((x - lo) / (hi - lo), 0, 1)  # [0, 1] images
     if out.suffix.lower() == ".npy":
         from ditq.files import atomic_path
 
@@ -187,6 +189,25 @@ def cmd_eval(args) -> int:
         _write_json(Path(args.json), report.to_dict())
     if args.grid:
         print(f"wrote {args.grid}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ditq.runtime.bench import bench, check_goals, parse_variants
+
+    report = bench(
+        args.model, parse_variants(args.variants, args.group_size), batch=args.batch, runs=args.runs,
+        threads=args.threads, provider=args.provider, work_dir=args.keep, quality=args.quality,
+        quality_steps=args.steps, profile=args.profile, image_size=args.image_size, progress=not args.quiet,
+    )  # fmt: skip
+    print(report.table())
+    if args.json:
+        _write_json(Path(args.json), report.to_dict())
+    if args.check:
+        fails = check_goals(report)
+        for f in fails:
+            print(f"goal not met: {f}")
+        return 1 if fails else 0
     return 0
 
 
@@ -343,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, required=True)
     _add_recipe_args(p)
     p.add_argument("--out", required=True, help="output folder (replaced atomically)")
-    p.add_argument("--target", default="qdq", choices=TARGETS, help="qdq: portable standard-ONNX QDQ graph")
+    p.add_argument("--target", default="qdq", choices=TARGETS, help="qdq: portable standard-ONNX QDQ graph (exact Q-DiT arithmetic); "
+                   "ort: ONNX Runtime low-bit kernels (MatMulNBits, MatMulIntegerToFloat), int8 activations")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 21, default {DEFAULT_OPSET})")
     p.add_argument("--method", choices=("rtn", "gptq"), help="how integer weights are found (default: the recipe's, rtn)")
     _add_calib_args(p)
@@ -421,6 +443,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fitness_args(p)
     p.add_argument("--json", help="write the table as JSON")
     p.set_defaults(func=cmd_fitness)
+
+    p = sub.add_parser("bench", help="latency, size, peak RSS and error of quantized exports vs float ONNX Runtime")
+    p.add_argument("--model", default="digits", help="built-in model, preset (dit-xl-2, ...) or path (default digits)")
+    p.add_argument("--image-size", type=int, choices=(256, 512), help="presets: image size (latents of size/8)")
+    p.add_argument("--variants", default="float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq",
+                   help="float, ort-int8 (quantize_dynamic), ort-int4 (MatMulNBitsQuantizer), wXaY[gN][@ort|@qdq] "
+                        "(default: float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq)")  # fmt: skip
+    p.add_argument("--group-size", type=_group, default=128, help="group size of wXaY variants without gN (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="batch of one denoising step (default 1)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per variant, interleaved (default 10)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--quality", type=int, default=0, metavar="N", help="digits: also sample N images per variant for FID-digits and class accuracy")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of --quality sampling (default 50)")
+    p.add_argument("--profile", action="store_true", help="also profile each variant: share of kernel time per op type")
+    p.add_argument("--keep", help="build the variants in this folder and keep them (default: a temporary folder)")
+    p.add_argument("--check", action="store_true", help="exit 1 unless the ort target's speed/size/memory goals hold")
+    p.add_argument("--json", help="write {rows: [{variant, latency_ratio, size_ratio, rss_ratio, rel_error, ...}]}")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train-digits", help="train the digit judge and the shipped digits DiT from scratch (CPU)")
     p.add_argument("--steps", type=int, default=6000, help="training steps of batch 128 (default 6000)")

@@ -139,11 +139,48 @@ def load_from_source(source: dict[str, Any]) -> LoadedModel:
     raise DitqError(f"unknown model source {source!r}")
 
 
+VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
+
+
 def pipeline_info(source: dict[str, Any]) -> dict[str, Any]:
-    """How to sample a model from this source: pixel space (clip x0 to [-1, 1]) or latent space."""
+    """How to sample a model from this source: pixel space (clip x0 to [-1, 1]) or latent space; for a
+    diffusers pipeline folder also its training noise schedule and, with a ``vae/``, the decoder file and
+    the latent scaling factor."""
     if source.get("kind") == "builtin" and source.get("name") in BUILTIN_PIPELINE:
         return dict(BUILTIN_PIPELINE[source["name"]])
-    return {"space": "latent", "clip_denoised": False}
+    info: dict[str, Any] = {"space": "latent", "clip_denoised": False}
+    root = Path(source.get("path", "")) if source.get("kind") == "diffusers" else None
+    if root is not None and (root / "model_index.json").is_file():
+        sched = root / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            cfg = _read_json(sched)
+            info["schedule"] = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in cfg}
+        if (root / "vae" / "config.json").is_file():
+            vae_cfg = _read_json(root / "vae" / "config.json")
+            info.update(vae=VAE_DECODER_FILE, scaling_factor=float(vae_cfg.get("scaling_factor") or 0.18215), value_range=[-1.0, 1.0])
+    return info
+
+
+def load_vae(source: dict[str, Any]):
+    """The float ``AutoencoderKL`` of a diffusers pipeline folder source."""
+    folder = Path(source["path"]) / "vae"
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
+    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError, pickle.UnpicklingError) as e:
+        raise DitqError(f"{folder}: cannot load the VAE ({_one_line(e)})") from None
+    return vae.float().eval()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DitqError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DitqError(f"{path}: expected a JSON object")
+    return obj
 
 
 def _latent_size(image_size: int) -> int:

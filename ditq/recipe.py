@@ -122,6 +122,12 @@ class LayerPlan:
     in_features: int  # K: the grouped axis (embedding: the embedding width)
     out_features: int  # N (embedding: the number of rows)
     quant: LayerQuant
+    # How the layer runs. "qdq": the recipe's arithmetic as standard QuantizeLinear/DequantizeLinear.
+    # A fast-kernel lowering (target ``ort``, see ditq.graphs.lower_ort) may quantize the input activation
+    # differently from the weight grouping: ``act_group``/``act_symmetric`` then say how (None: as the weight).
+    kernel: str = "qdq"
+    act_group: int | None = None
+    act_symmetric: bool | None = None
 
     @property
     def group_size(self) -> int:
@@ -130,6 +136,14 @@ class LayerPlan:
     @property
     def abits(self) -> int | None:
         return self.quant.abits if self.kind == "linear" else None
+
+    @property
+    def activation_group(self) -> int:
+        return self.act_group or self.group_size
+
+    @property
+    def activation_symmetric(self) -> bool:
+        return self.quant.symmetric if self.act_symmetric is None else self.act_symmetric
 
 
 @dataclass(frozen=True)

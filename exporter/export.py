@@ -29,6 +29,7 @@ from ditq.exporter import DEFAULT_OPSET, MODEL_FILE, TARGETS
 from ditq.exporter.reference import QuantizedDiT
 from ditq.exporter.trace import bind_modules, export_float
 from ditq.files import staged_dir
+from ditq.graphs.lower_ort import KERNEL_QDQ, LowerToOrtKernelsPass, kernel_counts
 from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
 from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
 from ditq.models import file_sha256, pipeline_info
@@ -91,9 +92,10 @@ def build_quantized_graph(
     act_targets = [
         ActivationTarget(bound[n], n, p.abits, p.group_size, p.in_features, p.quant.symmetric)
         for n, p in qdit.plans.items()
-        if p.abits is not None
+        if p.abits is not None and p.kernel == KERNEL_QDQ
     ]
     acts = InsertActivationQDQPass(act_targets)(proto)
+    lowered = LowerToOrtKernelsPass(qdit.plans, qdit.weights)(proto)
     load_external_data_for_model(proto, str(work_dir))  # the float tensors that stay (biases, norms, conv)
     steps.update()
     steps.set_postfix_str("check")
@@ -103,7 +105,7 @@ def build_quantized_graph(
         raise RuntimeError(f"the quantized graph fails the ONNX checker: {e}") from e
     steps.update()
     steps.close()
-    return proto, len(weights.targets), acts.count
+    return proto, len(weights.targets), acts.count + lowered.count
 
 
 def export(
@@ -111,12 +113,12 @@ def export(
     out_dir: str | Path,
     *,
     source: dict[str, Any],
-    target: str = "qdq",
     opset: int = DEFAULT_OPSET,
     external_data_bytes: int = 256 << 20,
     progress: bool = True,
 ) -> ExportResult:
-    """Export ``qdit`` to ``out_dir`` (replaced atomically if it exists)."""
+    """Export ``qdit`` to ``out_dir`` (replaced atomically if it exists), for the target it was quantized for."""
+    target = qdit.target
     if target not in TARGETS:
         raise DitqError(f"unknown target {target!r}; choose from {list(TARGETS)}")
     if opset < 21:
@@ -151,6 +153,19 @@ def export(
         else:
             onnx.save_model(proto, str(model_path))
         del proto
+        pipe = pipeline_info(source)
+        if pipe.get("vae"):  # a pipeline folder: the float VAE decoder goes next to the transformer
+            from ditq.exporter.trace import export_vae_decoder
+            from ditq.models import load_vae
+
+            cfg = qdit.model.config
+            vae_path = stage / pipe["vae"]
+            export_vae_decoder(load_vae(source), vae_path, channels=cfg["in_channels"], size=cfg["sample_size"],
+                               scaling_factor=pipe["scaling_factor"], opset=opset)  # fmt: skip
+            vae_proto = onnx.load(str(vae_path))  # one self-contained file (the decoder is small)
+            for f in stage.glob(pipe["vae"] + ".data"):
+                f.unlink()
+            onnx.save_model(vae_proto, str(vae_path))
         shutil.rmtree(work)
         (stage / RECIPE_FILE).write_text(qdit.recipe.to_json() + "\n")
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(stage.iterdir())}
@@ -162,8 +177,9 @@ def export(
             "source": source,
             "layers": n_weights,
             "activation_subgraphs": n_acts,
+            "kernels": kernel_counts(qdit.plans),
             "files": files,
         }
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    model_bytes = sum(f["bytes"] for n, f in files.items() if n in (MODEL_FILE, DATA_FILE))
+    model_bytes = sum(f["bytes"] for n, f in files.items() if n in (MODEL_FILE, DATA_FILE))  # the transformer
     return ExportResult(out_dir, out_dir / MODEL_FILE, model_bytes, time.perf_counter() - t0, n_weights, n_acts)

@@ -25,11 +25,19 @@ from ditq.recipe import LayerPlan, Recipe
 class QuantLinear(nn.Module):
     """A linear with integer-code weights and optional dynamic per-group input quantization."""
 
-    def __init__(self, qweight: QuantizedTensor, bias: torch.Tensor | None, abits: int | None, symmetric: bool):
+    def __init__(
+        self,
+        qweight: QuantizedTensor,
+        bias: torch.Tensor | None,
+        abits: int | None,
+        symmetric: bool,
+        act_group: int | None = None,
+    ):
         super().__init__()
         self.register_buffer("weight", qweight.dequantize())  # (N, K) float32, exactly the graph's DQ output
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-        self.abits, self.group_size, self.symmetric = abits, qweight.group_size, symmetric
+        self.abits, self.symmetric = abits, symmetric
+        self.group_size = act_group or qweight.group_size  # activation group (a kernel may differ from the weight's)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.abits is not None:
@@ -65,6 +73,7 @@ class QuantizedDiT:
     recipe: Recipe
     plans: dict[str, LayerPlan]
     weights: dict[str, QuantizedTensor] = field(default_factory=dict)
+    target: str = "qdq"  # "ort": plans are the kernel-effective ones (ditq.graphs.lower_ort.plan_for_ort)
 
     def modules(self) -> Iterator[tuple[str, nn.Module, LayerPlan]]:
         named = dict(self.model.named_modules())
@@ -78,7 +87,9 @@ class QuantizedDiT:
         for name, plan in self.plans.items():
             old = named[name]
             if plan.kind == "linear":
-                new = QuantLinear(self.weights[name], old.bias, plan.abits, plan.quant.symmetric)
+                new = QuantLinear(
+                    self.weights[name], old.bias, plan.abits, plan.activation_symmetric, plan.activation_group
+                )
             else:
                 new = QuantEmbedding(self.weights[name])
             parent_name, _, attr = name.rpartition(".")
@@ -86,17 +97,38 @@ class QuantizedDiT:
         return model.eval()
 
 
+def resolve_plans(model: nn.Module, recipe: Recipe, target: str = "qdq") -> dict[str, LayerPlan]:
+    """The layer plans of ``recipe`` on ``model``, as target ``target`` computes them."""
+    from ditq.errors import DitqError
+    from ditq.exporter import TARGETS
+
+    if target not in TARGETS:
+        raise DitqError(f"unknown target {target!r}; choose from {list(TARGETS)}")
+    plans = recipe.resolve(model)
+    if target == "ort":
+        from ditq.graphs.lower_ort import lower_plans
+
+        plans = lower_plans(plans)
+    return plans
+
+
 def quantize_model(
-    model: nn.Module, recipe: Recipe, progress: bool = True, calibration: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    recipe: Recipe,
+    progress: bool = True,
+    calibration: dict[str, torch.Tensor] | None = None,
+    target: str = "qdq",
 ) -> QuantizedDiT:
-    """Resolve ``recipe`` on ``model`` and quantize every covered weight: round to nearest, or, for
-    ``method: gptq``, GPTQ with each linear's Hessian taken from its ``calibration`` inputs ``[rows, K]``
-    after the layer's own activation quantization (what the layer sees at inference). Embedding tables
-    have no input to calibrate on and are always rounded to nearest."""
+    """Resolve ``recipe`` on ``model`` for ``target`` and quantize every covered weight: round to nearest,
+    or, for ``method: gptq``, GPTQ with each linear's Hessian taken from its ``calibration`` inputs
+    ``[rows, K]`` after the layer's own activation quantization (what the layer sees at inference).
+    Embedding tables have no input to calibrate on and are always rounded to nearest. Under target
+    ``ort`` each layer takes the plan of the kernel it is lowered to (its weights and the activation
+    arithmetic of that kernel), so the reference emulates the kernel."""
     from ditq.errors import DitqError
 
-    plans = recipe.resolve(model)
-    qd = QuantizedDiT(model, recipe, plans)
+    plans = resolve_plans(model, recipe, target)
+    qd = QuantizedDiT(model, recipe, plans, target=target)
     gptq = recipe.method == "gptq"
     if gptq:
         missing = [n for n, p in plans.items() if p.kind == "linear" and (calibration is None or n not in calibration)]
@@ -116,6 +148,6 @@ def gptq_weight(module: nn.Module, plan: LayerPlan, x: torch.Tensor) -> Quantize
     from ditq.calib.gptq import HessianState, accumulate_hessian, gptq_quantize
 
     if plan.abits is not None:
-        x = fake_quantize(x, plan.abits, plan.group_size, plan.quant.symmetric)
+        x = fake_quantize(x, plan.abits, plan.activation_group, plan.activation_symmetric)
     h = accumulate_hessian(HessianState.zeros(x.shape[-1]), x).h
     return gptq_quantize(module.weight, h, plan.quant.wbits, plan.group_size, plan.quant.symmetric).weight

@@ -89,6 +89,32 @@ def export_float(model: nn.Module, path: Path, *, opset: int = 21) -> None:
             raise DitqError(f"torch.onnx.export failed for this model: {' '.join(str(e).split())[:300]}") from None
 
 
+class VaeDecode(nn.Module):
+    """``latents -> images in [-1, 1]``: undo the latent scaling, then the VAE decoder."""
+
+    def __init__(self, vae: nn.Module, scaling_factor: float):
+        super().__init__()
+        self.vae, self.scaling_factor = vae, float(scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+
+
+def export_vae_decoder(vae: nn.Module, path: Path, *, channels: int, size: int, scaling_factor: float, opset: int = 21) -> None:
+    """Write the float VAE decoder (``latents [B, C, H, W] -> images``) to ``path``, dynamic batch size."""
+    wrapper = VaeDecode(vae, scaling_factor).eval()
+    z = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet(), torch.no_grad():
+        try:
+            torch.onnx.export(
+                wrapper, (z,), str(path), dynamo=True, opset_version=opset, input_names=["latents"],
+                output_names=["images"], dynamic_shapes=({0: batch},), external_data=True, optimize=True,
+            )  # fmt: skip
+        except Exception as e:
+            raise DitqError(f"torch.onnx.export failed for the VAE decoder: {' '.join(str(e).split())[:300]}") from None
+
+
 def _module_path(node: onnx.NodeProto) -> str | None:
     """The innermost module scope of ``node`` (without the wrapper prefix), from dynamo's metadata."""
     meta = {p.key: p.value for p in node.metadata_props}

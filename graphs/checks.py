@@ -40,6 +40,8 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
     dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
     fails = []
     for name, plan in plans.items():
+        if plan.kernel != "qdq":  # lowered to an ORT kernel: lower_ort.read_kernel_weights checks it
+            continue
         nodes = dqs.get(name, [])
         if len(nodes) != 1:
             fails.append(f"{name}: expected 1 weight DequantizeLinear, found {len(nodes)}")
@@ -83,7 +85,7 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
     dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
     fails = []
     for name, plan in plans.items():
-        if plan.abits is None:
+        if plan.abits is None or plan.kernel != "qdq":
             continue
         dq_w = dqs.get(name, [])
         mm = [c for d in dq_w for c in consumers.get(d.output[0], []) if c.op_type == "MatMul"]
@@ -134,6 +136,8 @@ def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expec
     dqs = nodes_by_module(model.graph, ROLE_WEIGHT_DQ)
     fails = []
     for name, qt in expected.items():
+        if plans[name].kernel != "qdq":
+            continue
         nodes = dqs.get(name)
         if not nodes or nodes[0].input[0] not in inits:
             continue  # reported by check_weights
@@ -162,6 +166,8 @@ def weights_from_graph(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> d
     dqs = nodes_by_module(model.graph, ROLE_WEIGHT_DQ)
     out = {}
     for name, plan in plans.items():
+        if plan.kernel != "qdq":
+            continue
         node = dqs[name][0]
         codes = stored_codes(inits[node.input[0]]).astype(np.int16)
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
@@ -178,3 +184,19 @@ def weights_from_graph(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> d
             torch.from_numpy(np.ascontiguousarray(zero)), q.wbits, plan.group_size, q.symmetric,
         )  # fmt: skip
     return out
+
+
+def check_same_weights(got: dict[str, QuantizedTensor], expected: dict[str, QuantizedTensor]) -> list[str]:
+    """Read-back weights equal ``expected``: codes, scales and zero points, element for element."""
+    fails = []
+    for name, g in got.items():
+        w = expected[name]
+        if g.codes.shape != w.codes.shape or not torch_equal(g.codes, w.codes):
+            fails.append(f"{name}: stored weight codes differ from the reference's")
+        elif not torch_equal(g.scale, w.scale) or not torch_equal(g.zero, w.zero):
+            fails.append(f"{name}: stored weight scales or zero points differ from the reference's")
+    return fails
+
+
+def torch_equal(a, b) -> bool:
+    return tuple(a.shape) == tuple(b.shape) and np.array_equal(np.asarray(a), np.asarray(b))

@@ -43,6 +43,7 @@ class EvalConfig:
     group_size: int | None
     recipe_file: str | None = None  # a recipe JSON (e.g. from ``ditq search``) instead of the bits above
     base_group: int | None = None  # group size of the weight-only layers (gN sets the W+A block linears)
+    target: str = "qdq"  # export target: "qdq" (Q-DiT's arithmetic) or "ort" (ONNX Runtime's int8 kernels)
 
     def recipe(self, symmetric: bool = False, method: str | None = None):
         from dataclasses import replace
@@ -63,16 +64,22 @@ class EvalConfig:
 
 
 def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
-    """``"fp,w8a8,w4a16,w4a4g32,w4a4gch,searched.json"``: bits of weights and activations (16/fp: float
-    activations), optional group size of the weight+activation block linears (``gch``: per channel /
-    token; every other layer keeps ``group_size``), or a recipe file (named by its file stem)."""
+    """``"fp,w8a8,w4a16,w4a4g32,w4a4gch,searched.json,w4a8@ort"``: bits of weights and activations
+    (16/fp: float activations), optional group size of the weight+activation block linears (``gch``: per
+    channel / token; every other layer keeps ``group_size``), or a recipe file (named by its file stem);
+    ``@ort`` exports the configuration for target ``ort`` instead of ``qdq``."""
     out = []
     for raw in [c.strip() for c in text.split(",") if c.strip()]:
+        raw, _, target = raw.partition("@")
+        target = target.lower() or "qdq"
+        if target not in ("qdq", "ort"):
+            raise DitqError(f"--configs: unknown target {target!r} in {raw}@{target}; use @qdq or @ort")
+        suffix = "" if target == "qdq" else "@ort"
         name = raw.lower()
         if name.endswith(".json"):
             if not Path(raw).is_file():
                 raise DitqError(f"--configs: recipe file not found: {raw}")
-            out.append(EvalConfig(Path(raw).stem, None, None, None, raw))
+            out.append(EvalConfig(Path(raw).stem + suffix, None, None, None, raw, target=target))
             continue
         if name in ("fp", "float", "fp32"):
             out.append(EvalConfig("fp", None, None, None))
@@ -82,7 +89,7 @@ def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
             raise DitqError(f"--configs: cannot read {name!r}; expected fp or wXaY[gN], e.g. w4a8, w4a16, w4a4g32")
         abits = None if m.group(2) in ("16", "fp") else int(m.group(2))
         g = group_size if m.group(3) is None else (None if m.group(3) == "ch" else int(m.group(3)))
-        out.append(EvalConfig(name, int(m.group(1)), abits, g, base_group=group_size))
+        out.append(EvalConfig(name + suffix, int(m.group(1)), abits, g, base_group=group_size, target=target))
     if not out:
         raise DitqError("--configs is empty")
     if len({c.name for c in out}) != len(out):
@@ -157,7 +164,7 @@ def _layer_error(qdit, inputs) -> float:
             continue
         x = inputs[name].double()
         ref = x @ named[name].weight.detach().double().T
-        xq = fake_quantize(inputs[name], plan.abits, plan.group_size, plan.quant.symmetric).double() if plan.abits else x
+        xq = fake_quantize(inputs[name], plan.abits, plan.activation_group, plan.activation_symmetric).double() if plan.abits else x
         out = xq @ qdit.weights[name].dequantize().double().T
         errs.append(float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)))
     return float(np.mean(errs)) if errs else float("nan")
@@ -260,7 +267,7 @@ def evaluate(
                     raise DitqError("GPTQ configurations need calibration data (pass calibration=...)")
                 bar.set_postfix_str(f"{conf.name}: calibration + GPTQ")
                 calibration = calib_fn(loaded, recipe)
-            qdit = quantize_model(loaded.model, recipe, progress=False, calibration=calibration)
+            qdit = quantize_model(loaded.model, recipe, progress=False, calibration=calibration, target=conf.target)
             lerr = None
             if layer_error and qdit.plans:
                 if held_out is None:
@@ -272,7 +279,7 @@ def evaluate(
                     names = [n for n, m in loaded.model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, torch_nn.Linear)]
                     held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), clip_denoised=bool(pipe.get("clip_denoised")), progress=False)
                 lerr = _layer_error(qdit, held_out)
-            res = export(qdit, exports_dir / conf.name, source=loaded.source, progress=False)
+            res = export(qdit, exports_dir / conf.name.replace("@", "-"), source=loaded.source, progress=False)
             del qdit
             model = ExportedDiT.open(res.out_dir, provider=provider)
             sqnr = _sqnr(float_out, model.fn(x_probe, t_probe, y_probe))

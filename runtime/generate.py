@@ -52,6 +52,31 @@ class ExportedDiT:
         return cls(fn, file, config, pipeline)
 
     @property
+    def schedule(self) -> NoiseSchedule:
+        cfg = self.pipeline.get("schedule")
+        if not cfg:
+            return NoiseSchedule.linear()
+        try:
+            return NoiseSchedule.from_config(cfg)
+        except ValueError as e:
+            raise DitqError(f"{self.path}: {e}") from None
+
+    @property
+    def has_decoder(self) -> bool:
+        return bool(self.pipeline.get("vae"))
+
+    def decode(self, latents: np.ndarray, *, provider: str = "cpu", batch_size: int = 16) -> np.ndarray:
+        """Latents -> images in [-1, 1] with the float VAE decoder exported next to the model."""
+        from ditq.runtime.session import create_session
+
+        if not self.has_decoder:
+            raise DitqError(f"{self.path} carries no VAE decoder")
+        session = create_session(self.path.parent / self.pipeline["vae"], provider=provider)
+        name = session.get_inputs()[0].name
+        out = [session.run(None, {name: latents[i : i + batch_size].astype(np.float32)})[0] for i in range(0, len(latents), batch_size)]
+        return np.concatenate(out)
+
+    @property
     def num_classes(self) -> int:
         return int(self.config["num_embeds_ada_norm"])
 
@@ -88,7 +113,7 @@ class ExportedDiT:
         return generate(
             self.fn, noise, labels, steps=steps, cfg=cfg, method=method, null_class=self.num_classes,
             clip_denoised=bool(self.pipeline.get("clip_denoised", False)), seed=seed,
-            batch_size=batch_size, progress=progress,
+            batch_size=batch_size, progress=progress, schedule=self.schedule,
         )  # fmt: skip
 
 
@@ -106,12 +131,13 @@ def generate(
     batch_size: int = 256,
     progress: bool = False,
     desc: str = "sample",
+    schedule: NoiseSchedule | None = None,
 ) -> np.ndarray:
     """Sample in batches of ``batch_size`` (each batch's stochastic noise seeded from ``seed`` and its index)."""
     from tqdm.auto import tqdm
 
     out = []
-    schedule = NoiseSchedule.linear()
+    schedule = schedule or NoiseSchedule.linear()
     starts = range(0, len(labels), batch_size)
     for b, i in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2, leave=False)):
         out.append(

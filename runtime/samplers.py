@@ -37,6 +37,18 @@ class NoiseSchedule:
         scale = 1000 / num_timesteps
         return cls(np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64))
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> "NoiseSchedule":
+        """A diffusers scheduler config's training schedule (``linear`` or ``scaled_linear`` betas)."""
+        n = int(cfg.get("num_train_timesteps", 1000))
+        b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+        kind = cfg.get("beta_schedule", "linear")
+        if kind == "linear":
+            return cls(np.linspace(b0, b1, n, dtype=np.float64))
+        if kind == "scaled_linear":
+            return cls(np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2)
+        raise ValueError(f"beta_schedule {kind!r} is not supported (linear, scaled_linear)")
+
     @property
     def num_timesteps(self) -> int:
         return len(self.betas)

@@ -146,8 +146,9 @@ def validate(
     from tqdm.auto import tqdm
 
     from ditq.calib.numerics import choose_qparams, quantize, sqnr_db
-    from ditq.exporter.export import META_RECIPE, META_SOURCE
-    from ditq.exporter.reference import quantize_model
+    from ditq.exporter.export import META_RECIPE, META_SOURCE, META_TARGET
+    from ditq.exporter.reference import quantize_model, resolve_plans
+    from ditq.graphs.lower_ort import KERNEL_INT8, kernel_nodes, read_kernel_weights
     from ditq.exporter.trace import INPUT_NAMES, example_inputs
     from ditq.graphs import checks
     from ditq.graphs.tensors import ROLE_ACT_QUANT
@@ -172,11 +173,13 @@ def validate(
     else:
         raise DitqError(f"{path} carries no model source; pass --model")
 
+    target = meta.get(META_TARGET, "qdq")
     report = ValidationReport(str(model_path), recipe.to_dict())
     steps = tqdm(total=4 + len(CASES), desc="validate", unit="step", disable=not progress)
     gptq = recipe.method == "gptq"
-    plans = recipe.resolve(loaded.model)
-    weight_fails = checks.check_weights(proto, plans)
+    plans = resolve_plans(loaded.model, recipe, target)
+    kernel_weights, weight_fails = read_kernel_weights(proto, plans)
+    weight_fails += checks.check_weights(proto, plans)
     if gptq:  # GPTQ codes depend on calibration data: the reference takes the stored ones
         from ditq.exporter.reference import QuantizedDiT
 
@@ -185,9 +188,9 @@ def validate(
             report.checks.append(Check("quantized weights: type, block size, shapes, code range", False, detail))
             steps.close()
             return report
-        qd = QuantizedDiT(loaded.model, recipe, plans, checks.weights_from_graph(proto, plans))
+        qd = QuantizedDiT(loaded.model, recipe, plans, {**checks.weights_from_graph(proto, plans), **kernel_weights}, target)
     else:
-        qd = quantize_model(loaded.model, recipe, progress=False)
+        qd = quantize_model(loaded.model, recipe, progress=False, target=target)
     try:
         onnx.checker.check_model(str(path), full_check=True)
         report.checks.append(Check("onnx checker (full shape inference)", True))
@@ -198,7 +201,10 @@ def validate(
         *(
             []
             if gptq
-            else [("stored codes and scales equal the reference's", checks.check_codes_equal(proto, qd.plans, qd.weights))]
+            else [(
+                "stored codes and scales equal the reference's",
+                checks.check_codes_equal(proto, qd.plans, qd.weights) + checks.check_same_weights(kernel_weights, qd.weights),
+            )]
         ),
         ("activation scales computed in the graph from min/max", checks.check_activations(proto, qd.plans)),
     ):
@@ -246,7 +252,12 @@ def validate(
         if plan is None or ql is None:
             continue
         clip = next((n for n in nodes if n.op_type == "Clip"), None)
-        probes.append((module, ql.input[0], (clip or ql).output[0], plan.abits, plan.group_size, plan.quant.symmetric))
+        probes.append((module, ql.input[0], (clip or ql).output[0], plan.abits, plan.group_size, plan.quant.symmetric, 0))
+    for module, nodes in kernel_nodes(proto.graph).items():  # int8 kernel: per-token codes, uint8 offset by 128
+        plan = qd.plans.get(module)
+        ops = {n.op_type: n for n in nodes}
+        if plan is not None and plan.kernel == KERNEL_INT8 and "Abs" in ops and "Cast" in ops:
+            probes.append((module, ops["Abs"].input[0], ops["Cast"].output[0], 8, plan.activation_group, True, 128))
     if probes:
         for _, xin, codes, *_ in probes:
             proto.graph.output.extend([onnx.ValueInfoProto(name=xin), onnx.ValueInfoProto(name=codes)])
@@ -255,8 +266,8 @@ def validate(
         names = [n for _, xin, codes, *_ in probes for n in (xin, codes)]
         outs = probe_session.run(names, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))))
         bad, total = [], 0
-        for i, (module, _, _, bits, g, sym) in enumerate(probes):
-            xin, got = torch.from_numpy(outs[2 * i]), outs[2 * i + 1].astype(np.int16)
+        for i, (module, _, _, bits, g, sym, offset) in enumerate(probes):
+            xin, got = torch.from_numpy(outs[2 * i]), outs[2 * i + 1].astype(np.int16) - offset
             s, z = choose_qparams(xin, bits, g, sym)
             want = quantize(xin, s, z, bits, sym).numpy().astype(np.int16)
             total += want.size
