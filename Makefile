@@ -6,7 +6,7 @@ ORT     ?= cpu          # cpu | gpu  (which ONNX Runtime build to install)
 OUT     ?= out
 D       := $(OUT)/digits-w4a8
 
-.PHONY: setup demo eval train-digits test clean
+.PHONY: setup demo eval bench train-digits test clean
 
 # The stamp is remade when pyproject.toml changes; torch is pinned so pip never pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,13 @@ demo: setup
 # The quality table of the model card: five configurations, three seed sets of 500 samples (about 25 min).
 eval: setup
 	$(BIN)/ditq eval --model digits --configs fp,w8a8,w6a8,w4a8,w4a16 --seeds 0,1,2 --json $(OUT)/eval.json --grid $(OUT)/eval.png
+
+# Speed, size, memory and error of the ort target against float ONNX Runtime and ONNX Runtime's own
+# quantizers: digits with quality columns, then DiT-XL/2 at batch 1 (256x256 latents; about 12 min),
+# which exits 1 if a goal of the ort target is not met (--check).
+bench: setup
+	$(BIN)/ditq bench --model digits --group-size 64 --variants float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq --runs 20 --quality 500 --json $(OUT)/bench-digits.json
+	$(BIN)/ditq bench --model dit-xl-2 --runs 10 --profile --check --json $(OUT)/bench-dit-xl-2.json
 
 # Recreate the shipped judge and digits DiT from scratch (seeded; about 30 min on 2 CPU cores; resumable).
 train-digits: setup

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from ditq.calib.numerics import QuantizedTensor, qrange
 from ditq.graphs.quant_weights import stored_codes
-from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, attrs, code_type, node_meta
+from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, ROLE_WEIGHT_GATHER, attrs, code_type, node_meta
 from ditq.recipe import LayerPlan
 
 
@@ -32,6 +32,13 @@ def nodes_by_module(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.No
         if m.get(META_ROLE) == role:
             out.setdefault(m[META_MODULE], []).append(n)
     return out
+
+
+def weight_inputs(graph: onnx.GraphProto, dq: onnx.NodeProto) -> list[str]:
+    """The initializer names behind a weight DequantizeLinear's inputs (through the row Gathers of a
+    gather-first embedding table)."""
+    gathers = {n.output[0]: n for n in graph.node if node_meta(n).get(META_ROLE) == ROLE_WEIGHT_GATHER}
+    return [gathers[i].input[0] if i in gathers else i for i in dq.input]
 
 
 def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[str]:
@@ -48,8 +55,9 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
             continue
         dq = nodes[0]
         q = plan.quant
-        codes = inits.get(dq.input[0])
-        scale = inits.get(dq.input[1])
+        dq_in = weight_inputs(graph, dq)
+        codes = inits.get(dq_in[0])
+        scale = inits.get(dq_in[1])
         if codes is None or scale is None:
             fails.append(f"{name}: weight codes or scales are not initializers")
             continue
@@ -60,11 +68,11 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
         want_type = code_type(q.wbits, q.symmetric)
         if codes.data_type != want_type:
             fails.append(f"{name}: codes are {onnx.TensorProto.DataType.Name(codes.data_type)}, recipe needs {onnx.TensorProto.DataType.Name(want_type)}")
-        if a.get("block_size") != plan.group_size or a.get("axis", 1) != (1 if table else 0):
+        if a.get("block_size") != plan.group_size or a.get("axis", 1) not in ((1, -1) if table else (0,)):
             fails.append(f"{name}: block_size={a.get('block_size')} axis={a.get('axis', 1)}, recipe needs block_size={plan.group_size} axis={1 if table else 0}")
         if tuple(codes.dims) != want_shape or tuple(scale.dims) != want_scale:
             fails.append(f"{name}: codes {tuple(codes.dims)} / scales {tuple(scale.dims)}, expected {want_shape} / {want_scale}")
-        if not q.symmetric and (len(dq.input) < 3 or dq.input[2] not in inits):
+        if not q.symmetric and (len(dq_in) < 3 or dq_in[2] not in inits):
             fails.append(f"{name}: asymmetric weight without a stored zero point")
         if codes.data_type == want_type and codes.raw_data:
             c = stored_codes(codes)
@@ -139,10 +147,11 @@ def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expec
         if plans[name].kernel != "qdq":
             continue
         nodes = dqs.get(name)
-        if not nodes or nodes[0].input[0] not in inits:
+        dq_in = weight_inputs(model.graph, nodes[0]) if nodes else []
+        if not nodes or dq_in[0] not in inits:
             continue  # reported by check_weights
-        codes = stored_codes(inits[nodes[0].input[0]]).astype(np.int16)
-        scale = numpy_helper.to_array(inits[nodes[0].input[1]])
+        codes = stored_codes(inits[dq_in[0]]).astype(np.int16)
+        scale = numpy_helper.to_array(inits[dq_in[1]])
         want = qt.codes.numpy()
         want_scale = qt.scale.numpy()
         if plans[name].kind == "linear":  # linears are stored transposed, [K, N]
@@ -168,12 +177,12 @@ def weights_from_graph(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> d
     for name, plan in plans.items():
         if plan.kernel != "qdq":
             continue
-        node = dqs[name][0]
-        codes = stored_codes(inits[node.input[0]]).astype(np.int16)
-        scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        dq_in = weight_inputs(model.graph, dqs[name][0])
+        codes = stored_codes(inits[dq_in[0]]).astype(np.int16)
+        scale = numpy_helper.to_array(inits[dq_in[1]]).astype(np.float32)
         zero = (
-            stored_codes(inits[node.input[2]]).astype(np.int16)
-            if len(node.input) > 2 and node.input[2]
+            stored_codes(inits[dq_in[2]]).astype(np.int16)
+            if len(dq_in) > 2 and dq_in[2]
             else np.zeros_like(scale, np.int16)
         )
         if plan.kind == "linear":

@@ -8,7 +8,10 @@ For a linear with float weight ``W [N, K]`` and per-row, per-group codes ``Q [N,
 
 The weight is stored transposed, ``[K, N]``, blocked along axis 0: the layout ONNX Runtime fuses with
 MatMul into ``MatMulNBits`` (a Gemm with an ``[N, K]`` DequantizeLinear is never fused). Embedding
-tables ``T [V, D]`` become ``Gather(DequantizeLinear(Q, S, Z, axis=1, block_size=g), ids)``.
+tables ``T [V, D]`` become ``Gather(DequantizeLinear(Q, S, Z, axis=1, block_size=g), ids)``; with 8-bit
+containers (ONNX Runtime's Gather takes no 4-bit types) the rows are gathered first,
+``DequantizeLinear(Gather(Q, ids), Gather(S, ids), Gather(Z, ids), axis=-1)``, the same values without
+dequantizing the whole table at every forward.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from onnx import TensorProto, helper
 from ditq.calib.numerics import QuantizedTensor, unpack_4bit_u8
 from ditq.graphs.tensors import (
     ROLE_WEIGHT_DQ,
+    ROLE_WEIGHT_GATHER,
     attrs,
     code_tensor,
     float_tensor,
@@ -109,6 +113,18 @@ class StoreQuantizedWeightsPass:
                 names.append(f"{mod}.qzero")
                 new_inits.append(code_tensor(names[2], zero, qt.bits, False))
             dq_out = f"{mod}.weight_dq"
+            if table and qt.bits > 4:  # gather the rows' codes and scales first, dequantize only those rows
+                ids = node.input[1]
+                gathered = []
+                for n_ in names:
+                    g = helper.make_node("Gather", [n_, ids], [f"{n_}_rows"], name=f"{mod}/gather_{n_.rsplit('.', 1)[-1]}", axis=0)
+                    gathered.append(tag(g, mod, ROLE_WEIGHT_GATHER))
+                dq = helper.make_node(
+                    "DequantizeLinear", [g.output[0] for g in gathered], [node.output[0]], name=f"{mod}/weight_dq",
+                    axis=-1, block_size=qt.group_size,
+                )  # fmt: skip
+                replace[name] = gathered + [tag(dq, mod, ROLE_WEIGHT_DQ)]
+                continue
             dq = helper.make_node(
                 "DequantizeLinear", names, [dq_out], name=f"{mod}/weight_dq",
                 axis=1 if table else 0, block_size=qt.group_size,

@@ -16,6 +16,7 @@ from ditq.calib.numerics import pack_4bit_u8, qrange
 META_MODULE = "ditq.module"
 META_ROLE = "ditq.role"
 ROLE_WEIGHT_DQ = "weight_dq"
+ROLE_WEIGHT_GATHER = "weight_gather"  # Gather of table codes/scales/zero points ahead of their DequantizeLinear
 ROLE_ACT_QUANT = "act_quant"
 
 

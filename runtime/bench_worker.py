@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from ditq.runtime.session import create_session
+    from ditq.runtime.session import OrtDiT
 
     data = dict(np.load(args.inputs))
     t0 = time.perf_counter()
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({k: v / (args.runs + 1) for k, v in times.items()}, f)
         return 0
 
-    session = create_session(args.model, provider=args.provider, threads=args.threads or None)
-    feeds = _feeds(session, data)
-    out = session.run(None, feeds)[0]
+    fn = OrtDiT(args.model, provider=args.provider, threads=args.threads or None)  # IO binding on CUDA
+    feeds = (data["sample"], data["timestep"], data["class_labels"])
+    out = fn(*feeds)
     if args.output:
         np.save(args.output, out)
     _reply({"ready": True, "load_s": time.perf_counter() - t0})
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = line.strip()
         if cmd == "run":
             t = time.perf_counter()
-            session.run(None, feeds)
+            fn(*feeds)
             _reply({"s": time.perf_counter() - t})
         elif cmd == "quit":
             break

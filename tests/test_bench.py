@@ -1,0 +1,55 @@
+"""``ditq bench``: variants parsed, every ratio taken against the float model of the same run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ditq.cli import main
+from ditq.errors import DitqError
+from ditq.runtime.bench import BenchReport, BenchRow, check_goals, parse_variants
+
+
+def test_parse_variants():
+    vs = parse_variants("w8a8, ort-int8,w4a8g32@qdq,w4a16gch", 128)
+    assert [v.name for v in vs] == ["float", "w8a8@ort", "ort-int8", "w4a8g32@qdq", "w4a16gch@ort"]
+    assert (vs[1].group_size, vs[3].group_size, vs[3].target, vs[4].group_size, vs[4].abits) == (128, 32, "qdq", None, None)
+    with pytest.raises(DitqError, match="w9a8"):
+        parse_variants("w9a8", 128)
+    with pytest.raises(DitqError, match="twice"):
+        parse_variants("w8a8,w8a8@ort", 128)
+
+
+def test_bench_on_a_tiny_dit(tmp_path, tiny_dit):
+    folder = tmp_path / "tiny"
+    tiny_dit.save_pretrained(folder)
+    js = tmp_path / "b.json"
+    assert main(["--quiet", "bench", "--model", str(folder), "--variants", "ort-int8,ort-int4,w8a8,w4a8",
+                 "--group-size", "32", "--runs", "3", "--threads", "1", "--json", str(js)]) == 0  # fmt: skip
+    rows = {r["variant"]: r for r in json.loads(js.read_text())["rows"]}
+    assert list(rows) == ["float", "ort-int8", "ort-int4", "w8a8@ort", "w4a8@ort"]
+    f = rows["float"]
+    assert (f["latency_ratio"], f["size_ratio"], f["rss_ratio"], f["rel_error"]) == (1.0, 1.0, 1.0, 0.0)
+    for name, r in rows.items():
+        assert r["size_ratio"] == pytest.approx(r["file_bytes"] / f["file_bytes"], rel=1e-12)
+        assert r["rss_ratio"] == pytest.approx(r["peak_rss_bytes"] / f["peak_rss_bytes"], rel=1e-12)
+        assert r["latency_ratio"] == pytest.approx(r["latency_ms"] / f["latency_ms"], rel=1e-9)
+        assert r["peak_rss_bytes"] > 30e6  # a process with onnxruntime loaded, not the parent's number
+        if name != "float":
+            assert 0.0 < r["rel_error"] < 0.5 and r["size_ratio"] < 1.0
+    assert rows["w4a8@ort"]["size_ratio"] < rows["w8a8@ort"]["size_ratio"] < rows["ort-int4"]["size_ratio"]
+    assert rows["w8a8@ort"]["kernels"]["int8_gemm"] == 6 * tiny_dit.config.num_layers
+
+
+def test_goal_check_reads_the_report():
+    def row(name, speedup, err, size=0.1, rss=0.2):
+        return BenchRow(name, 1 / speedup, size, rss, err, 1.0, 0.0, 1, 1, speedup)
+
+    ok = BenchReport([row("float", 1, 0), row("ort-int8", 2.4, 0.02), row("w8a8@ort", 2.1, 0.01), row("w4a8@ort", 1.3, 0.03)])
+    assert check_goals(ok) == []
+    bad = BenchReport([row("float", 1, 0), row("ort-int8", 2.4, 0.02), row("w8a8@ort", 1.9, 0.03), row("w4a8@ort", 1.3, 0.03, rss=0.4)])
+    fails = check_goals(bad)
+    assert len(fails) == 3 and any("2.0x" in f for f in fails) and any("quantize_dynamic" in f for f in fails) and any("RSS" in f for f in fails)
+    assert np.isfinite([r.latency_ratio for r in ok.rows]).all()
