@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-MAX_ROTATION = 256  # largest Hadamard block (1152 -> 128, 4608 -> 512 capped to 256, 192 -> 64)
+MAX_ROTATION = 128  # largest Hadamard block (1152 -> 128, 4608 -> 128, 192 -> 64): a b x b fp32 constant each
 
 
 def rotation_block(width: int) -> int:
@@ -48,9 +48,16 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
 
 
-def ternary_qparams(w: torch.Tensor) -> torch.Tensor:
-    """Per-row absmean scale of a ``[N, K]`` weight (floored so an all-zero row stays finite)."""
-    return torch.clamp(w.abs().mean(dim=1, keepdim=True), min=1e-8)
+def quantize_ternary(w: torch.Tensor, group_size: int) -> "QuantizedTensor":
+    """Ternary codes of a ``[N, K]`` weight: per row and group of ``group_size``, ``s = mean|w|``,
+    ``q = clamp(round(w / s), -1, 1)`` (2-bit symmetric codes, zero point 0)."""
+    from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
+
+    w = w.detach().float()
+    wg = _grouped(w, group_size)
+    scale = torch.clamp(wg.abs().mean(-1), min=EPS)
+    codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)), -1, 1).reshape(w.shape)
+    return QuantizedTensor(codes.to(torch.int16), scale, torch.zeros_like(scale, dtype=torch.int16), 2, group_size, True)
 
 
 def allocate_bits(
@@ -92,3 +99,87 @@ def uniform_cost(cost: Mapping[str, Mapping[int, float]], bits: int) -> float:
 def sensitivity_table(layers: Sequence[str], options: Sequence[int], measure) -> dict[str, dict[int, float]]:
     """``measure(layer, bits) -> error`` for every layer and bit width."""
     return {n: {b: float(measure(n, b)) for b in options} for n in layers}
+
+
+# ------------------------------------------------------------------------- sensitivity of a real model
+def block_units(model) -> dict[str, tuple[str, ...]]:
+    """The activation quantizers of RobuQ's block linears, by unit: q/k/v share one input (one unit of
+    three layers), then the attention output, fc1 and fc2 of every block."""
+    import torch.nn as nn
+
+    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    units: dict[str, tuple[str, ...]] = {}
+    i = 0
+    while f"transformer_blocks.{i}.attn1.to_q" in names:
+        p = f"transformer_blocks.{i}."
+        units[p + "attn1.qkv"] = tuple(p + f"attn1.to_{c}" for c in "qkv")
+        units[p + "attn1.to_out.0"] = (p + "attn1.to_out.0",)
+        units[p + "ff.net.0.proj"] = (p + "ff.net.0.proj",)
+        units[p + "ff.net.2"] = (p + "ff.net.2",)
+        i += 1
+    return units
+
+
+def sensitivity_inputs(config: dict, images: torch.Tensor | None, n: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Noisy inputs ``(x_t, t, labels)`` at timesteps spread over the schedule: from ``images`` [M,C,H,W]
+    in model range when given (real data), else from Gaussian latents."""
+    from ditq.runtime.samplers import NoiseSchedule
+
+    g = torch.Generator().manual_seed(seed)
+    c, s, ncls = config["in_channels"], config["sample_size"], config["num_embeds_ada_norm"]
+    x0 = images[torch.randint(0, len(images), (n,), generator=g)] if images is not None else torch.randn(n, c, s, s, generator=g)
+    t = torch.linspace(0, 999, n).round().long()
+    abar = torch.tensor(NoiseSchedule.linear().alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn(x0.shape, generator=g)
+    return xt, t, torch.randint(0, ncls, (n,), generator=g)
+
+
+def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bool = False) -> dict[str, dict[int, float]]:
+    """Relative output error ``|f_u,b(x) - f(x)|^2 / |f(x)|^2`` with only unit ``u``'s input activation
+    quantized to ``b`` bits (per token, after the rotation when ``rotate``; weights float: activation-only
+    sensitivity). A rotated layer computes ``Q(x H)(W H)^T = (Q(x H) H) W^T``, so a forward pre-hook that
+    replaces ``x`` with ``rotate(Q(rotate(x)))`` measures it on the float weights."""
+    from tqdm.auto import tqdm
+
+    from ditq.calib.numerics import fake_quantize
+
+    named = dict(model.named_modules())
+    x, t, y = inputs
+    with torch.no_grad():
+        ref = model(x, timestep=t, class_labels=y).sample
+        norm = float((ref.double() ** 2).sum())
+        out: dict[str, dict[int, float]] = {}
+        units = block_units(model)
+        for unit, members in tqdm(list(units.items()), desc="activation sensitivity", unit="unit", disable=not progress):
+            out[unit] = {}
+            for bits in options:
+                def hook(_mod, args, bits=bits):
+                    a = args[0]
+                    k = a.shape[-1]
+                    b = rotation_block(k) if rotate else None
+                    a = rotate(a, b) if b else a
+                    a = fake_quantize(a, bits, k)
+                    return (rotate(a, b) if b else a,)
+
+                handles = [named[m].register_forward_pre_hook(hook) for m in members]
+                try:
+                    o = model(x, timestep=t, class_labels=y).sample
+                finally:
+                    for h in handles:
+                        h.remove()
+                out[unit][bits] = float(((o - ref).double() ** 2).sum()) / norm
+    return out
+
+
+def mixed_activation_bits(
+    model, avg_bits: int, *, rotate: bool, inputs, options: Sequence[int] | None = None, progress: bool = False
+) -> tuple[dict[str, int], dict[str, dict[int, float]], dict[str, int]]:
+    """RobuQ's AMPN: per-unit activation bits averaging exactly ``avg_bits`` over the block linears (q/k/v
+    count three times), chosen by :func:`allocate_bits` on the measured sensitivities. Returns the bits
+    per module, the sensitivity table and the bits per unit."""
+    options = list(options or range(max(1, avg_bits - 1), min(8, avg_bits + 2) + 1))
+    table = activation_sensitivity(model, options, rotate=rotate, inputs=inputs, progress=progress)
+    units = block_units(model)
+    per_unit = allocate_bits(table, float(avg_bits), weights={u: len(m) for u, m in units.items()})
+    per_module = {m: per_unit[u] for u, members in units.items() for m in members}
+    return per_module, table, per_unit

@@ -44,13 +44,36 @@ def _recipe_from_args(args):
 
     if args.recipe:
         return Recipe.load(args.recipe)
+    if args.wbits == 1.58:
+        if args.abits is None:
+            raise DitqError("ternary weights (--wbits 1.58) take RobuQ's coverage and need --abits 1..8")
+        return _robuq_recipe(args, None if not args.mixed else _model_of(args))
+    if args.mixed or args.no_rotate:
+        raise DitqError("--mixed and --no-rotate apply to ternary weights (--wbits 1.58)")
     return Recipe.qdit(args.wbits, args.abits, args.group_size, args.symmetric)
+
+
+def _model_of(args):
+    from ditq.models import load_model
+
+    return load_model(args.model, image_size=getattr(args, "image_size", None), seed=getattr(args, "seed", 0)).model
+
+
+def _wbits(text: str) -> float | int:
+    if text in ("1.58", "ternary"):
+        return 1.58
+    try:
+        return float(text) if "." in text else int(text)  # the recipe names what is out of range
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 2..8 or 1.58 (ternary), got {text!r}") from None
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe JSON (overrides --wbits/--abits/--group-size/--symmetric)")
-    p.add_argument("--wbits", type=int, default=4, help="weight bits 2..8 (default 4)")
-    p.add_argument("--abits", type=_bits, default=8, help="activation bits 2..8, or 16 for float activations (default 8)")
+    p.add_argument("--wbits", type=_wbits, default=4, help="weight bits 2..8, or 1.58: RobuQ (ternary weights, Hadamard rotation) (default 4)")
+    p.add_argument("--abits", type=_bits, default=8, help="activation bits 1..8, or 16 for float activations (default 8)")
+    p.add_argument("--no-rotate", action="store_true", help="RobuQ (--wbits 1.58): no Hadamard rotation")
+    p.add_argument("--mixed", action="store_true", help="RobuQ: activation bits per layer by DP on measured sensitivity, averaging --abits")
     p.add_argument("--group-size", type=_group, default=128, help="input channels per scale, or 'channel' (default 128)")
     p.add_argument("--symmetric", action="store_true", help="symmetric signed codes instead of asymmetric min-max")
 
@@ -208,6 +231,39 @@ def cmd_bench(args) -> int:
         for f in fails:
             print(f"goal not met: {f}")
         return 1 if fails else 0
+    return 0
+
+
+def _robuq_recipe(args, model):
+    """Recipe.robuq from --abits/--no-rotate/--mixed (mixed: activation bits allocated on ``model``)."""
+    from ditq.recipe import Recipe
+
+    act_bits = None
+    if args.mixed:
+        from ditq.calib.digits import load_split
+        from ditq.calib.robuq import mixed_activation_bits, sensitivity_inputs
+
+        images = __import__("torch").from_numpy(load_split().x_train)
+        act_bits, _, per_unit = mixed_activation_bits(model, args.abits, rotate=not args.no_rotate,
+                                                      inputs=sensitivity_inputs(dict(model.config), images),
+                                                      progress=not args.quiet)  # fmt: skip
+        print("activation bits per unit: " + ", ".join(f"{u.replace('transformer_blocks.', 'b')}={b}" for u, b in per_unit.items()))
+    return Recipe.robuq(args.abits, rotate=not args.no_rotate, act_bits=act_bits)
+
+
+def cmd_qat(args) -> int:
+    from ditq.calib.qat import run_qat
+    from ditq.calib.train import TrainConfig
+    from ditq.models import load_model
+
+    recipe = _robuq_recipe(args, load_model(args.model).model if args.mixed else None)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, args.steps // 10),
+                      min_lr_ratio=0.1, ema_decay=0.999, seed=args.seed, save_every=max(1, min(250, args.steps)))  # fmt: skip
+    info = run_qat(args.model, recipe, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet)
+    losses = info["losses_per_100_steps"]
+    trend = f"; loss per 100 steps {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+    print(f"wrote {args.out} (QAT {args.steps} steps in {info['seconds']:.0f} s{trend}); "
+          f"export it with: ditq export --model {args.out} --recipe {args.out}/recipe.json --out OUT")  # fmt: skip
     return 0
 
 
@@ -462,6 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="exit 1 unless the ort target's speed/size/memory goals hold")
     p.add_argument("--json", help="write {rows: [{variant, latency_ratio, size_ratio, rss_ratio, rel_error, ...}]}")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("qat", help="RobuQ quantization-aware training of the digits DiT (ternary weights, rotated low-bit activations)")
+    p.add_argument("--model", default="digits", help="a digits model (the training data are scikit-learn's digits)")
+    p.add_argument("--abits", type=int, default=4, choices=range(1, 9), metavar="{1..8}", help="activation bits of the block linears (average with --mixed)")
+    p.add_argument("--no-rotate", action="store_true", help="no Hadamard rotation")
+    p.add_argument("--mixed", action="store_true", help="allocate activation bits per layer (DP on measured sensitivity), averaging --abits")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000, about 10 min on 2 CPU cores)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", help="resumable checkpoint file")
+    p.add_argument("--out", required=True, help="output diffusers folder (weights + recipe.json)")
+    p.set_defaults(func=cmd_qat)
 
     p = sub.add_parser("train-digits", help="train the digit judge and the shipped digits DiT from scratch (CPU)")
     p.add_argument("--steps", type=int, default=6000, help="training steps of batch 128 (default 6000)")

@@ -150,6 +150,8 @@ def pipeline_info(source: dict[str, Any]) -> dict[str, Any]:
         return dict(BUILTIN_PIPELINE[source["name"]])
     info: dict[str, Any] = {"space": "latent", "clip_denoised": False}
     root = Path(source.get("path", "")) if source.get("kind") == "diffusers" else None
+    if root is not None and (root / "ditq_pipeline.json").is_file():  # written by ditq (e.g. ditq qat)
+        return _read_json(root / "ditq_pipeline.json")
     if root is not None and (root / "model_index.json").is_file():
         sched = root / "scheduler" / "scheduler_config.json"
         if sched.is_file():

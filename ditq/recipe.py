@@ -18,13 +18,18 @@ selects no module is an error (it is almost always a typo).
 
 Fields of a layer's configuration:
 
-- ``wbits``: weight bits 2..8, or ``null`` for a float layer (not covered);
-- ``abits``: bits of the layer's *input* activation, quantized dynamically per token and group at every
-  forward, or ``null`` for float activations (weight-only). Ignored for embedding tables;
+- ``wbits``: weight bits 2..8, ``1.58`` for ternary weights (RobuQ: codes {-1, 0, +1}, scale = mean |w|
+  of each row and group, stored as 2-bit codes), or ``null`` for a float layer (not covered);
+- ``abits``: bits of the layer's *input* activation (1..8), quantized dynamically per token and group at
+  every forward, or ``null`` for float activations (weight-only). Ignored for embedding tables;
 - ``group_size``: consecutive input channels sharing one scale, for the weight rows and the activation
   tokens alike (Q-DiT); ``null`` means the whole input width (per channel / per token). It must divide
   the layer's input width;
-- ``symmetric``: signed codes with zero point 0 instead of Q-DiT's asymmetric min-max (the default).
+- ``symmetric``: signed codes with zero point 0 instead of Q-DiT's asymmetric min-max (the default);
+  ternary weights are always symmetric;
+- ``rotate``: Hadamard-rotate the layer (RobuQ): the input is multiplied online, in the graph, by a block
+  Hadamard matrix before it is quantized, and the weight offline by the same matrix, so the float layer is
+  unchanged (``x W^T = (x H)(W H)^T``) while outlier channels are spread before quantization.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ from ditq.errors import DitqError
 RECIPE_FORMAT = "ditq-recipe"
 RECIPE_VERSION = 1
 METHODS = ("rtn", "gptq")  # how integer weights are found: round to nearest, or GPTQ on calibration data
-BITS_RANGE = range(2, 9)
+BITS_RANGE = range(2, 9)  # weight bits (plus TERNARY)
+ABITS_RANGE = range(1, 9)  # activation bits (RobuQ's mixed precision gives insensitive layers 1 bit)
+TERNARY = 1.58
 
 # Q-DiT quantizes weights *and* input activations of these linears in every block (qkv, proj, fc1, fc2).
 QDIT_ACTIVATION_LINEARS = (
@@ -52,6 +59,8 @@ QDIT_ACTIVATION_LINEARS = (
     "transformer_blocks.*.ff.net.0.proj",
     "transformer_blocks.*.ff.net.2",
 )
+ROBUQ_ADALN = "transformer_blocks.*.norm1.linear"  # adaLN: A4 in RobuQ
+ROBUQ_4BIT = ("*class_embedder.embedding_table", "proj_out_1")  # tables and final modulation: 4-bit weight-only
 # The final projection to pixels/latents stays float (both papers keep the final layer in float).
 QDIT_FLOAT_LINEARS = ("proj_out_2",)
 
@@ -64,12 +73,18 @@ class LayerQuant:
     abits: int | None = None
     group_size: int | None = 128
     symmetric: bool = False
+    rotate: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("wbits", "abits"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v not in BITS_RANGE):
-                raise DitqError(f"{name} must be an integer in 2..8 or null, got {v!r}")
+        w, a = self.wbits, self.abits
+        if w is not None and w != TERNARY and (not isinstance(w, int) or isinstance(w, bool) or w not in BITS_RANGE):
+            raise DitqError(f"wbits must be an integer in 2..8, 1.58 (ternary) or null, got {w!r}")
+        if a is not None and (not isinstance(a, int) or isinstance(a, bool) or a not in ABITS_RANGE):
+            raise DitqError(f"abits must be an integer in 1..8 or null, got {a!r}")
+        if w == TERNARY and not self.symmetric:
+            raise DitqError("ternary weights (wbits 1.58) are symmetric: set symmetric to true")
+        if not isinstance(self.rotate, bool):
+            raise DitqError(f"rotate must be true or false, got {self.rotate!r}")
         g = self.group_size
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
             raise DitqError(f"group_size must be a positive integer or null, got {g!r}")
@@ -80,10 +95,19 @@ class LayerQuant:
     def covered(self) -> bool:
         return self.wbits is not None
 
+    @property
+    def ternary(self) -> bool:
+        return self.wbits == TERNARY
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of the stored integer codes (ternary codes take 2)."""
+        return 2 if self.ternary else int(self.wbits)
+
     def tag(self) -> str:
         a = "16" if self.abits is None else str(self.abits)
         g = "ch" if self.group_size is None else str(self.group_size)
-        return f"W{self.wbits}A{a}g{g}" + ("s" if self.symmetric else "")
+        return f"W{self.wbits}A{a}g{g}" + ("s" if self.symmetric else "") + ("h" if self.rotate else "")
 
 
 _LAYER_KEYS = {f.name for f in fields(LayerQuant)}
@@ -145,6 +169,15 @@ class LayerPlan:
     def activation_symmetric(self) -> bool:
         return self.quant.symmetric if self.act_symmetric is None else self.act_symmetric
 
+    @property
+    def rotation(self) -> int | None:
+        """Block size of the layer's Hadamard rotation, or None."""
+        if not self.quant.rotate or self.kind != "linear":
+            return None
+        from ditq.calib.robuq import rotation_block
+
+        return rotation_block(self.in_features)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -171,6 +204,22 @@ class Recipe:
         rules = [Rule(p, {"abits": abits}) for p in QDIT_ACTIVATION_LINEARS]
         rules += [Rule(p, {"wbits": None}) for p in QDIT_FLOAT_LINEARS]
         return cls(LayerQuant(wbits, None, group_size, symmetric), tuple(rules))
+
+    @classmethod
+    def robuq(cls, abits: int = 4, rotate: bool = True, act_bits: Mapping[str, int] | None = None) -> "Recipe":
+        """RobuQ coverage: ternary weights per output channel everywhere ("weights stay ternary
+        everywhere"); per-token ``abits`` activations on qkv/proj/fc1/fc2 of every block and 4-bit ones on
+        adaLN, all Hadamard-rotated when ``rotate``; the timestep MLPs weight-only ternary; the class tables
+        and the final layer's modulation 4-bit weight-only; the final projection float. The paper keeps
+        adaLN at W4 and the embedders float, which on a small model is most of the file (the digits DiT's
+        adaLN alone is 29% of its weights). ``act_bits``: per-module activation bits (mixed precision)."""
+        block = {"abits": abits, "rotate": rotate}
+        rules = [Rule(p, block) for p in QDIT_ACTIVATION_LINEARS]
+        rules.append(Rule(ROBUQ_ADALN, {"abits": 4, "rotate": rotate}))
+        rules += [Rule(p, {"wbits": 4, "symmetric": False}) for p in ROBUQ_4BIT]
+        rules += [Rule(p, {"wbits": None}) for p in QDIT_FLOAT_LINEARS]
+        rules += [Rule(name, {"abits": int(b)}) for name, b in (act_bits or {}).items()]
+        return cls(LayerQuant(TERNARY, None, None, True), tuple(rules))
 
     # ------------------------------------------------------------------ resolution
     def config_for(self, name: str) -> LayerQuant:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ditq.calib.numerics import QuantizedTensor, fake_quantize, quantize_rtn
+from ditq.calib.robuq import quantize_ternary, rotate
 from ditq.recipe import LayerPlan, Recipe
 
 
@@ -32,14 +33,18 @@ class QuantLinear(nn.Module):
         abits: int | None,
         symmetric: bool,
         act_group: int | None = None,
+        rotation: int | None = None,
     ):
         super().__init__()
         self.register_buffer("weight", qweight.dequantize())  # (N, K) float32, exactly the graph's DQ output
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.abits, self.symmetric = abits, symmetric
         self.group_size = act_group or qweight.group_size  # activation group (a kernel may differ from the weight's)
+        self.rotation = rotation  # Hadamard block: the stored weight is W H, the input becomes x H
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation:
+            x = rotate(x, self.rotation)
         if self.abits is not None:
             x = fake_quantize(x, self.abits, self.group_size, self.symmetric)  # (..., K), fresh qparams per call
         return F.linear(x, self.weight, self.bias)
@@ -59,10 +64,18 @@ class QuantEmbedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
+def plan_weight(module: nn.Module, plan: LayerPlan) -> torch.Tensor:
+    """The float weight the layer's codes approximate: ``W H`` for a rotated layer, else ``W``."""
+    w = module.weight.detach().float()
+    return rotate(w, plan.rotation) if plan.rotation else w
+
+
 def quantize_weight(module: nn.Module, plan: LayerPlan) -> QuantizedTensor:
-    """RTN codes of one covered module's weight (``[N, K]`` linear weight, ``[V, D]`` table)."""
+    """RTN (or ternary) codes of one covered module's weight (``[N, K]`` linear weight, ``[V, D]`` table)."""
     q = plan.quant
-    return quantize_rtn(module.weight, q.wbits, plan.group_size, q.symmetric)
+    if q.ternary:
+        return quantize_ternary(plan_weight(module, plan), plan.group_size)
+    return quantize_rtn(plan_weight(module, plan), q.wbits, plan.group_size, q.symmetric)
 
 
 @dataclass
@@ -88,8 +101,9 @@ class QuantizedDiT:
             old = named[name]
             if plan.kind == "linear":
                 new = QuantLinear(
-                    self.weights[name], old.bias, plan.abits, plan.activation_symmetric, plan.activation_group
-                )
+                    self.weights[name], old.bias, plan.abits, plan.activation_symmetric, plan.activation_group,
+                    plan.rotation,
+                )  # fmt: skip
             else:
                 new = QuantEmbedding(self.weights[name])
             parent_name, _, attr = name.rpartition(".")
@@ -136,7 +150,7 @@ def quantize_model(
             raise DitqError(f"recipe method gptq needs calibration inputs; none for layer {missing[0]!r}")
     desc = "GPTQ" if gptq else "quantize weights"
     for name, module, plan in tqdm(list(qd.modules()), desc=desc, unit="layer", disable=not progress):
-        if gptq and plan.kind == "linear":
+        if gptq and plan.kind == "linear" and not plan.quant.ternary:  # ternary codes: absmean rounding
             qd.weights[name] = gptq_weight(module, plan, calibration[name])
         else:
             qd.weights[name] = quantize_weight(module, plan)
@@ -147,7 +161,9 @@ def gptq_weight(module: nn.Module, plan: LayerPlan, x: torch.Tensor) -> Quantize
     """GPTQ codes of one linear from its calibration inputs, activation-quantized as the recipe says."""
     from ditq.calib.gptq import HessianState, accumulate_hessian, gptq_quantize
 
+    if plan.rotation:
+        x = rotate(x, plan.rotation)
     if plan.abits is not None:
         x = fake_quantize(x, plan.abits, plan.activation_group, plan.activation_symmetric)
     h = accumulate_hessian(HessianState.zeros(x.shape[-1]), x).h
-    return gptq_quantize(module.weight, h, plan.quant.wbits, plan.group_size, plan.quant.symmetric).weight
+    return gptq_quantize(plan_weight(module, plan), h, plan.quant.wbits, plan.group_size, plan.quant.symmetric).weight

@@ -65,7 +65,7 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
         table = plan.kind == "embedding"
         want_shape = (plan.out_features, plan.in_features) if table else (plan.in_features, plan.out_features)
         want_scale = (plan.out_features, plan.in_features // plan.group_size) if table else (plan.in_features // plan.group_size, plan.out_features)
-        want_type = code_type(q.wbits, q.symmetric)
+        want_type = code_type(q.code_bits, q.symmetric)
         if codes.data_type != want_type:
             fails.append(f"{name}: codes are {onnx.TensorProto.DataType.Name(codes.data_type)}, recipe needs {onnx.TensorProto.DataType.Name(want_type)}")
         if a.get("block_size") != plan.group_size or a.get("axis", 1) not in ((1, -1) if table else (0,)):
@@ -76,9 +76,9 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
             fails.append(f"{name}: asymmetric weight without a stored zero point")
         if codes.data_type == want_type and codes.raw_data:
             c = stored_codes(codes)
-            lo, hi = qrange(q.wbits, q.symmetric)
+            lo, hi = qrange(q.code_bits, q.symmetric)
             if c.size and (int(c.min()) < lo or int(c.max()) > hi):
-                fails.append(f"{name}: codes outside the {q.wbits}-bit range [{lo}, {hi}]")
+                fails.append(f"{name}: codes outside the {q.code_bits}-bit range [{lo}, {hi}]")
     return fails
 
 
@@ -92,11 +92,15 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
             consumers.setdefault(i, []).append(n)
     dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
     fails = []
+    kernels = nodes_by_module(graph, "ort_kernel")
     for name, plan in plans.items():
-        if plan.abits is None or plan.kernel != "qdq":
+        if plan.abits is None or plan.kernel not in ("qdq", "nbits_qdq"):
             continue
-        dq_w = dqs.get(name, [])
-        mm = [c for d in dq_w for c in consumers.get(d.output[0], []) if c.op_type == "MatMul"]
+        if plan.kernel == "qdq":
+            dq_w = dqs.get(name, [])
+            mm = [c for d in dq_w for c in consumers.get(d.output[0], []) if c.op_type == "MatMul"]
+        else:  # the recipe's Q/DQ feeding a MatMulNBits
+            mm = [n for n in kernels.get(name, []) if n.op_type == "MatMulNBits"]
         if len(mm) != 1:
             fails.append(f"{name}: cannot find the MatMul reading its quantized weight")
             continue
@@ -115,7 +119,7 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
         if ql is None:
             fails.append(f"{name}: its input is not quantized (no QuantizeLinear in front of its MatMul)")
             continue
-        if attrs(ql).get("block_size") != plan.group_size:
+        if attrs(ql).get("block_size") != plan.activation_group:
             fails.append(f"{name}: activation block_size {attrs(ql).get('block_size')}, recipe needs {plan.group_size}")
         for role, t in zip(("scale", "zero point"), ql.input[1:3]):
             if t in inits or (producer.get(t) is not None and producer[t].op_type == "Constant"):
@@ -190,7 +194,7 @@ def weights_from_graph(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> d
         q = plan.quant
         out[name] = QuantizedTensor(
             torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(scale)),
-            torch.from_numpy(np.ascontiguousarray(zero)), q.wbits, plan.group_size, q.symmetric,
+            torch.from_numpy(np.ascontiguousarray(zero)), q.code_bits, plan.group_size, q.symmetric,
         )  # fmt: skip
     return out
 

@@ -8,7 +8,9 @@ kernel). ``ort`` chooses, per layer, a kernel that runs the matrix product in in
 |--------------------------------------------|--------------------------------------------|---------------------------|
 | W8 A8                                      | ``MatMulIntegerToFloat`` (u8 x s8, VNNI)   | int8 per token, symmetric |
 | W2-W7 (any group), A8 or weight-only       | ``MatMulNBits`` bits 2/4/8, accuracy 4     | int8 per block, symmetric |
-| A2-A7, or a group with no block 16..128    | kept as ``qdq`` (exact, not faster)        | as the recipe             |
+| A1-A7                                      | the recipe's activation Q/DQ, then         | as the recipe (exact)     |
+|                                            | ``MatMulNBits`` at accuracy 0 (fp32)       |                           |
+| a group with no power-of-two block >= 16   | kept as ``qdq``                            | as the recipe             |
 
 The kernels' activation arithmetic differs from Q-DiT's asymmetric per-group min-max, and
 :func:`plan_for_ort` states the difference as an *effective* layer plan, which the PyTorch reference
@@ -49,6 +51,8 @@ from ditq.recipe import LayerPlan
 KERNEL_QDQ = "qdq"
 KERNEL_INT8 = "int8_gemm"  # com.microsoft::MatMulIntegerToFloat with per-token int8 activations
 KERNEL_NBITS = "nbits"  # com.microsoft::MatMulNBits, accuracy_level 4
+KERNEL_NBITS_QDQ = "nbits_qdq"  # the recipe's activation Q/DQ feeding MatMulNBits at accuracy_level 0 (fp32)
+ACT_QDQ_KERNELS = ("qdq", KERNEL_NBITS_QDQ)  # kernels whose activation quantization is an in-graph Q/DQ
 ROLE_KERNEL = "ort_kernel"
 MS_DOMAIN = "com.microsoft"
 NBITS_ACCURACY = 4  # int8 activations inside MatMulNBits (levels 0-2 keep fp32 and are no faster)
@@ -71,9 +75,11 @@ def container_bits(wbits: int) -> int:
 def plan_for_ort(plan: LayerPlan) -> LayerPlan:
     """The effective plan of a layer under target ``ort`` (see the module docstring)."""
     q = plan.quant
-    if plan.kind != "linear" or (plan.abits is not None and plan.abits < 8):
+    if plan.kind != "linear":
         return plan
-    if q.wbits == 8 and plan.abits == 8:
+    if plan.abits is not None and plan.abits < 8:  # no integer kernel for < 8-bit activations: keep them exact
+        return replace(plan, kernel=KERNEL_NBITS_QDQ) if nbits_block(plan.group_size) else plan
+    if q.wbits == 8 and plan.abits == 8 and not plan.rotation:
         return replace(
             plan, quant=replace(q, group_size=None, symmetric=True), kernel=KERNEL_INT8,
             act_group=plan.in_features, act_symmetric=True,
@@ -177,7 +183,7 @@ class LowerToOrtKernelsPass:
                 raise ValueError(f"{name}: cannot lower to {plan.kernel}: its weight does not feed exactly one MatMul")
             mm = users[0]
             replace_[dq.name] = []
-            if plan.kernel == KERNEL_NBITS:
+            if plan.kernel in (KERNEL_NBITS, KERNEL_NBITS_QDQ):
                 nodes, new = self._nbits(name, plan, mm)
             else:
                 nodes, new = self._int8(name, plan, mm, shared)
@@ -191,7 +197,7 @@ class LowerToOrtKernelsPass:
         return PassResult(model, bool(self.plans), len(self.plans))
 
     def _nbits(self, name: str, plan: LayerPlan, mm: onnx.NodeProto):
-        w = to_nbits(self.weights[name], plan.activation_group)
+        w = to_nbits(self.weights[name], nbits_block(plan.group_size))
         inputs = [mm.input[0], f"{name}.nbits_weight", f"{name}.nbits_scale"]
         inits = [numpy_helper.from_array(w.b, inputs[1]), numpy_helper.from_array(w.scales, inputs[2])]
         if w.zero_points is not None:
@@ -199,7 +205,7 @@ class LowerToOrtKernelsPass:
             inits.append(numpy_helper.from_array(w.zero_points, inputs[3]))
         node = helper.make_node(
             "MatMulNBits", inputs, [mm.output[0]], name=f"{name}/matmul_nbits", domain=MS_DOMAIN,
-            K=plan.in_features, N=plan.out_features, bits=w.bits, block_size=w.block, accuracy_level=NBITS_ACCURACY,
+            K=plan.in_features, N=plan.out_features, bits=w.bits, block_size=w.block, accuracy_level=_accuracy(plan),
         )  # fmt: skip
         return [tag(node, name, ROLE_KERNEL)], inits
 
@@ -255,6 +261,11 @@ class LowerToOrtKernelsPass:
         return nodes, inits
 
 
+def _accuracy(plan: LayerPlan) -> int:
+    """MatMulNBits accuracy level: 4 (int8 activations) for the fast kernel, 0 (fp32) behind a Q/DQ."""
+    return NBITS_ACCURACY if plan.kernel == KERNEL_NBITS else 0
+
+
 # ------------------------------------------------------------------------------------- read back, check
 def kernel_nodes(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     out: dict[str, list[onnx.NodeProto]] = {}
@@ -279,17 +290,17 @@ def read_kernel_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> 
             continue
         q = plan.quant
         nodes = by_module.get(name, [])
-        want_op = "MatMulNBits" if plan.kernel == KERNEL_NBITS else "MatMulIntegerToFloat"
+        want_op = "MatMulIntegerToFloat" if plan.kernel == KERNEL_INT8 else "MatMulNBits"
         kern = [n for n in nodes if n.op_type == want_op]
         if len(kern) != 1 or kern[0].domain != MS_DOMAIN:
             fails.append(f"{name}: expected one {MS_DOMAIN}::{want_op}, found {len(kern)}")
             continue
         node = kern[0]
         n_out, k_in, g = plan.out_features, plan.in_features, plan.group_size
-        if plan.kernel == KERNEL_NBITS:
+        if plan.kernel != KERNEL_INT8:
             a = attrs(node)
-            bits, block = container_bits(q.wbits), plan.activation_group
-            want = {"K": k_in, "N": n_out, "bits": bits, "block_size": block, "accuracy_level": NBITS_ACCURACY}
+            bits, block = container_bits(q.code_bits), nbits_block(g)
+            want = {"K": k_in, "N": n_out, "bits": bits, "block_size": block, "accuracy_level": _accuracy(plan)}
             got = {key: a.get(key) for key in want}
             if got != want:
                 fails.append(f"{name}: MatMulNBits attributes {got}, expected {want}")
@@ -330,11 +341,11 @@ def read_kernel_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> 
             zero = np.zeros_like(scale, np.int16)
         from ditq.calib.numerics import qrange
 
-        lo, hi = qrange(q.wbits, q.symmetric)
+        lo, hi = qrange(q.code_bits, q.symmetric)
         if codes.size and (int(codes.min()) < lo or int(codes.max()) > hi):
-            fails.append(f"{name}: codes outside the {q.wbits}-bit range [{lo}, {hi}]")
+            fails.append(f"{name}: codes outside the {q.code_bits}-bit range [{lo}, {hi}]")
         out[name] = QuantizedTensor(
             torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(scale.astype(np.float32))),
-            torch.from_numpy(np.ascontiguousarray(zero)), q.wbits, g, q.symmetric,
+            torch.from_numpy(np.ascontiguousarray(zero)), q.code_bits, g, q.symmetric,
         )  # fmt: skip
     return out, fails

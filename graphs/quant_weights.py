@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ditq.calib.numerics import QuantizedTensor, unpack_4bit_u8
+from ditq.calib.numerics import QuantizedTensor, unpack_2bit_u8, unpack_4bit_u8
 from ditq.graphs.tensors import (
     ROLE_WEIGHT_DQ,
     ROLE_WEIGHT_GATHER,
@@ -153,7 +153,9 @@ class StoreQuantizedWeightsPass:
 def stored_codes(t: onnx.TensorProto) -> np.ndarray:
     """Integer codes of an initializer written by this pass (unpacked, in its stored layout)."""
     count = int(np.prod(t.dims)) if len(t.dims) else 1
-    if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+    if t.data_type in (TensorProto.INT2, TensorProto.UINT2):
+        flat = unpack_2bit_u8(np.frombuffer(t.raw_data, np.uint8), count, signed=t.data_type == TensorProto.INT2)
+    elif t.data_type in (TensorProto.INT4, TensorProto.UINT4):
         flat = unpack_4bit_u8(np.frombuffer(t.raw_data, np.uint8), count, signed=t.data_type == TensorProto.INT4)
     elif t.data_type in (TensorProto.INT8, TensorProto.UINT8):
         flat = np.frombuffer(t.raw_data, np.int8 if t.data_type == TensorProto.INT8 else np.uint8)[:count]

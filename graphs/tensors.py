@@ -1,6 +1,7 @@
 """Low-bit ONNX tensors and small graph helpers shared by the passes.
 
-Container types for ``b``-bit codes (``qdq`` target): ``b <= 4`` -> INT4/UINT4 (two codes per byte),
+Container types for ``b``-bit codes (``qdq`` target): ``b <= 2`` -> INT2/UINT2 (four codes per byte; the
+model is then written at opset 25, IR 13), ``b <= 4`` -> INT4/UINT4 (two codes per byte),
 ``5 <= b <= 8`` -> INT8/UINT8 (one code per byte); signed for symmetric, unsigned for asymmetric.
 """
 
@@ -10,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ditq.calib.numerics import pack_4bit_u8, qrange
+from ditq.calib.numerics import pack_2bit_u8, pack_4bit_u8, qrange
 
 # metadata_props keys the passes put on the nodes they insert: which torch module, which role.
 META_MODULE = "ditq.module"
@@ -21,7 +22,9 @@ ROLE_ACT_QUANT = "act_quant"
 
 
 def code_type(bits: int, symmetric: bool) -> int:
-    """ONNX element type that stores ``bits``-bit codes."""
+    """ONNX element type that stores ``bits``-bit codes (2-bit: INT2/UINT2, opset 25 and IR 13)."""
+    if bits <= 2:
+        return TensorProto.INT2 if symmetric else TensorProto.UINT2
     if bits <= 4:
         return TensorProto.INT4 if symmetric else TensorProto.UINT4
     return TensorProto.INT8 if symmetric else TensorProto.UINT8
@@ -38,7 +41,9 @@ def code_tensor(name: str, codes: np.ndarray, bits: int, symmetric: bool) -> Ten
     t.name = name
     t.data_type = dtype
     t.dims.extend(codes.shape)
-    if dtype in (TensorProto.INT4, TensorProto.UINT4):
+    if dtype in (TensorProto.INT2, TensorProto.UINT2):
+        t.raw_data = pack_2bit_u8(codes).tobytes()
+    elif dtype in (TensorProto.INT4, TensorProto.UINT4):
         t.raw_data = pack_4bit_u8(codes).tobytes()
     else:
         t.raw_data = codes.astype(np.int8 if symmetric else np.uint8).tobytes()

@@ -33,6 +33,7 @@ from ditq.runtime.metrics import DigitJudge, FeatureFn, fid
 from ditq.runtime.samplers import NoiseSchedule, seeded_noise
 
 _CONFIG_RE = re.compile(r"^w([2-8])a([2-8]|16|fp)(?:g(\d+|ch))?$")
+_ROBUQ_RE = re.compile(r"^w1\.58a([1-8])(h?)(m?)$")  # RobuQ: ternary, A bits, +Hadamard, +mixed precision
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,17 @@ class EvalConfig:
     recipe_file: str | None = None  # a recipe JSON (e.g. from ``ditq search``) instead of the bits above
     base_group: int | None = None  # group size of the weight-only layers (gN sets the W+A block linears)
     target: str = "qdq"  # export target: "qdq" (Q-DiT's arithmetic) or "ort" (ONNX Runtime's int8 kernels)
+    ternary: bool = False  # RobuQ: ternary weights, per-token activations (Recipe.robuq)
+    rotate: bool = False  # RobuQ: + Hadamard rotation
+    mixed: bool = False  # RobuQ: + activation bits per layer averaging ``abits`` (needs the model's sensitivity)
 
-    def recipe(self, symmetric: bool = False, method: str | None = None):
+    def recipe(self, symmetric: bool = False, method: str | None = None, act_bits: dict[str, int] | None = None):
         from dataclasses import replace
 
         from ditq.recipe import LayerQuant, Recipe
 
+        if self.ternary:
+            return Recipe.robuq(self.abits, rotate=self.rotate, act_bits=act_bits)
         if self.recipe_file is not None:
             r = Recipe.load(self.recipe_file)
         elif self.wbits is None:
@@ -84,9 +90,17 @@ def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
         if name in ("fp", "float", "fp32"):
             out.append(EvalConfig("fp", None, None, None))
             continue
+        r = _ROBUQ_RE.match(name)
+        if r:
+            out.append(EvalConfig(name + suffix, None, int(r.group(1)), None, target=target, ternary=True,
+                                  rotate=bool(r.group(2)), mixed=bool(r.group(3))))  # fmt: skip
+            continue
         m = _CONFIG_RE.match(name)
         if not m:
-            raise DitqError(f"--configs: cannot read {name!r}; expected fp or wXaY[gN], e.g. w4a8, w4a16, w4a4g32")
+            raise DitqError(
+                f"--configs: cannot read {name!r}; expected fp, wXaY[gN] (e.g. w4a8, w4a16, w4a4g32) "
+                "or w1.58aY[h][m] (RobuQ: ternary, +h Hadamard, +m mixed activation bits)"
+            )
         abits = None if m.group(2) in ("16", "fp") else int(m.group(2))
         g = group_size if m.group(3) is None else (None if m.group(3) == "ch" else int(m.group(3)))
         out.append(EvalConfig(name + suffix, int(m.group(1)), abits, g, base_group=group_size, target=target))
@@ -168,6 +182,13 @@ def _layer_error(qdit, inputs) -> float:
         out = xq @ qdit.weights[name].dequantize().double().T
         errs.append(float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)))
     return float(np.mean(errs)) if errs else float("nan")
+
+
+def _model_images(split, pipe):
+    """The training digits (model range [-1, 1]) as a tensor: inputs for sensitivity measurement."""
+    import torch
+
+    return torch.from_numpy(np.asarray(split.x_train, np.float32))
 
 
 def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
@@ -253,6 +274,7 @@ def evaluate(
         exports_dir = tmp.name
     exports_dir = Path(exports_dir)
     rows: list[EvalRow] = []
+    allocations: dict[str, dict[str, int]] = {}  # mixed-precision configs: activation bits per unit
     samples: dict[str, dict[int, np.ndarray]] = {}
     held_out = None  # block-linear inputs of held-out trajectories, recorded once for --layer-error
     t0 = time.perf_counter()
@@ -260,7 +282,17 @@ def evaluate(
     try:
         for conf in configs:
             bar.set_postfix_str(f"{conf.name}: quantize + export")
-            recipe = conf.recipe(symmetric, method if conf.wbits or conf.recipe_file else None)
+            act_bits = None
+            if conf.mixed:
+                from ditq.calib.robuq import mixed_activation_bits, sensitivity_inputs
+
+                bar.set_postfix_str(f"{conf.name}: activation sensitivity + bit allocation")
+                images = _model_images(split, pipe) if is_digits else None
+                act_bits, _, unit_bits = mixed_activation_bits(
+                    loaded.model, conf.abits, rotate=conf.rotate, inputs=sensitivity_inputs(mcfg, images)
+                )
+                allocations[conf.name] = unit_bits
+            recipe = conf.recipe(symmetric, method if conf.wbits or conf.recipe_file else None, act_bits=act_bits)
             calibration = None
             if recipe.method == "gptq":
                 if calib_fn is None:
@@ -337,5 +369,6 @@ def evaluate(
         "model": model_spec, "num_samples": num_samples, "steps": steps, "cfg": cfg, "sampler": sampler,
         "seeds": seeds, "group_size": group_size, "symmetric": symmetric, "method": method or "rtn", "real_images": len(real_images),
         "first_step_timestep": first_t, "seconds": round(time.perf_counter() - t0, 1),
+        "activation_bits": allocations,
     }  # fmt: skip
     return EvalReport(rows, float(np.mean(floor)), float(np.std(floor, ddof=1)) if len(floor) > 1 else 0.0, settings)

@@ -55,7 +55,7 @@ def test_group_size_that_does_not_divide(tmp_path, capsys, tiny_folder):
     assert_refused(code, err, tmp_path, "group size 48", "layer 'transformer_blocks.0.")
 
 
-@pytest.mark.parametrize("flag,value,needle", [("--wbits", "9", "wbits"), ("--wbits", "1", "wbits"), ("--abits", "1", "abits")])
+@pytest.mark.parametrize("flag,value,needle", [("--wbits", "9", "wbits"), ("--wbits", "1", "wbits"), ("--abits", "9", "abits"), ("--abits", "0", "abits"), ("--wbits", "1.5", "1.58")])
 def test_impossible_bit_widths(tmp_path, capsys, tiny_folder, flag, value, needle):
     code, _, err = run(["export", "--model", tiny_folder, flag, value, "--out", str(tmp_path / "out")], capsys)
     assert_refused(code, err, tmp_path, needle)

@@ -18,6 +18,7 @@ from ditq.exporter.trace import INPUT_NAMES, example_inputs
 from ditq.graphs.lower_ort import (
     KERNEL_INT8,
     KERNEL_NBITS,
+    KERNEL_NBITS_QDQ,
     KERNEL_QDQ,
     MS_DOMAIN,
     nbits_block,
@@ -46,7 +47,8 @@ def test_kernel_choice_per_layer():
     assert (p.kernel, p.quant.group_size, p.quant.symmetric, p.abits, p.activation_group, p.activation_symmetric) == (KERNEL_NBITS, 192, False, 8, 64, True)
     p = plan_for_ort(plan(4, None, 64))  # weight-only: the kernel quantizes its input to int8 too
     assert (p.kernel, p.abits, p.activation_group) == (KERNEL_NBITS, 8, 64)
-    assert plan_for_ort(plan(4, 4, 32)).kernel == KERNEL_QDQ  # no int4-activation kernel: exact QDQ kept
+    p = plan_for_ort(plan(4, 4, 32))  # no int4-activation kernel: the exact Q/DQ feeds an fp32 MatMulNBits
+    assert (p.kernel, p.abits, p.activation_group, p.activation_symmetric) == (KERNEL_NBITS_QDQ, 4, 32, False)
     assert plan_for_ort(plan(4, 8, 8)).kernel == KERNEL_QDQ  # block 8 is below MatMulNBits' minimum
     emb = LayerPlan("e", "embedding", 64, 11, LayerQuant(4, None, 32))
     assert plan_for_ort(emb) is emb
@@ -120,12 +122,16 @@ def test_w8a8_lowers_every_linear_and_validates(tmp_path, tiny_dit):
     assert f"in {6 * depth} activation quantizers" in codes.detail  # the int8 kernel's per-token codes, bit exact
 
 
-def test_w4a4_keeps_exact_qdq_where_no_kernel_fits(tmp_path, tiny_dit):
-    _, out = _export(tiny_dit, Recipe.qdit(4, 4, 32), tmp_path, "w4a4")
+def test_w4a4_keeps_the_exact_activation_qdq(tmp_path, tiny_dit):
+    qdit, out = _export(tiny_dit, Recipe.qdit(4, 4, 32), tmp_path, "w4a4")
     ops = _ops(out / "model.onnx")
     depth = tiny_dit.config.num_layers
     assert ops["MatMulIntegerToFloat"] == 0 and ops["QuantizeLinear"] == 4 * depth  # q/k/v share one quantizer
-    assert ops["MatMulNBits"] > 0  # the weight-only layers are lowered
+    linears = sum(1 for p in qdit.plans.values() if p.kind == "linear")
+    assert ops["MatMulNBits"] == linears and ops["MatMul"] > 0  # every linear; attention stays MatMul
+    nodes = onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node
+    levels = Counter(next(a.i for a in n.attribute if a.name == "accuracy_level") for n in nodes if n.op_type == "MatMulNBits")
+    assert levels == {0: 6 * depth, 4: linears - 6 * depth}  # fp32 behind the A4 Q/DQ; int8 for weight-only layers
     assert ditq.validate(out).passed
 
 
