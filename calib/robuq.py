@@ -48,6 +48,9 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
 
 
+_rotate = rotate  # for functions whose ``rotate`` argument is a flag
+
+
 def quantize_ternary(w: torch.Tensor, group_size: int) -> "QuantizedTensor":
     """Ternary codes of a ``[N, K]`` weight: per row and group of ``group_size``, ``s = mean|w|``,
     ``q = clamp(round(w / s), -1, 1)`` (2-bit symmetric codes, zero point 0)."""
@@ -157,9 +160,9 @@ def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bo
                     a = args[0]
                     k = a.shape[-1]
                     b = rotation_block(k) if rotate else None
-                    a = rotate(a, b) if b else a
+                    a = _rotate(a, b) if b else a
                     a = fake_quantize(a, bits, k)
-                    return (rotate(a, b) if b else a,)
+                    return (_rotate(a, b) if b else a,)  # H H = I: back to the float weights' basis
 
                 handles = [named[m].register_forward_pre_hook(hook) for m in members]
                 try:

@@ -167,7 +167,10 @@ class LayerPlan:
 
     @property
     def activation_symmetric(self) -> bool:
-        return self.quant.symmetric if self.act_symmetric is None else self.act_symmetric
+        """Ternary layers quantize their input asymmetric min-max (2 bits: 4 levels, not 3; 1 bit exists)."""
+        if self.act_symmetric is not None:
+            return self.act_symmetric
+        return self.quant.symmetric and not self.quant.ternary
 
     @property
     def rotation(self) -> int | None:

@@ -103,7 +103,7 @@ def build_quantized_graph(
     rot = [RotationTarget(bound[n], n, p.rotation, p.in_features) for n, p in qdit.plans.items() if p.rotation]
     InsertRotationPass(rot)(proto)
     act_targets = [
-        ActivationTarget(bound[n], n, p.abits, p.group_size, p.in_features, p.quant.symmetric)
+        ActivationTarget(bound[n], n, p.abits, p.activation_group, p.in_features, p.activation_symmetric)
         for n, p in qdit.plans.items()
         if p.abits is not None and p.kernel in ACT_QDQ_KERNELS
     ]

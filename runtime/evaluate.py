@@ -188,7 +188,7 @@ def _model_images(split, pipe):
     """The training digits (model range [-1, 1]) as a tensor: inputs for sensitivity measurement."""
     import torch
 
-    return torch.from_numpy(np.asarray(split.x_train, np.float32))
+    return torch.from_numpy(np.array(split.x_train, np.float32))  # a writable copy
 
 
 def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:

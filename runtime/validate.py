@@ -252,7 +252,7 @@ def validate(
         if plan is None or ql is None:
             continue
         clip = next((n for n in nodes if n.op_type == "Clip"), None)
-        probes.append((module, ql.input[0], (clip or ql).output[0], plan.abits, plan.group_size, plan.quant.symmetric, 0))
+        probes.append((module, ql.input[0], (clip or ql).output[0], plan.abits, plan.activation_group, plan.activation_symmetric, 0))
     for module, nodes in kernel_nodes(proto.graph).items():  # int8 kernel: per-token codes, uint8 offset by 128
         plan = qd.plans.get(module)
         ops = {n.op_type: n for n in nodes}
