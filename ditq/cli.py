@@ -240,10 +240,13 @@ def _robuq_recipe(args, model):
 
     act_bits = None
     if args.mixed:
+        import numpy as np
+        import torch
+
         from ditq.calib.digits import load_split
         from ditq.calib.robuq import mixed_activation_bits, sensitivity_inputs
 
-        images = __import__("torch").from_numpy(__import__("numpy").array(load_split().x_train, "float32"))
+        images = torch.from_numpy(np.array(load_split().x_train, np.float32))
         act_bits, _, per_unit = mixed_activation_bits(model, args.abits, rotate=not args.no_rotate,
                                                       inputs=sensitivity_inputs(dict(model.config), images),
                                                       progress=not args.quiet)  # fmt: skip
