@@ -172,7 +172,6 @@ class LowerToOrtKernelsPass:
         for n in graph.node:
             for i in n.input:
                 consumers.setdefault(i, []).append(n)
-        before: dict[str, list] = {}
         replace_: dict[str, list] = {}
         inits: list[TensorProto] = []
         shared: dict[str, TensorProto] = {}
@@ -189,7 +188,7 @@ class LowerToOrtKernelsPass:
                 nodes, new = self._int8(name, plan, mm, shared)
             replace_[mm.name] = nodes
             inits += new
-        rebuild_nodes(graph, before, replace_)
+        rebuild_nodes(graph, {}, replace_)
         graph.initializer.extend(inits + list(shared.values()))
         remove_unused_initializers(graph)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import) and self.plans:

@@ -235,8 +235,6 @@ def bench(
     progress: bool = True,
 ) -> BenchReport:
     """Build and measure ``variants`` of ``model_spec`` (see the module docstring)."""
-    import torch
-
     from ditq.exporter.export import export
     from ditq.exporter.reference import quantize_model
     from ditq.exporter.trace import example_inputs, export_float
@@ -287,10 +285,8 @@ def bench(
         x, t, y = example_inputs(config, batch=batch, seed=1234)
         inputs = work / "inputs.npz"
         np.savez(inputs, sample=x.numpy(), timestep=t.numpy(), class_labels=y.numpy())
-        model_cfg = config
-        del loaded, x, t, y
+        del loaded, x, t, y  # the workers need the memory, not the torch model
         gc.collect()
-        torch.set_num_threads(1)
 
         outputs = {v.name: work / f"out-{v.name.replace('@', '-')}.npy" for v in variants}
         for v in tqdm(variants, desc="bench: load sessions", unit="variant", disable=not progress):
@@ -319,7 +315,7 @@ def bench(
 
         qual: dict[str, tuple[float, float]] = {}
         if quality:
-            qual = _quality(paths, model_cfg, pipe, quality, quality_steps, quality_seed, progress)
+            qual = _quality(paths, config, pipe, quality, quality_steps, quality_seed, progress)
 
         y_float = np.load(outputs["float"]).astype(np.float64)
         base_t = float(np.median(times["float"]))

@@ -74,19 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         import tempfile
 
-        import onnxruntime as ort
+        from ditq.runtime.session import create_session
 
-        so = ort.SessionOptions()
-        so.enable_profiling = True
-        so.profile_file_prefix = tempfile.mkdtemp(prefix="ditq-prof-") + "/p"
-        if args.threads:
-            so.intra_op_num_threads = args.threads
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
-        feeds = _feeds(sess, data)
-        for _ in range(args.runs + 1):  # the first run (warm-up) is averaged in: profiles are for shares, not times
-            sess.run(None, feeds)
-        times = op_times(sess.end_profiling())
+        with tempfile.TemporaryDirectory(prefix="ditq-prof-") as tmp:
+            sess = create_session(args.model, provider=args.provider, threads=args.threads or None, profile_prefix=f"{tmp}/p")
+            feeds = _feeds(sess, data)
+            for _ in range(args.runs + 1):  # the warm-up run is averaged in: profiles give shares, not times
+                sess.run(None, feeds)
+            times = op_times(sess.end_profiling())
         with open(args.profile, "w") as f:
             json.dump({k: v / (args.runs + 1) for k, v in times.items()}, f)
         return 0

@@ -31,9 +31,10 @@ def create_session(
     provider: str = "cpu",
     exact: bool = True,
     threads: int | None = None,
+    profile_prefix: str | None = None,
 ):
     """An ``onnxruntime.InferenceSession`` for a model file (or serialized model with its weights inline)
-    on ``provider`` (``cpu`` or ``cuda``)."""
+    on ``provider`` (``cpu`` or ``cuda``); ``profile_prefix`` turns on ONNX Runtime's profiler."""
     ort = _ort()
     if provider not in PROVIDERS:
         raise DitqError(f"unknown provider {provider!r}; choose from {list(PROVIDERS)}")
@@ -48,6 +49,9 @@ def create_session(
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         so.intra_op_num_threads = threads
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)

@@ -27,7 +27,7 @@ def test_bench_on_a_tiny_dit(tmp_path, tiny_dit):
     tiny_dit.save_pretrained(folder)
     js = tmp_path / "b.json"
     assert main(["--quiet", "bench", "--model", str(folder), "--variants", "ort-int8,ort-int4,w8a8,w4a8",
-                 "--group-size", "32", "--runs", "3", "--threads", "1", "--json", str(js)]) == 0  # fmt: skip
+                 "--group-size", "32", "--runs", "3", "--threads", "1", "--profile", "--json", str(js)]) == 0  # fmt: skip
     rows = {r["variant"]: r for r in json.loads(js.read_text())["rows"]}
     assert list(rows) == ["float", "ort-int8", "ort-int4", "w8a8@ort", "w4a8@ort"]
     f = rows["float"]
@@ -41,6 +41,10 @@ def test_bench_on_a_tiny_dit(tmp_path, tiny_dit):
             assert 0.0 < r["rel_error"] < 0.5 and r["size_ratio"] < 1.0
     assert rows["w4a8@ort"]["size_ratio"] < rows["w8a8@ort"]["size_ratio"] < rows["ort-int4"]["size_ratio"]
     assert rows["w8a8@ort"]["kernels"]["int8_gemm"] == 6 * tiny_dit.config.num_layers
+    for r in rows.values():  # profiles: shares of kernel time that add up, naming the variant's own kernels
+        assert sum(r["profile"].values()) == pytest.approx(1.0)
+    assert "MatMulIntegerToFloat" in rows["w8a8@ort"]["profile"] and "MatMulIntegerToFloat" not in rows["float"]["profile"]
+    assert "MatMulNBits" in rows["w4a8@ort"]["profile"]
 
 
 def test_goal_check_reads_the_report():
