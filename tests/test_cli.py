@@ -97,3 +97,16 @@ def test_console_script_exit_codes(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and r.stderr.strip().splitlines()[-1].startswith("ditq: error: model not found")
     assert not (tmp_path / "out").exists()
+
+
+def test_cuda_provider_unavailable_is_one_line(tmp_path, capsys, tiny_folder):
+    """On a machine whose ONNX Runtime has no CUDA provider, --provider cuda stops with one line."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here: nothing to refuse")
+    out = tmp_path / "m"
+    assert run(["export", "--model", tiny_folder, "--wbits", "8", "--abits", "8", "--group-size", "32", "--out", str(out)], capsys)[0] == 0
+    code, _, err = run(["sample", str(out), "--provider", "cuda", "--steps", "2", "--out", str(tmp_path / "x.npy")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA is not available" in err
+    assert not (tmp_path / "x.npy").exists()
