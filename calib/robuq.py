@@ -21,6 +21,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
+
 MAX_ROTATION = 128  # largest Hadamard block (1152 -> 128, 4608 -> 128, 192 -> 64): a b x b fp32 constant each
 
 
@@ -51,11 +53,9 @@ def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
 _rotate = rotate  # for functions whose ``rotate`` argument is a flag
 
 
-def quantize_ternary(w: torch.Tensor, group_size: int) -> "QuantizedTensor":
+def quantize_ternary(w: torch.Tensor, group_size: int) -> QuantizedTensor:
     """Ternary codes of a ``[N, K]`` weight: per row and group of ``group_size``, ``s = mean|w|``,
     ``q = clamp(round(w / s), -1, 1)`` (2-bit symmetric codes, zero point 0)."""
-    from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
-
     w = w.detach().float()
     wg = _grouped(w, group_size)
     scale = torch.clamp(wg.abs().mean(-1), min=EPS)

@@ -20,34 +20,29 @@ from onnx import numpy_helper
 
 from ditq.calib.numerics import QuantizedTensor, qrange
 from ditq.graphs.quant_weights import stored_codes
-from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, ROLE_WEIGHT_GATHER, attrs, code_type, node_meta
+from ditq.graphs.lower_ort import ACT_QDQ_KERNELS, KERNEL_QDQ, ROLE_KERNEL
+from ditq.graphs.tensors import META_ROLE, ROLE_ACT_QUANT, ROLE_WEIGHT_DQ, ROLE_WEIGHT_GATHER, attrs, code_type, node_meta, nodes_by_module
 from ditq.recipe import LayerPlan
 
 
-def nodes_by_module(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.NodeProto]]:
-    """The nodes a pass inserted with ``role``, grouped by the torch module they quantize."""
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        m = node_meta(n)
-        if m.get(META_ROLE) == role:
-            out.setdefault(m[META_MODULE], []).append(n)
-    return out
+def weight_sources(graph: onnx.GraphProto) -> dict[str, str]:
+    """Output of each row Gather of a gather-first embedding table -> the initializer it gathers from."""
+    return {n.output[0]: n.input[0] for n in graph.node if node_meta(n).get(META_ROLE) == ROLE_WEIGHT_GATHER}
 
 
-def weight_inputs(graph: onnx.GraphProto, dq: onnx.NodeProto) -> list[str]:
-    """The initializer names behind a weight DequantizeLinear's inputs (through the row Gathers of a
-    gather-first embedding table)."""
-    gathers = {n.output[0]: n for n in graph.node if node_meta(n).get(META_ROLE) == ROLE_WEIGHT_GATHER}
-    return [gathers[i].input[0] if i in gathers else i for i in dq.input]
+def weight_inputs(dq: onnx.NodeProto, sources: dict[str, str]) -> list[str]:
+    """The initializer names behind a weight DequantizeLinear's inputs (``sources``: :func:`weight_sources`)."""
+    return [sources.get(i, i) for i in dq.input]
 
 
 def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[str]:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
+    sources = weight_sources(graph)
     fails = []
     for name, plan in plans.items():
-        if plan.kernel != "qdq":  # lowered to an ORT kernel: lower_ort.read_kernel_weights checks it
+        if plan.kernel != KERNEL_QDQ:  # lowered to an ORT kernel: lower_ort.read_kernel_weights checks it
             continue
         nodes = dqs.get(name, [])
         if len(nodes) != 1:
@@ -55,7 +50,7 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
             continue
         dq = nodes[0]
         q = plan.quant
-        dq_in = weight_inputs(graph, dq)
+        dq_in = weight_inputs(dq, sources)
         codes = inits.get(dq_in[0])
         scale = inits.get(dq_in[1])
         if codes is None or scale is None:
@@ -92,11 +87,11 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
             consumers.setdefault(i, []).append(n)
     dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
     fails = []
-    kernels = nodes_by_module(graph, "ort_kernel")
+    kernels = nodes_by_module(graph, ROLE_KERNEL)
     for name, plan in plans.items():
-        if plan.abits is None or plan.kernel not in ("qdq", "nbits_qdq"):
+        if plan.abits is None or plan.kernel not in ACT_QDQ_KERNELS:
             continue
-        if plan.kernel == "qdq":
+        if plan.kernel == KERNEL_QDQ:
             dq_w = dqs.get(name, [])
             mm = [c for d in dq_w for c in consumers.get(d.output[0], []) if c.op_type == "MatMul"]
         else:  # the recipe's Q/DQ feeding a MatMulNBits
@@ -146,12 +141,13 @@ def check_codes_equal(model: onnx.ModelProto, plans: dict[str, LayerPlan], expec
     """Stored weight codes and scales equal ``expected[name]`` exactly, element for element."""
     inits = {t.name: t for t in model.graph.initializer}
     dqs = nodes_by_module(model.graph, ROLE_WEIGHT_DQ)
+    sources = weight_sources(model.graph)
     fails = []
     for name, qt in expected.items():
-        if plans[name].kernel != "qdq":
+        if plans[name].kernel != KERNEL_QDQ:
             continue
         nodes = dqs.get(name)
-        dq_in = weight_inputs(model.graph, nodes[0]) if nodes else []
+        dq_in = weight_inputs(nodes[0], sources) if nodes else []
         if not nodes or dq_in[0] not in inits:
             continue  # reported by check_weights
         codes = stored_codes(inits[dq_in[0]]).astype(np.int16)
@@ -178,10 +174,11 @@ def weights_from_graph(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> d
     inits = {t.name: t for t in model.graph.initializer}
     dqs = nodes_by_module(model.graph, ROLE_WEIGHT_DQ)
     out = {}
+    sources = weight_sources(model.graph)
     for name, plan in plans.items():
-        if plan.kernel != "qdq":
+        if plan.kernel != KERNEL_QDQ:
             continue
-        dq_in = weight_inputs(model.graph, dqs[name][0])
+        dq_in = weight_inputs(dqs[name][0], sources)
         codes = stored_codes(inits[dq_in[0]]).astype(np.int16)
         scale = numpy_helper.to_array(inits[dq_in[1]]).astype(np.float32)
         zero = (

@@ -43,9 +43,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ditq.calib.numerics import EPS, QuantizedTensor, pack_2bit_u8, pack_4bit_u8, unpack_2bit_u8, unpack_4bit_u8
+from ditq.calib.numerics import EPS, QuantizedTensor, qrange, pack_2bit_u8, pack_4bit_u8, unpack_2bit_u8, unpack_4bit_u8
 from ditq.graphs.quant_weights import PassResult, stored_codes
-from ditq.graphs.tensors import META_MODULE, META_ROLE, ROLE_WEIGHT_DQ, attrs, node_meta, rebuild_nodes, remove_unused_initializers, tag
+from ditq.graphs.tensors import ROLE_WEIGHT_DQ, attrs, nodes_by_module, rebuild_nodes, remove_unused_initializers, tag
 from ditq.recipe import LayerPlan
 
 KERNEL_QDQ = "qdq"
@@ -167,7 +167,7 @@ class LowerToOrtKernelsPass:
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
-        dq_of = {node_meta(n).get(META_MODULE): n for n in graph.node if node_meta(n).get(META_ROLE) == ROLE_WEIGHT_DQ}
+        dq_of = {m: nodes[0] for m, nodes in nodes_by_module(graph, ROLE_WEIGHT_DQ).items()}
         consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in graph.node:
             for i in n.input:
@@ -267,12 +267,8 @@ def _accuracy(plan: LayerPlan) -> int:
 
 # ------------------------------------------------------------------------------------- read back, check
 def kernel_nodes(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        m = node_meta(n)
-        if m.get(META_ROLE) == ROLE_KERNEL:
-            out.setdefault(m[META_MODULE], []).append(n)
-    return out
+    """The nodes of every lowered layer's kernel, by module."""
+    return nodes_by_module(graph, ROLE_KERNEL)
 
 
 def read_kernel_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> tuple[dict[str, QuantizedTensor], list[str]]:
@@ -338,8 +334,6 @@ def read_kernel_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> 
             codes = stored_codes(w).T.astype(np.int16)
             scale = numpy_helper.to_array(sc).reshape(n_out, 1)
             zero = np.zeros_like(scale, np.int16)
-        from ditq.calib.numerics import qrange
-
         lo, hi = qrange(q.code_bits, q.symmetric)
         if codes.size and (int(codes.min()) < lo or int(codes.max()) > hi):
             fails.append(f"{name}: codes outside the {q.code_bits}-bit range [{lo}, {hi}]")

@@ -47,8 +47,8 @@ class InsertRotationPass:
         graph = model.graph
         nodes = {n.name: n for n in graph.node}
         have = {t.name for t in graph.initializer}
-        consts: dict[str, TensorProto | None] = {}
-        hnodes: list[onnx.NodeProto] = []
+        consts: dict[str, TensorProto] = {}
+        hnodes: dict[str, onnx.NodeProto] = {}  # one DequantizeLinear per Hadamard size
         before: dict[str, list] = {}
         shared: dict[tuple, str] = {}
         order = {n.name: i for i, n in enumerate(graph.node)}
@@ -63,12 +63,11 @@ class InsertRotationPass:
             key = (node.input[0], b)
             if key not in shared:
                 h, shp = f"ditq/const/hadamard_{b}", f"ditq/const/shape_rot_{k}_{b}"
-                if h not in consts:  # stored as int8 signs times one scale: exactly hadamard(b), a quarter the bytes
+                if h not in hnodes:  # stored as int8 signs times one scale: exactly hadamard(b), a quarter the bytes
                     signs = np.sign(hadamard(b, torch.float64).numpy()).astype(np.int8)
                     consts[h + "_signs"] = numpy_helper.from_array(signs, h + "_signs")
                     consts[h + "_scale"] = numpy_helper.from_array(np.float32(1.0 / math.sqrt(b)), h + "_scale")
-                    consts[h] = None  # produced by a DequantizeLinear node
-                    hnodes.append(helper.make_node("DequantizeLinear", [h + "_signs", h + "_scale"], [h], name=h))
+                    hnodes[h] = helper.make_node("DequantizeLinear", [h + "_signs", h + "_scale"], [h], name=h)
                 if shp not in consts:
                     consts[shp] = helper.make_tensor(shp, TensorProto.INT64, [3], [-1, k // b, b])
                 p = f"{t.module}/rotate"
@@ -85,6 +84,6 @@ class InsertRotationPass:
         if hnodes:  # the Hadamard constants go first: every rotation may read them
             rest = list(graph.node)
             del graph.node[:]
-            graph.node.extend(hnodes + rest)
-        graph.initializer.extend(c for n, c in consts.items() if c is not None and n not in have)
+            graph.node.extend(list(hnodes.values()) + rest)
+        graph.initializer.extend(c for n, c in consts.items() if n not in have)
         return PassResult(model, bool(self.targets), len(shared))

@@ -75,6 +75,16 @@ def node_meta(node: onnx.NodeProto) -> dict[str, str]:
     return {p.key: p.value for p in node.metadata_props}
 
 
+def nodes_by_module(graph: onnx.GraphProto, role: str) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes a pass inserted with ``role``, grouped by the torch module they belong to."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        m = node_meta(n)
+        if m.get(META_ROLE) == role:
+            out.setdefault(m[META_MODULE], []).append(n)
+    return out
+
+
 def rebuild_nodes(graph: onnx.GraphProto, before: dict[str, list], replace: dict[str, list]) -> None:
     """Rewrite ``graph.node`` in order: ``before[name]`` is emitted just ahead of node ``name`` and
     ``replace[name]`` (if present) in its place. Keeps the graph topologically sorted when the

@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +237,7 @@ def bench(
     from ditq.exporter.export import export
     from ditq.exporter.reference import quantize_model
     from ditq.exporter.trace import example_inputs, export_float
+    from ditq.graphs.lower_ort import kernel_counts
     from ditq.models import load_model, pipeline_info
     from ditq.recipe import Recipe
 
@@ -275,7 +275,7 @@ def bench(
                 _ort_int4(paths["float"], paths[v.name])
             else:
                 qdit = quantize_model(loaded.model, Recipe.qdit(v.wbits, v.abits, v.group_size), progress=False, target=v.target)
-                kernels[v.name] = _kernels(qdit)
+                kernels[v.name] = kernel_counts(qdit.plans)
                 res = export(qdit, d, source=loaded.source, progress=False)
                 paths[v.name] = res.model_path
                 del qdit
@@ -348,12 +348,6 @@ def bench(
             w.kill()
         if tmp is not None:
             tmp.cleanup()
-
-
-def _kernels(qdit) -> dict[str, int]:
-    from ditq.graphs.lower_ort import kernel_counts
-
-    return kernel_counts(qdit.plans)
 
 
 def _quality(paths, config, pipe, n, steps, seed, progress) -> dict[str, tuple[float, float]]:
