@@ -507,9 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="digits", help="built-in model, preset (dit-xl-2, ...) or path (default digits)")
     p.add_argument("--image-size", type=int, choices=(256, 512), help="presets: image size (latents of size/8)")
     p.add_argument("--variants", default="float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq",
-                   help="float, ort-int8 (quantize_dynamic), ort-int4 (MatMulNBitsQuantizer), wXaY[gN][@ort|@qdq] "
+                   help="float, ort-int8 (quantize_dynamic), ort-int4 (MatMulNBitsQuantizer), or eval's configurations "
+                        "(wXaY[gN], w1.58aY[h], recipe .json), target ort unless @qdq "
                         "(default: float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq)")  # fmt: skip
-    p.add_argument("--group-size", type=_group, default=128, help="group size of wXaY variants without gN (default 128)")
+    p.add_argument("--group-size", type=_group, default=128, help="group size of wXaY variants (gN: of their weight+activation block linears only; default 128)")
     p.add_argument("--batch", type=int, default=1, help="batch of one denoising step (default 1)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per variant, interleaved (default 10)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")

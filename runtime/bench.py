@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,9 +34,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
+from ditq.runtime.evaluate import EvalConfig, parse_config
 
 BASELINES = ("float", "ort-int8", "ort-int4")
-_OURS_RE = re.compile(r"^w([2-8])a([2-8]|16)(?:g(\d+|ch))?(?:@(qdq|ort))?$")
 ORT_INT4_BLOCK = 128
 
 
@@ -45,29 +44,35 @@ ORT_INT4_BLOCK = 128
 class Variant:
     name: str
     kind: str  # "float" | "ort-int8" | "ort-int4" | "ditq"
-    wbits: int | None = None
-    abits: int | None = None
-    group_size: int | None = None
-    target: str = "ort"
+    config: EvalConfig | None = None  # kind "ditq": the configuration, in ``ditq eval``'s grammar
+
+    @property
+    def target(self) -> str | None:
+        return self.config.target if self.config else None
 
 
 def parse_variants(text: str, group_size: int | None) -> list[Variant]:
-    """``"float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq"``; ``float`` is always measured (first)."""
+    """``"float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq,w1.58a4h,recipe.json"``: the baselines, or any
+    configuration ``ditq eval --configs`` reads (:func:`~ditq.runtime.evaluate.parse_config`), exported
+    for target ``ort`` unless it says ``@qdq``. ``float`` is always measured (first)."""
     out = [Variant("float", "float")]
     for raw in [v.strip().lower() for v in text.split(",") if v.strip()]:
-        if raw == "float":
+        if raw in ("float", "fp", "fp32"):
             continue
         if raw in BASELINES:
             out.append(Variant(raw, raw))
             continue
-        m = _OURS_RE.match(raw)
-        if not m:
-            raise DitqError(f"--variants: cannot read {raw!r}; expected float, ort-int8, ort-int4 or wXaY[gN][@qdq|@ort]")
-        abits = None if m.group(2) == "16" else int(m.group(2))
-        g = group_size if m.group(3) is None else (None if m.group(3) == "ch" else int(m.group(3)))
-        target = m.group(4) or "ort"
-        name = raw if m.group(4) else f"{raw}@ort"
-        out.append(Variant(name, "ditq", int(m.group(1)), abits, g, target))
+        try:
+            conf = parse_config(raw, group_size, default_target="ort")
+        except DitqError as e:
+            raise DitqError(f"--variants: {e} (or float, ort-int8, ort-int4)") from None
+        if conf.mixed:
+            raise DitqError(f"--variants: {raw}: mixed activation bits need the model's sensitivity; "
+                            "write the recipe with `ditq export --mixed` and bench that recipe .json")  # fmt: skip
+        if conf.wbits is None and conf.recipe_file is None and not conf.ternary:
+            continue  # another spelling of float
+        name = f"{conf.name.partition('@')[0]}@{conf.target}"
+        out.append(Variant(name, "ditq", conf))
     if len({v.name for v in out}) != len(out):
         raise DitqError(f"--variants lists a variant twice: {text!r}")
     return out
@@ -239,7 +244,6 @@ def bench(
     from ditq.exporter.trace import example_inputs, export_float
     from ditq.graphs.lower_ort import kernel_counts
     from ditq.models import load_model, pipeline_info
-    from ditq.recipe import Recipe
 
     if runs < 1 or batch < 1:
         raise DitqError("--runs and --batch must be at least 1")
@@ -274,7 +278,7 @@ def bench(
                 paths[v.name] = d / "model.onnx"
                 _ort_int4(paths["float"], paths[v.name])
             else:
-                qdit = quantize_model(loaded.model, Recipe.qdit(v.wbits, v.abits, v.group_size), progress=False, target=v.target)
+                qdit = quantize_model(loaded.model, v.config.recipe(), progress=False, target=v.target)
                 kernels[v.name] = kernel_counts(qdit.plans)
                 res = export(qdit, d, source=loaded.source, progress=False)
                 paths[v.name] = res.model_path

@@ -69,41 +69,51 @@ class EvalConfig:
         return replace(r, method=method) if method else r
 
 
+def parse_config(raw: str, group_size: int | None, default_target: str = "qdq") -> EvalConfig:
+    """One configuration of ``--configs`` (eval) or ``--variants`` (bench): ``fp``; ``wXaY[gN]`` with bits
+    of weights and activations (16/fp: float activations) and an optional group size of the
+    weight+activation block linears (``gch``: per channel / token; every other layer keeps ``group_size``);
+    ``w1.58aY[h][m]`` (RobuQ: ternary, +Hadamard, +mixed activation bits); or a recipe file (named by its
+    file stem). ``@ort`` / ``@qdq`` picks the export target (default ``default_target``); the name carries
+    ``@ort`` when the target is ``ort``."""
+    raw = raw.strip()
+    raw, _, target = raw.partition("@")
+    target = target.lower() or default_target
+    if target not in ("qdq", "ort"):
+        raise DitqError(f"unknown target {target!r} in {raw}@{target}; use @qdq or @ort")
+    suffix = "" if target == "qdq" else "@ort"
+    name = raw.lower()
+    if name.endswith(".json"):
+        if not Path(raw).is_file():
+            raise DitqError(f"recipe file not found: {raw}")
+        return EvalConfig(Path(raw).stem + suffix, None, None, None, raw, target=target)
+    if name in ("fp", "float", "fp32"):
+        return EvalConfig("fp", None, None, None)
+    r = _ROBUQ_RE.match(name)
+    if r:
+        return EvalConfig(name + suffix, None, int(r.group(1)), None, target=target, ternary=True,
+                          rotate=bool(r.group(2)), mixed=bool(r.group(3)))  # fmt: skip
+    m = _CONFIG_RE.match(name)
+    if not m:
+        raise DitqError(
+            f"cannot read {name!r}; expected fp, wXaY[gN] (e.g. w4a8, w4a16, w4a4g32), "
+            "w1.58aY[h][m] (RobuQ: ternary, +h Hadamard, +m mixed activation bits) or a recipe .json, "
+            "each optionally @ort or @qdq"
+        )
+    abits = None if m.group(2) in ("16", "fp") else int(m.group(2))
+    g = group_size if m.group(3) is None else (None if m.group(3) == "ch" else int(m.group(3)))
+    return EvalConfig(name + suffix, int(m.group(1)), abits, g, base_group=group_size, target=target)
+
+
 def parse_configs(text: str, group_size: int | None) -> list[EvalConfig]:
-    """``"fp,w8a8,w4a16,w4a4g32,w4a4gch,searched.json,w4a8@ort"``: bits of weights and activations
-    (16/fp: float activations), optional group size of the weight+activation block linears (``gch``: per
-    channel / token; every other layer keeps ``group_size``), or a recipe file (named by its file stem);
-    ``@ort`` exports the configuration for target ``ort`` instead of ``qdq``."""
+    """``"fp,w8a8,w4a16,w4a4g32,w4a4gch,searched.json,w4a8@ort"`` (see :func:`parse_config`); target
+    ``qdq`` unless a configuration says ``@ort``."""
     out = []
-    for raw in [c.strip() for c in text.split(",") if c.strip()]:
-        raw, _, target = raw.partition("@")
-        target = target.lower() or "qdq"
-        if target not in ("qdq", "ort"):
-            raise DitqError(f"--configs: unknown target {target!r} in {raw}@{target}; use @qdq or @ort")
-        suffix = "" if target == "qdq" else "@ort"
-        name = raw.lower()
-        if name.endswith(".json"):
-            if not Path(raw).is_file():
-                raise DitqError(f"--configs: recipe file not found: {raw}")
-            out.append(EvalConfig(Path(raw).stem + suffix, None, None, None, raw, target=target))
-            continue
-        if name in ("fp", "float", "fp32"):
-            out.append(EvalConfig("fp", None, None, None))
-            continue
-        r = _ROBUQ_RE.match(name)
-        if r:
-            out.append(EvalConfig(name + suffix, None, int(r.group(1)), None, target=target, ternary=True,
-                                  rotate=bool(r.group(2)), mixed=bool(r.group(3))))  # fmt: skip
-            continue
-        m = _CONFIG_RE.match(name)
-        if not m:
-            raise DitqError(
-                f"--configs: cannot read {name!r}; expected fp, wXaY[gN] (e.g. w4a8, w4a16, w4a4g32) "
-                "or w1.58aY[h][m] (RobuQ: ternary, +h Hadamard, +m mixed activation bits)"
-            )
-        abits = None if m.group(2) in ("16", "fp") else int(m.group(2))
-        g = group_size if m.group(3) is None else (None if m.group(3) == "ch" else int(m.group(3)))
-        out.append(EvalConfig(name + suffix, int(m.group(1)), abits, g, base_group=group_size, target=target))
+    for raw in [c for c in text.split(",") if c.strip()]:
+        try:
+            out.append(parse_config(raw, group_size))
+        except DitqError as e:
+            raise DitqError(f"--configs: {e}") from None
     if not out:
         raise DitqError("--configs is empty")
     if len({c.name for c in out}) != len(out):

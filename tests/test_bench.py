@@ -10,26 +10,35 @@ import pytest
 from ditq.cli import main
 from ditq.errors import DitqError
 from ditq.runtime.bench import BenchReport, BenchRow, check_goals, parse_variants
+from ditq.runtime.evaluate import parse_configs
 
 
 def test_parse_variants():
-    vs = parse_variants("w8a8, ort-int8,w4a8g32@qdq,w4a16gch", 128)
-    assert [v.name for v in vs] == ["float", "w8a8@ort", "ort-int8", "w4a8g32@qdq", "w4a16gch@ort"]
-    assert (vs[1].group_size, vs[3].group_size, vs[3].target, vs[4].group_size, vs[4].abits) == (128, 32, "qdq", None, None)
+    vs = parse_variants("w8a8, ort-int8,w4a8g32@qdq,w4a16gch,fp,w1.58a2h", 128)
+    assert [v.name for v in vs] == ["float", "w8a8@ort", "ort-int8", "w4a8g32@qdq", "w4a16gch@ort", "w1.58a2h@ort"]
+    w8, w4, w16, tern = vs[1].config, vs[3].config, vs[4].config, vs[5].config
+    assert (w8.group_size, w4.group_size, w4.base_group, vs[3].target, w16.group_size, w16.abits) == (128, 32, 128, "qdq", None, None)
+    assert (tern.ternary, tern.rotate, tern.abits, vs[5].target) == (True, True, 2, "ort")
+    # the same grammar as eval: the recipe a variant builds is eval's
+    assert vs[1].config.recipe() == parse_configs("w8a8", 128)[0].recipe()
     with pytest.raises(DitqError, match="w9a8"):
         parse_variants("w9a8", 128)
     with pytest.raises(DitqError, match="twice"):
         parse_variants("w8a8,w8a8@ort", 128)
+    with pytest.raises(DitqError, match="sensitivity"):
+        parse_variants("w1.58a2hm", 128)
+    with pytest.raises(DitqError, match="not found: nowhere.json"):
+        parse_variants("nowhere.json", 128)
 
 
 def test_bench_on_a_tiny_dit(tmp_path, tiny_dit):
     folder = tmp_path / "tiny"
     tiny_dit.save_pretrained(folder)
     js = tmp_path / "b.json"
-    assert main(["--quiet", "bench", "--model", str(folder), "--variants", "ort-int8,ort-int4,w8a8,w4a8",
+    assert main(["--quiet", "bench", "--model", str(folder), "--variants", "ort-int8,ort-int4,w8a8,w4a8,w1.58a4h",
                  "--group-size", "32", "--runs", "3", "--threads", "1", "--profile", "--json", str(js)]) == 0  # fmt: skip
     rows = {r["variant"]: r for r in json.loads(js.read_text())["rows"]}
-    assert list(rows) == ["float", "ort-int8", "ort-int4", "w8a8@ort", "w4a8@ort"]
+    assert list(rows) == ["float", "ort-int8", "ort-int4", "w8a8@ort", "w4a8@ort", "w1.58a4h@ort"]
     f = rows["float"]
     assert (f["latency_ratio"], f["size_ratio"], f["rss_ratio"], f["rel_error"]) == (1.0, 1.0, 1.0, 0.0)
     for name, r in rows.items():
@@ -40,11 +49,14 @@ def test_bench_on_a_tiny_dit(tmp_path, tiny_dit):
         if name != "float":
             assert 0.0 < r["rel_error"] < 0.5 and r["size_ratio"] < 1.0
     assert rows["w4a8@ort"]["size_ratio"] < rows["w8a8@ort"]["size_ratio"] < rows["ort-int4"]["size_ratio"]
+    # ternary block linears and adaLN (Recipe.robuq: 4-bit activations on both): 2-bit MatMulNBits behind
+    # the exact activation Q/DQ, 7 per block
+    assert rows["w1.58a4h@ort"]["kernels"]["nbits_qdq"] == 7 * tiny_dit.config.num_layers
     assert rows["w8a8@ort"]["kernels"]["int8_gemm"] == 6 * tiny_dit.config.num_layers
     for r in rows.values():  # profiles: shares of kernel time that add up, naming the variant's own kernels
         assert sum(r["profile"].values()) == pytest.approx(1.0)
     assert "MatMulIntegerToFloat" in rows["w8a8@ort"]["profile"] and "MatMulIntegerToFloat" not in rows["float"]["profile"]
-    assert "MatMulNBits" in rows["w4a8@ort"]["profile"]
+    assert "MatMulNBits" in rows["w4a8@ort"]["profile"] and "MatMulNBits" in rows["w1.58a4h@ort"]["profile"]
 
 
 def test_goal_check_reads_the_report():
