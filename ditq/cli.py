@@ -32,6 +32,12 @@ def _group(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected a positive integer or 'channel', got {text!r}") from None
 
 
+def _group_or_auto(text: str) -> int | str | None:
+    from ditq.recipe import AUTO_GROUP
+
+    return AUTO_GROUP if text.lower() == AUTO_GROUP else _group(text)
+
+
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="digits (shipped), a preset (dit-s-2, dit-b-2, dit-l-2, dit-xl-2), a diffusers folder, or an original DiT .pt/.safetensors")
     p.add_argument("--image-size", type=int, choices=(256, 512), help="image size of an original DiT checkpoint (latents = size/8)")
@@ -39,24 +45,32 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
 
 
-def _recipe_from_args(args):
-    from ditq.recipe import Recipe
+def _recipe_from_args(args, model=None):
+    """The recipe the flags describe; ``model`` (loaded when needed and not given) resolves
+    ``--group-size auto`` and ``--mixed``. Without a model (``ditq recipe`` alone) auto means 128."""
+    from ditq.recipe import AUTO_GROUP, AUTO_GROUP_CANDIDATES, Recipe, auto_group_size
 
     if args.recipe:
         return Recipe.load(args.recipe)
     if args.wbits == 1.58:
         if args.abits is None:
             raise DitqError("ternary weights (--wbits 1.58) take RobuQ's coverage and need --abits 1..8")
-        return _robuq_recipe(args, None if not args.mixed else _model_of(args))
+        return _robuq_recipe(args, None if not args.mixed else (model or _model_of(args)))
     if args.mixed or args.no_rotate:
         raise DitqError("--mixed and --no-rotate apply to ternary weights (--wbits 1.58)")
-    return Recipe.qdit(args.wbits, args.abits, args.group_size, args.symmetric)
+    if args.group_size != AUTO_GROUP:
+        return Recipe.qdit(args.wbits, args.abits, args.group_size, args.symmetric)
+    if model is None and not getattr(args, "model", None):
+        return Recipe.qdit(args.wbits, args.abits, AUTO_GROUP_CANDIDATES[0], args.symmetric)
+    model = model or _model_of(args)
+    return Recipe.qdit(args.wbits, args.abits, auto_group_size(model, lambda g: Recipe.qdit(args.wbits, args.abits, g, args.symmetric)), args.symmetric)
 
 
 def _model_of(args):
     from ditq.models import load_model
 
-    return load_model(args.model, image_size=getattr(args, "image_size", None), seed=getattr(args, "seed", 0)).model
+    return load_model(args.model, image_size=getattr(args, "image_size", None), seed=getattr(args, "seed", 0),
+                      num_heads=getattr(args, "num_heads", None)).model  # fmt: skip
 
 
 def _wbits(text: str) -> float | int:
@@ -74,7 +88,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abits", type=_bits, default=8, help="activation bits 1..8, or 16 for float activations (default 8)")
     p.add_argument("--no-rotate", action="store_true", help="RobuQ (--wbits 1.58): no Hadamard rotation")
     p.add_argument("--mixed", action="store_true", help="RobuQ: activation bits per layer by DP on measured sensitivity, averaging --abits")
-    p.add_argument("--group-size", type=_group, default=128, help="input channels per scale, or 'channel' (default 128)")
+    p.add_argument("--group-size", type=_group_or_auto, default="auto",
+                   help="input channels per scale, 'channel', or 'auto': 128, else the largest of 64/32/16 "
+                        "that every covered layer's width takes (default auto)")  # fmt: skip
     p.add_argument("--symmetric", action="store_true", help="symmetric signed codes instead of asymmetric min-max")
 
 
@@ -83,12 +99,12 @@ def cmd_export(args) -> int:
     from ditq.exporter.reference import quantize_model
     from ditq.models import load_model
 
-    recipe = _recipe_from_args(args)
+    loaded = load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads)
+    recipe = _recipe_from_args(args, loaded.model)
     if args.method:
         from dataclasses import replace
 
         recipe = replace(recipe, method=args.method)
-    loaded = load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads)
     calibration = _calibration(args, loaded, recipe) if recipe.method == "gptq" else None
     qdit = quantize_model(loaded.model, recipe, progress=not args.quiet, calibration=calibration, target=args.target)
     res = export(qdit, args.out, source=loaded.source, opset=args.opset, progress=not args.quiet)
@@ -129,12 +145,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    recipe = _recipe_from_args(args)
-    if args.model:
-        from ditq.models import load_model
-
-        plans = recipe.resolve(load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads).model)
-        print(f"{len(plans)} covered layers", file=sys.stderr)
+    model = _model_of(args) if args.model else None
+    recipe = _recipe_from_args(args, model)
+    if model is not None:
+        print(f"{len(recipe.resolve(model))} covered layers", file=sys.stderr)
     text = recipe.to_json() + "\n"
     if args.out:
         _write_text(Path(args.out), text)
@@ -510,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float, ort-int8 (quantize_dynamic), ort-int4 (MatMulNBitsQuantizer), or eval's configurations "
                         "(wXaY[gN], w1.58aY[h], recipe .json), target ort unless @qdq "
                         "(default: float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq)")  # fmt: skip
-    p.add_argument("--group-size", type=_group, default=128, help="group size of wXaY variants (gN: of their weight+activation block linears only; default 128)")
+    p.add_argument("--group-size", type=_group_or_auto, default="auto",
+                   help="group size of wXaY variants (gN: of their weight+activation block linears only), or "
+                        "'auto': 128, else the largest of 64/32/16 the model's widths take (default auto)")  # fmt: skip
     p.add_argument("--batch", type=int, default=1, help="batch of one denoising step (default 1)")
     p.add_argument("--runs", type=int, default=10, help="timed runs per variant, interleaved (default 10)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")

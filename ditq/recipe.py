@@ -49,6 +49,8 @@ METHODS = ("rtn", "gptq")  # how integer weights are found: round to nearest, or
 BITS_RANGE = range(2, 9)  # weight bits (plus TERNARY)
 ABITS_RANGE = range(1, 9)  # activation bits (RobuQ's mixed precision gives insensitive layers 1 bit)
 TERNARY = 1.58
+AUTO_GROUP = "auto"  # ``--group-size auto``: resolved per model by :func:`auto_group_size`
+AUTO_GROUP_CANDIDATES = (128, 64, 32, 16)  # Q-DiT's default first
 
 # Q-DiT quantizes weights *and* input activations of these linears in every block (qkv, proj, fc1, fc2).
 QDIT_ACTIVATION_LINEARS = (
@@ -316,3 +318,16 @@ class Recipe:
         except DitqError as e:
             raise DitqError(f"{p}: {e}") from None
 
+
+def auto_group_size(model, make_recipe, candidates: tuple[int, ...] = AUTO_GROUP_CANDIDATES) -> int:
+    """The first group size of ``candidates`` (128, then 64, 32, 16) whose recipe ``make_recipe(g)``
+    every covered layer of ``model`` takes (128 for the DiT presets; 64 for the digits DiT, whose width 192
+    128 does not divide). When none fits, the error is 128's, naming the layer and its width."""
+    first = None
+    for g in candidates:
+        try:
+            make_recipe(g).resolve(model)
+            return g
+        except DitqError as e:
+            first = first or e
+    raise DitqError(f"{first}; no group size of {', '.join(map(str, candidates))} fits (--group-size auto)")

@@ -26,7 +26,7 @@ import math
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,7 @@ def bench(
     if runs < 1 or batch < 1:
         raise DitqError("--runs and --batch must be at least 1")
     loaded = load_model(model_spec, image_size=image_size)
+    variants = [replace(v, config=v.config.with_auto_group(loaded.model)) if v.config else v for v in variants]
     config = dict(loaded.model.config)
     tokens = (config["sample_size"] // config["patch_size"]) ** 2
     pipe = pipeline_info(loaded.source)

@@ -17,7 +17,6 @@ reaches the floor. Run-to-run noise is the spread over the seed sets.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import time
@@ -67,6 +66,23 @@ class EvalConfig:
             if self.group_size != self.base_group:  # gN: Q-DiT's searched layers only, as the search's genes
                 r = replace(r, rules=r.rules + tuple(Rule(m, {"group_size": self.group_size}) for m in QDIT_ACTIVATION_LINEARS))
         return replace(r, method=method) if method else r
+
+
+    def with_auto_group(self, model) -> "EvalConfig":
+        """This configuration with a group size of ``auto`` (``--group-size auto``) resolved against ``model``
+        (:func:`ditq.recipe.auto_group_size`)."""
+        from dataclasses import replace
+
+        from ditq.recipe import AUTO_GROUP, auto_group_size
+
+        if AUTO_GROUP not in (self.group_size, self.base_group):
+            return self
+
+        def fixed(g):
+            return replace(self, group_size=g if self.group_size == AUTO_GROUP else self.group_size,
+                           base_group=g if self.base_group == AUTO_GROUP else self.base_group)  # fmt: skip
+
+        return fixed(auto_group_size(model, lambda g: fixed(g).recipe()))
 
 
 def parse_config(raw: str, group_size: int | None, default_target: str = "qdq") -> EvalConfig:

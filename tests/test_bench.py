@@ -31,6 +31,14 @@ def test_parse_variants():
         parse_variants("nowhere.json", 128)
 
 
+def test_variants_take_the_auto_group_size(tiny_dit):
+    """``--group-size auto`` (bench's default) resolves against the model: 64 on the tiny DiT (width 64);
+    a gN of the variant stays its own."""
+    w4, w4g32 = (v.config.with_auto_group(tiny_dit) for v in parse_variants("w4a8,w4a8g32", "auto")[1:])
+    assert (w4.group_size, w4.base_group, w4g32.group_size, w4g32.base_group) == (64, 64, 32, 64)
+    assert w4.recipe() == parse_configs("w4a8", 64)[0].recipe()
+
+
 def test_bench_on_a_tiny_dit(tmp_path, tiny_dit):
     folder = tmp_path / "tiny"
     tiny_dit.save_pretrained(folder)

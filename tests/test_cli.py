@@ -110,3 +110,24 @@ def test_cuda_provider_unavailable_is_one_line(tmp_path, capsys, tiny_folder):
     code, _, err = run(["sample", str(out), "--provider", "cuda", "--steps", "2", "--out", str(tmp_path / "x.npy")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA is not available" in err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_group_size_auto_fits_the_model(tmp_path, capsys, tiny_folder):
+    """The default group size is the largest of 128/64/32/16 that every covered layer's width takes."""
+    from ditq.errors import DitqError
+    from ditq.models import build_dit
+    from ditq.recipe import auto_group_size
+
+    from tests.conftest import tiny_config
+
+    def auto(hidden):
+        return auto_group_size(build_dit(tiny_config(hidden=hidden), seed=0), lambda g: Recipe.qdit(4, 8, g))
+
+    assert (auto(128), auto(64), auto(96), auto(48)) == (128, 64, 32, 16)
+    with pytest.raises(DitqError, match=r"group size 128 does not divide.*no group size of 128, 64, 32, 16 fits"):
+        auto(40)
+    # the CLI: resolved against --model (tiny: width 64), 128 without one
+    assert run(["recipe", "--model", tiny_folder, "--out", str(tmp_path / "r.json")], capsys)[0] == 0
+    assert Recipe.load(tmp_path / "r.json") == Recipe.qdit(4, 8, 64)
+    code, out, _ = run(["recipe"], capsys)
+    assert code == 0 and Recipe.from_json(out) == Recipe.qdit(4, 8, 128)
