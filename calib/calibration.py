@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
 from ditq.files import atomic_path
