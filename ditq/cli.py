@@ -58,12 +58,15 @@ def _recipe_from_args(args, model=None):
         return _robuq_recipe(args, None if not args.mixed else (model or _model_of(args)))
     if args.mixed or args.no_rotate:
         raise DitqError("--mixed and --no-rotate apply to ternary weights (--wbits 1.58)")
+
+    def qdit(group_size):
+        return Recipe.qdit(args.wbits, args.abits, group_size, args.symmetric)
+
     if args.group_size != AUTO_GROUP:
-        return Recipe.qdit(args.wbits, args.abits, args.group_size, args.symmetric)
+        return qdit(args.group_size)
     if model is None and not getattr(args, "model", None):
-        return Recipe.qdit(args.wbits, args.abits, AUTO_GROUP_CANDIDATES[0], args.symmetric)
-    model = model or _model_of(args)
-    return Recipe.qdit(args.wbits, args.abits, auto_group_size(model, lambda g: Recipe.qdit(args.wbits, args.abits, g, args.symmetric)), args.symmetric)
+        return qdit(AUTO_GROUP_CANDIDATES[0])
+    return qdit(auto_group_size(model or _model_of(args), qdit))
 
 
 def _model_of(args):

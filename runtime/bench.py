@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ditq.errors import DitqError
 from ditq.runtime.evaluate import EvalConfig, parse_config
 
-BASELINES = ("float", "ort-int8", "ort-int4")
+ORT_BASELINES = ("ort-int8", "ort-int4")  # ONNX Runtime's own quantizers on the float export
 ORT_INT4_BLOCK = 128
 
 
@@ -56,21 +56,19 @@ def parse_variants(text: str, group_size: int | None) -> list[Variant]:
     configuration ``ditq eval --configs`` reads (:func:`~ditq.runtime.evaluate.parse_config`), exported
     for target ``ort`` unless it says ``@qdq``. ``float`` is always measured (first)."""
     out = [Variant("float", "float")]
-    for raw in [v.strip().lower() for v in text.split(",") if v.strip()]:
-        if raw in ("float", "fp", "fp32"):
-            continue
-        if raw in BASELINES:
-            out.append(Variant(raw, raw))
+    for raw in [v.strip() for v in text.split(",") if v.strip()]:  # case kept: a recipe path
+        if raw.lower() in ORT_BASELINES:
+            out.append(Variant(raw.lower(), raw.lower()))
             continue
         try:
             conf = parse_config(raw, group_size, default_target="ort")
         except DitqError as e:
             raise DitqError(f"--variants: {e} (or float, ort-int8, ort-int4)") from None
+        if conf.is_float:
+            continue  # measured first anyway
         if conf.mixed:
             raise DitqError(f"--variants: {raw}: mixed activation bits need the model's sensitivity; "
                             "write the recipe with `ditq export --mixed` and bench that recipe .json")  # fmt: skip
-        if conf.wbits is None and conf.recipe_file is None and not conf.ternary:
-            continue  # another spelling of float
         name = f"{conf.name.partition('@')[0]}@{conf.target}"
         out.append(Variant(name, "ditq", conf))
     if len({v.name for v in out}) != len(out):

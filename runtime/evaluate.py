@@ -48,6 +48,11 @@ class EvalConfig:
     rotate: bool = False  # RobuQ: + Hadamard rotation
     mixed: bool = False  # RobuQ: + activation bits per layer averaging ``abits`` (needs the model's sensitivity)
 
+    @property
+    def is_float(self) -> bool:
+        """``fp``: the float model, no quantization."""
+        return not self.ternary and self.recipe_file is None and self.wbits is None
+
     def recipe(self, symmetric: bool = False, method: str | None = None, act_bits: dict[str, int] | None = None):
         from dataclasses import replace
 
@@ -55,10 +60,10 @@ class EvalConfig:
 
         if self.ternary:
             return Recipe.robuq(self.abits, rotate=self.rotate, act_bits=act_bits)
+        if self.is_float:
+            return Recipe(LayerQuant(None, None, None), ())
         if self.recipe_file is not None:
             r = Recipe.load(self.recipe_file)
-        elif self.wbits is None:
-            return Recipe(LayerQuant(None, None, None), ())
         else:
             from ditq.recipe import QDIT_ACTIVATION_LINEARS, Rule
 
@@ -66,7 +71,6 @@ class EvalConfig:
             if self.group_size != self.base_group:  # gN: Q-DiT's searched layers only, as the search's genes
                 r = replace(r, rules=r.rules + tuple(Rule(m, {"group_size": self.group_size}) for m in QDIT_ACTIVATION_LINEARS))
         return replace(r, method=method) if method else r
-
 
     def with_auto_group(self, model) -> "EvalConfig":
         """This configuration with a group size of ``auto`` (``--group-size auto``) resolved against ``model``

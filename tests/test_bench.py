@@ -31,6 +31,15 @@ def test_parse_variants():
         parse_variants("nowhere.json", 128)
 
 
+def test_variant_recipe_path_keeps_its_case(tmp_path):
+    from ditq.recipe import Recipe
+
+    path = tmp_path / "Searched.json"
+    path.write_text(Recipe.qdit(4, 8, 64).to_json())
+    (v,) = parse_variants(f"ORT-INT8,{path}", 128)[2:]
+    assert (v.name, v.config.recipe_file, v.config.recipe()) == ("Searched@ort", str(path), Recipe.qdit(4, 8, 64))
+
+
 def test_variants_take_the_auto_group_size(tiny_dit):
     """``--group-size auto`` (bench's default) resolves against the model: 64 on the tiny DiT (width 64);
     a gN of the variant stays its own."""
