@@ -4,7 +4,8 @@ As Q-DiT does, the float model samples from seeded noise (DDIM, classifier-free 
 timesteps of every trajectory the input of each covered linear is captured with a forward hook, a
 random subset of its tokens kept. The set is cached on disk as safetensors (one tensor per layer,
 ``[rows, K]`` float32) with its settings in the metadata, so a second run with the same settings reads
-it instead of sampling again.
+it instead of sampling again. The same trajectories give the model's own inputs ``(x_t, t, labels)``
+(:func:`record_model_inputs`), on which RobuQ measures activation sensitivity.
 """
 
 from __future__ import annotations
@@ -31,20 +32,54 @@ class CalibConfig:
     seed: int = 1234
 
 
-def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfig, *, clip_denoised: bool = True,
-                       progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Inputs of ``layer_names`` (``[rows, K]``) at ``cfg.timesteps_per_sample`` steps of DDIM trajectories."""
+def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, clip_denoised: bool = True,
+                        progress: bool = True) -> None:  # fmt: skip
+    """The calibration trajectories: ``cfg.num_samples`` DDIM samples of the float ``model`` from seeded
+    noise, labels cycling through the classes, guidance ``cfg.cfg``. Before every model evaluation
+    ``before_call(kept, x, t, y)`` sees its inputs (numpy, the guided batch: conditional rows, then the
+    null class); ``kept`` is true at ``cfg.timesteps_per_sample`` timesteps spread over the trajectory."""
     from ditq.exporter.trace import TorchDiT
     from ditq.runtime.samplers import NoiseSchedule, sample, seeded_noise
 
-    named = dict(model.named_modules())
-    missing = [n for n in layer_names if n not in named]
-    if missing:
-        raise DitqError(f"no module {missing[0]!r} in the model")
     mcfg = dict(model.config)
     c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
     use = NoiseSchedule.linear().timesteps(cfg.steps)[::-1]
     keep_t = set(use[np.linspace(0, len(use) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
+    torch_fn = TorchDiT(model)
+
+    def model_fn(x, t, y):
+        before_call(int(t[0]) in keep_t, x, t, y)
+        return torch_fn(x, t, y)
+
+    labels = np.arange(cfg.num_samples) % ncls
+    sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, steps=cfg.steps, cfg=cfg.cfg,
+           null_class=ncls, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+
+
+def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, clip_denoised: bool = True,
+                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The model's own inputs ``(x_t [M,C,H,W], t [M], labels [M])`` at the kept timesteps of the
+    calibration trajectories: every row the model evaluates there, ``M = num_samples x
+    timesteps_per_sample`` (twice that with guidance: the null-class rows too)."""
+    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def keep(kept, x, t, y):
+        if kept:
+            rows.append((np.array(x, np.float32), np.array(t, np.int64), np.array(y, np.int64)))
+
+    sample_trajectories(model, cfg, keep, clip_denoised=clip_denoised, progress=progress)
+    x, t, y = (torch.from_numpy(np.concatenate(column)) for column in zip(*rows))
+    return x, t, y
+
+
+def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfig, *, clip_denoised: bool = True,
+                       progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Inputs of ``layer_names`` (``[rows, K]``) at ``cfg.timesteps_per_sample`` steps of the calibration
+    trajectories (:func:`sample_trajectories`)."""
+    named = dict(model.named_modules())
+    missing = [n for n in layer_names if n not in named]
+    if missing:
+        raise DitqError(f"no module {missing[0]!r} in the model")
     rng = np.random.default_rng(cfg.seed)
     store: dict[str, list[torch.Tensor]] = {n: [] for n in layer_names}
     state = {"record": False}
@@ -61,16 +96,12 @@ def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfi
         return fn
 
     handles = [named[n].register_forward_pre_hook(hook(n)) for n in layer_names]
-    torch_fn = TorchDiT(model)
 
-    def model_fn(x, t, y):
-        state["record"] = int(t[0]) in keep_t
-        return torch_fn(x, t, y)
+    def arm(kept, _x, _t, _y):
+        state["record"] = kept
 
     try:
-        labels = np.arange(cfg.num_samples) % ncls
-        sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, steps=cfg.steps, cfg=cfg.cfg,
-               null_class=ncls, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+        sample_trajectories(model, cfg, arm, clip_denoised=clip_denoised, progress=progress)
     finally:
         for h in handles:
             h.remove()

@@ -49,24 +49,30 @@ def load_split() -> DigitsSplit:
     return DigitsSplit(x_tr, y_tr, x_te, y_te)
 
 
-def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = True) -> dict:
+def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = True, force: bool = False) -> dict:
     """Train the ``digits`` DiT from scratch and write it as a diffusers folder (float16 safetensors,
-    config.json, training.json) to ``out_dir``, replaced atomically. Returns the training record."""
+    config.json, training.json, manifest.json) to ``out_dir``, which replaces, atomically, only an empty
+    folder or an earlier ditq output (see :mod:`ditq.files`). Returns the training record."""
     import json
     import platform
     from dataclasses import asdict
+    from pathlib import Path
 
     import torch
 
     from ditq.calib.train import TrainConfig, train_dit
-    from ditq.files import staged_dir
+    from ditq.exporter.export import tool_version
+    from ditq.files import check_out_dir, staged_dir
+    from ditq.manifest import write_manifest
     from ditq.models import build_dit, digits_config
 
     cfg = cfg or TrainConfig()
+    protect = [Path(checkpoint)] if checkpoint else []
+    check_out_dir(out_dir, protect=protect, force=force)  # before the training, not after
     split = load_split()
     model = build_dit(digits_config(), seed=cfg.seed)
     result = train_dit(model, split.x_train, split.y_train, cfg, null_class=NUM_CLASSES, checkpoint=checkpoint, progress=progress)
-    with staged_dir(out_dir) as stage:
+    with staged_dir(out_dir, protect=protect, force=force) as stage:
         torch.nn.Module.half(result.ema).save_pretrained(stage, safe_serialization=True)
         record = {
             "data": f"scikit-learn load_digits: {len(split.x_train)} training images, {len(split.x_test)} held out "
@@ -78,6 +84,7 @@ def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = T
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         }
         (stage / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_manifest(stage, {"version": tool_version(), "kind": "digits-model"})
     return record
 
 

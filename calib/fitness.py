@@ -7,7 +7,8 @@ reference from the same noise and labels as every other candidate. Its fitness (
 
 where the float samples come from the same noise. The second term is the distance to what the float
 model draws from the same start: it is far less noisy than FID on a few hundred samples, and makes the
-fitness separate configurations whose FIDs lie within each other's noise.
+fitness separate configurations whose FIDs lie within each other's noise. Samples holding NaN or Inf
+(a candidate whose sampling diverged) get NaN for every metric: the judge does not score them.
 
 Workers (``spawn``ed, one torch thread each) load the model, the judge, the real features and the float
 samples once, then evaluate genomes sent to them.
@@ -75,6 +76,9 @@ def metrics_of(x: np.ndarray) -> dict[str, float]:
     from ditq.runtime.metrics import fid
 
     cfg: FitnessConfig = _W["cfg"]
+    if not np.isfinite(x).all():  # sampling diverged: no score (the search journals the genome as failed)
+        nan = float("nan")
+        return {"fid": nan, "rmse": nan, "class_accuracy": nan, "fitness": nan}
     imgs = to_unit_range(x)
     f = fid(_W["judge"].features(imgs), _W["real"])
     rmse = float(np.sqrt(np.mean((x - _W["float"]) ** 2)))

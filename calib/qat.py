@@ -89,9 +89,10 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t: 
 PIPELINE_FILE = "ditq_pipeline.json"  # how to sample a model ditq wrote as a diffusers folder (read by pipeline_info)
 
 
-def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, progress: bool = True) -> dict:
+def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, progress: bool = True, force: bool = False) -> dict:
     """QAT of ``model_spec`` (a digits model: the data are scikit-learn's digits) under ``recipe``; writes a
-    diffusers folder with the trained float weights, ``recipe.json`` and its sampling pipeline."""
+    diffusers folder with the trained float weights, ``recipe.json``, its sampling pipeline and a manifest
+    (``out_dir`` replaces only an empty folder or an earlier ditq output, see :mod:`ditq.files`)."""
     import json
     import time
     from dataclasses import asdict
@@ -100,13 +101,17 @@ def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, p
     from ditq.calib.digits import load_split
     from ditq.calib.train import train_dit
     from ditq.errors import DitqError
-    from ditq.files import staged_dir
+    from ditq.exporter.export import source_paths, tool_version
+    from ditq.files import check_out_dir, staged_dir
+    from ditq.manifest import write_manifest
     from ditq.models import load_model, pipeline_info
 
     loaded = load_model(model_spec)
     pipe = pipeline_info(loaded.source)
     if pipe.get("judge") != "digits":
         raise DitqError(f"{model_spec}: ditq qat trains on scikit-learn's digits; this model is not a digits model")
+    protect = source_paths(loaded.source) + ([Path(checkpoint)] if checkpoint else [])
+    check_out_dir(out_dir, protect=protect, force=force)  # before the training, not after
     split = load_split()
     model = prepare_qat(loaded.model, recipe)
     t0 = time.perf_counter()
@@ -115,9 +120,10 @@ def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, p
     trained = strip_qat(result.ema)
     info = {"base_model": loaded.source, "recipe": recipe.to_dict(), "config": asdict(cfg), "losses_per_100_steps": result.losses,
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
-    with staged_dir(Path(out_dir)) as stage:
+    with staged_dir(Path(out_dir), protect=protect, force=force) as stage:
         trained.save_pretrained(stage)
         (stage / "recipe.json").write_text(recipe.to_json() + "\n")
         (stage / PIPELINE_FILE).write_text(json.dumps(pipe, indent=2) + "\n")
         (stage / "qat.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_manifest(stage, {"version": tool_version(), "kind": "qat"})
     return info

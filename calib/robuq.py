@@ -10,18 +10,23 @@
   their per-token quantization: the rotation spreads outlier channels over the block, so each token's
   values are closer to Gaussian and a uniform 2-4 bit grid loses less.
 - **Mixed activation bits**: per-layer sensitivities ``cost[layer][bits]`` (output error with only that
-  layer's input at ``bits``) and an average-bit budget; :func:`allocate_bits` chooses one width per
-  layer by dynamic programming so that the bits sum to exactly ``budget x layers`` at the least total cost.
+  layer's input at ``bits``, measured on the model's own inputs along its float sampling trajectories)
+  and an average-bit budget; :func:`allocate_bits` chooses one width per layer by dynamic programming so
+  that the bits sum to exactly ``budget x layers`` at the least total cost. :func:`mixed_recipe` is the
+  whole path, model to recipe.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 
+from ditq.calib.calibration import CalibConfig, record_model_inputs
 from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
+from ditq.recipe import Recipe
 
 MAX_ROTATION = 128  # largest Hadamard block (1152 -> 128, 4608 -> 128, 192 -> 64): a b x b fp32 constant each
 
@@ -123,18 +128,18 @@ def block_units(model) -> dict[str, tuple[str, ...]]:
     return units
 
 
-def sensitivity_inputs(config: dict, images: torch.Tensor | None, n: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Noisy inputs ``(x_t, t, labels)`` at timesteps spread over the schedule: from ``images`` [M,C,H,W]
-    in model range when given (real data), else from Gaussian latents."""
-    from ditq.runtime.samplers import NoiseSchedule
+# the trajectories sensitivity inputs are drawn from: 8 samples x 8 timesteps (x 2 rows with guidance)
+SENSITIVITY_TRAJECTORIES = CalibConfig(num_samples=8, timesteps_per_sample=8, seed=0)
 
-    g = torch.Generator().manual_seed(seed)
-    c, s, ncls = config["in_channels"], config["sample_size"], config["num_embeds_ada_norm"]
-    x0 = images[torch.randint(0, len(images), (n,), generator=g)] if images is not None else torch.randn(n, c, s, s, generator=g)
-    t = torch.linspace(0, 999, n).round().long()
-    abar = torch.tensor(NoiseSchedule.linear().alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn(x0.shape, generator=g)
-    return xt, t, torch.randint(0, ncls, (n,), generator=g)
+
+def sensitivity_inputs(model, *, clip_denoised: bool, n: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``n`` of the model's own inputs ``(x_t, t, labels)`` along its float DDIM trajectories
+    (:data:`SENSITIVITY_TRAJECTORIES`, :func:`ditq.calib.calibration.record_model_inputs`), drawn without
+    replacement with ``seed``: whatever the model's channels, size and classes, the inputs it sees when
+    sampling. ``clip_denoised``: the model's sampling clamps ``x_0`` (pixel-space models)."""
+    x, t, y = record_model_inputs(model, SENSITIVITY_TRAJECTORIES, clip_denoised=clip_denoised, progress=False)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], t[idx], y[idx]
 
 
 def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bool = False) -> dict[str, dict[int, float]]:
@@ -186,3 +191,22 @@ def mixed_activation_bits(
     per_unit = allocate_bits(table, float(avg_bits), weights={u: len(m) for u, m in units.items()})
     per_module = {m: per_unit[u] for u, members in units.items() for m in members}
     return per_module, table, per_unit
+
+
+@dataclass(frozen=True)
+class MixedRecipe:
+    """RobuQ's recipe with activation bits per module, and how they were chosen."""
+
+    recipe: Recipe
+    bits_per_unit: dict[str, int]  # q/k/v as one unit (``...attn1.qkv``), out, fc1, fc2 of every block
+    sensitivity: dict[str, dict[int, float]]  # unit -> bits -> relative output error
+
+
+def mixed_recipe(model, avg_bits: int, *, rotate: bool = True, clip_denoised: bool = False,
+                 progress: bool = False) -> MixedRecipe:  # fmt: skip
+    """``Recipe.robuq(avg_bits, rotate)`` with mixed activation bits for ``model``: sensitivities measured
+    on the model's own sampling inputs (:func:`sensitivity_inputs`), bits allocated by
+    :func:`mixed_activation_bits` to average exactly ``avg_bits`` over the block linears."""
+    inputs = sensitivity_inputs(model, clip_denoised=clip_denoised)
+    per_module, table, per_unit = mixed_activation_bits(model, avg_bits, rotate=rotate, inputs=inputs, progress=progress)
+    return MixedRecipe(Recipe.robuq(avg_bits, rotate=rotate, act_bits=per_module), per_unit, table)

@@ -21,22 +21,20 @@ fitness values makes the same choices.
 Journal: every finished evaluation is appended as one JSON line (flushed and fsynced) *before* the search
 uses it. Restarting with the same settings replays the run from the seed and takes every genome already
 in the journal from it instead of evaluating again, so an interrupted and an uninterrupted run end at the
-same result.
+same result. An evaluation whose fitness is not a finite number (NaN samples) is journaled as failed,
+with a null fitness, and ranks after every other genome: it is never taken again, nor chosen as best.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ditq.errors import DitqError
-from ditq.files import atomic_path
+from ditq.calib.journal import Journal, evaluation_record, fitness_of, genome_key
+from ditq.errors import DitqError, shown
 
 QDIT_SPACE = (32, 64, 128, 192, 288)
 _GENE_LAYERS = (("attn1.to_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")), ("attn1.to_out.0", ("attn1.to_out.0",)),
@@ -89,14 +87,14 @@ def parse_budget(text: str, genes: list[Gene], wbits: int, abits: int) -> float:
     """``g128``: the cost of uniform group 128 by the formula; a plain number: BitOPs per token."""
     t = text.strip().lower()
     try:
-        if t.startswith("g"):
-            g = float(t[1:])
-            if g <= 0:
-                raise ValueError
-            return sum(gene_cost(ge, g, wbits, abits) for ge in genes)
-        return float(t)
+        n = float(t[1:] if t.startswith("g") else t)
+        if not (math.isfinite(n) and n > 0):  # NaN and inf would compare false with every cost
+            raise ValueError
+        return sum(gene_cost(ge, n, wbits, abits) for ge in genes) if t.startswith("g") else n
     except ValueError:
-        raise DitqError(f"--budget: expected gN (the cost of uniform group size N) or BitOPs, got {text!r}") from None
+        raise DitqError(
+            f"--budget: expected gN (the cost of uniform group size N) or BitOPs, positive and finite, got {shown(text)}"
+        ) from None
 
 
 def genome_recipe(base, genes: list[Gene], genome: tuple[int, ...]):
@@ -107,55 +105,6 @@ def genome_recipe(base, genes: list[Gene], genome: tuple[int, ...]):
 
     rules = tuple(Rule(layer, {"group_size": int(g)}) for ge, g in zip(genes, genome) for layer in ge.layers)
     return replace(base, rules=tuple(base.rules) + rules)
-
-
-def genome_key(genome: tuple[int, ...]) -> str:
-    return ",".join(str(g) for g in genome)
-
-
-# --------------------------------------------------------------------------------------------- journal
-class Journal:
-    """Append-only JSON lines: a header line with the search settings, then one line per evaluation."""
-
-    def __init__(self, path: str | Path, settings: dict[str, Any]):
-        self.path = Path(path)
-        self.settings = settings
-        self.records: dict[str, dict[str, Any]] = {}
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            lines = self.path.read_text().splitlines()
-            try:
-                head = json.loads(lines[0])
-            except (json.JSONDecodeError, IndexError):
-                raise DitqError(f"{self.path}: not a ditq search journal") from None
-            if head.get("settings_digest") != digest:
-                raise DitqError(f"{self.path}: journal of a search with other settings; use another --journal or the same options")
-            for i, line in enumerate(lines[1:], 2):
-                try:
-                    rec = json.loads(line)
-                    self.records[rec["key"]] = rec
-                except (json.JSONDecodeError, KeyError):
-                    if i == len(lines):  # a line cut by a crash mid-write: drop it, it will be redone
-                        self._truncate_last(lines)
-                        break
-                    raise DitqError(f"{self.path}: corrupt journal line {i}") from None
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"journal": "ditq-search", "settings": settings, "settings_digest": digest})
-
-    def _truncate_last(self, lines: list[str]) -> None:
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("\n".join(lines[:-1]) + "\n")
-
-    def _append(self, obj: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(obj, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def add(self, rec: dict[str, Any]) -> None:
-        self._append(rec)
-        self.records[rec["key"]] = rec
 
 
 # ------------------------------------------------------------------------------------------- evolution
@@ -227,14 +176,14 @@ def evolve(
         counts["reused"] += len(genomes) - len(todo)
         if todo:
             for gn, metrics in evaluate(todo):
-                rec = {"key": genome_key(gn), "genome": list(gn), "cost": cost(gn), "generation": generation, **metrics}
+                rec = evaluation_record(gn, cost(gn), generation, metrics)
                 journal.add(rec)  # durable before use
                 counts["evaluated"] += 1
                 if on_result:
                     on_result(rec)
 
     def fitness(gn):
-        return journal.records[genome_key(gn)]["fitness"]
+        return fitness_of(journal.records[genome_key(gn)])
 
     population = [g for g in (draw(lambda: tuple(int(rng.choice(ge.choices)) for ge in genes)) for _ in range(cfg.population)) if g]
     if not population:
@@ -260,6 +209,8 @@ def evolve(
         population = parents + children
         history.append(min(fitness(g) for g in population))
     best = min(population, key=lambda g: (fitness(g), genome_key(g)))
+    if not math.isfinite(fitness(best)):
+        raise DitqError(f"every genome evaluated failed ({journal.records[genome_key(best)]['failed']}); no recipe to choose")
     return SearchResult(best, journal.records[genome_key(best)], counts["evaluated"], counts["reused"], history)
 
 

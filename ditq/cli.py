@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 from ditq.errors import DitqError
+from ditq.options import (
+    MAX_BATCH, MAX_CFG, MAX_COUNT, MAX_SAMPLES, MAX_STEPS, SEED_MAX, OneLineParser, float_in, int_in, int_list,
+)  # fmt: skip
 
 
 def _bits(text: str) -> int | None:
@@ -41,12 +44,12 @@ def _group_or_auto(text: str) -> int | str | None:
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--model", required=required, help="digits (shipped), a preset (dit-s-2, dit-b-2, dit-l-2, dit-xl-2), a diffusers folder, or an original DiT .pt/.safetensors")
     p.add_argument("--image-size", type=int, choices=(256, 512), help="image size of an original DiT checkpoint (latents = size/8)")
-    p.add_argument("--num-heads", type=int, help="attention heads of an original DiT checkpoint with a non-standard width")
-    p.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights (default 0)")
+    p.add_argument("--num-heads", type=int_in(1, 1024), help="attention heads of an original DiT checkpoint with a non-standard width")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="seed of a preset's random weights (default 0)")
 
 
-def _recipe_from_args(args, model=None):
-    """The recipe the flags describe; ``model`` (loaded when needed and not given) resolves
+def _recipe_from_args(args, loaded=None):
+    """The recipe the flags describe; the ``LoadedModel`` (loaded when needed and not given) resolves
     ``--group-size auto`` and ``--mixed``. Without a model (``ditq recipe`` alone) auto means 128."""
     from ditq.recipe import AUTO_GROUP, AUTO_GROUP_CANDIDATES, Recipe, auto_group_size
 
@@ -55,7 +58,7 @@ def _recipe_from_args(args, model=None):
     if args.wbits == 1.58:
         if args.abits is None:
             raise DitqError("ternary weights (--wbits 1.58) take RobuQ's coverage and need --abits 1..8")
-        return _robuq_recipe(args, None if not args.mixed else (model or _model_of(args)))
+        return _robuq_recipe(args, loaded)
     if args.mixed or args.no_rotate:
         raise DitqError("--mixed and --no-rotate apply to ternary weights (--wbits 1.58)")
 
@@ -64,16 +67,16 @@ def _recipe_from_args(args, model=None):
 
     if args.group_size != AUTO_GROUP:
         return qdit(args.group_size)
-    if model is None and not getattr(args, "model", None):
+    if loaded is None and not getattr(args, "model", None):
         return qdit(AUTO_GROUP_CANDIDATES[0])
-    return qdit(auto_group_size(model or _model_of(args), qdit))
+    return qdit(auto_group_size((loaded or _loaded_of(args)).model, qdit))
 
 
-def _model_of(args):
+def _loaded_of(args):
     from ditq.models import load_model
 
     return load_model(args.model, image_size=getattr(args, "image_size", None), seed=getattr(args, "seed", 0),
-                      num_heads=getattr(args, "num_heads", None)).model  # fmt: skip
+                      num_heads=getattr(args, "num_heads", None))  # fmt: skip
 
 
 def _wbits(text: str) -> float | int:
@@ -98,21 +101,25 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    from ditq.exporter.export import export
+    from ditq.exporter.export import export, source_paths
     from ditq.exporter.reference import quantize_model
-    from ditq.models import load_model
+    from ditq.files import check_out_dir
+    from ditq.models import load_model, pipeline_info
 
     loaded = load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads)
-    recipe = _recipe_from_args(args, loaded.model)
+    pipeline_info(loaded.source)  # refuses scheduler settings the samplers do not implement, before quantizing
+    check_out_dir(args.out, protect=source_paths(loaded.source), force=args.force)  # likewise a bad --out
+    recipe = _recipe_from_args(args, loaded)
     if args.method:
         from dataclasses import replace
 
         recipe = replace(recipe, method=args.method)
     calibration = _calibration(args, loaded, recipe) if recipe.method == "gptq" else None
     qdit = quantize_model(loaded.model, recipe, progress=not args.quiet, calibration=calibration, target=args.target)
-    res = export(qdit, args.out, source=loaded.source, opset=args.opset, progress=not args.quiet)
+    res = export(qdit, args.out, source=loaded.source, opset=args.opset, progress=not args.quiet, force=args.force)
+    kernels = f", {res.kernels} layers on ONNX Runtime kernels" if res.kernels else ""
     print(f"wrote {res.model_path} ({res.file_bytes / 1e6:.2f} MB, {res.layers} quantized weights, "
-          f"{res.activation_subgraphs} activation quantizers) in {res.seconds:.1f} s")  # fmt: skip
+          f"{res.activation_quantizers} activation quantizers{kernels}) in {res.seconds:.1f} s")  # fmt: skip
     return 0
 
 
@@ -148,10 +155,10 @@ def cmd_validate(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    model = _model_of(args) if args.model else None
-    recipe = _recipe_from_args(args, model)
-    if model is not None:
-        print(f"{len(recipe.resolve(model))} covered layers", file=sys.stderr)
+    loaded = _loaded_of(args) if args.model else None
+    recipe = _recipe_from_args(args, loaded)
+    if loaded is not None:
+        print(f"{len(recipe.resolve(loaded.model))} covered layers", file=sys.stderr)
     text = recipe.to_json() + "\n"
     if args.out:
         _write_text(Path(args.out), text)
@@ -170,13 +177,16 @@ def cmd_sample(args) -> int:
     t0 = time.perf_counter()
     model = ExportedDiT.open(args.path, provider=args.provider)
     classes = parse_classes(args.classes, model.num_classes)
-    if args.per_class < 1:
-        raise DitqError(f"--per-class must be at least 1, got {args.per_class}")
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npy"):
         raise DitqError(f"--out {out}: expected a .png grid or a .npy array of samples")
     if out.suffix.lower() == ".png" and model.pipeline.get("space") != "pixel" and not model.has_decoder:
         raise DitqError(f"{model.path} samples latents and carries no VAE decoder: write them with --out FILE.npy")
+    model.check_count(len(classes) * args.per_class)  # before any work: the samples must fit the memory budget
+    if out.suffix.lower() == ".png":
+        from ditq.runtime.images import check_grid_size
+
+        check_grid_size(len(classes), args.per_class)
     labels = np.repeat(np.asarray(classes, np.int64), args.per_class)
     x = model.generate(
         labels, seed=args.seed, steps=args.steps, cfg=args.cfg, method=args.sampler,
@@ -251,24 +261,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _robuq_recipe(args, model):
-    """Recipe.robuq from --abits/--no-rotate/--mixed (mixed: activation bits allocated on ``model``)."""
+def _robuq_recipe(args, loaded=None):
+    """Recipe.robuq from --abits/--no-rotate/--mixed (mixed: activation bits allocated on the model,
+    loaded from --model when not given)."""
+    from ditq.calib.robuq import mixed_recipe
+    from ditq.models import pipeline_info
     from ditq.recipe import Recipe
 
-    act_bits = None
-    if args.mixed:
-        import numpy as np
-        import torch
-
-        from ditq.calib.digits import load_split
-        from ditq.calib.robuq import mixed_activation_bits, sensitivity_inputs
-
-        images = torch.from_numpy(np.array(load_split().x_train, np.float32))
-        act_bits, _, per_unit = mixed_activation_bits(model, args.abits, rotate=not args.no_rotate,
-                                                      inputs=sensitivity_inputs(dict(model.config), images),
-                                                      progress=not args.quiet)  # fmt: skip
-        print("activation bits per unit: " + ", ".join(f"{u.replace('transformer_blocks.', 'b')}={b}" for u, b in per_unit.items()))
-    return Recipe.robuq(args.abits, rotate=not args.no_rotate, act_bits=act_bits)
+    if not args.mixed:
+        return Recipe.robuq(args.abits, rotate=not args.no_rotate)
+    if loaded is None:
+        if not getattr(args, "model", None):
+            raise DitqError("--mixed allocates activation bits on a model's measured sensitivity: give --model")
+        loaded = _loaded_of(args)
+    mixed = mixed_recipe(loaded.model, args.abits, rotate=not args.no_rotate,
+                         clip_denoised=bool(pipeline_info(loaded.source).get("clip_denoised")), progress=not args.quiet)  # fmt: skip
+    print("activation bits per unit: " + ", ".join(f"{u.replace('transformer_blocks.', 'b')}={b}" for u, b in mixed.bits_per_unit.items()),
+          file=sys.stderr)  # fmt: skip
+    return mixed.recipe
 
 
 def cmd_qat(args) -> int:
@@ -276,10 +286,10 @@ def cmd_qat(args) -> int:
     from ditq.calib.train import TrainConfig
     from ditq.models import load_model
 
-    recipe = _robuq_recipe(args, load_model(args.model).model if args.mixed else None)
+    recipe = _robuq_recipe(args, load_model(args.model) if args.mixed else None)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, args.steps // 10),
                       min_lr_ratio=0.1, ema_decay=0.999, seed=args.seed, save_every=max(1, min(250, args.steps)))  # fmt: skip
-    info = run_qat(args.model, recipe, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet)
+    info = run_qat(args.model, recipe, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet, force=args.force)
     losses = info["losses_per_100_steps"]
     trend = f"; loss per 100 steps {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
     print(f"wrote {args.out} (QAT {args.steps} steps in {info['seconds']:.0f} s{trend}); "
@@ -290,15 +300,19 @@ def cmd_qat(args) -> int:
 def cmd_train_digits(args) -> int:
     from ditq.calib.digits import train_digits_model, train_judge
     from ditq.calib.train import TrainConfig
+    from ditq.files import check_out_dir
     from ditq.models import BUILTIN
     from ditq.runtime.metrics import default_judge_path
 
+    out = Path(args.out) if args.out else BUILTIN["digits"]
+    if not args.judge_only:  # before anything is trained or written
+        check_out_dir(out, protect=[args.checkpoint] if args.checkpoint else [], force=args.force)
     judge = train_judge(default_judge_path())
     print(f"judge: held-out accuracy {100 * judge['held_out_accuracy']:.1f}% -> {default_judge_path()}")
     if args.judge_only:
         return 0
-    out = Path(args.out) if args.out else BUILTIN["digits"]
-    rec = train_digits_model(out, TrainConfig(steps=args.steps, seed=args.seed), checkpoint=args.checkpoint, progress=not args.quiet)
+    rec = train_digits_model(out, TrainConfig(steps=args.steps, seed=args.seed), checkpoint=args.checkpoint,
+                             progress=not args.quiet, force=args.force)  # fmt: skip
     print(f"digits DiT: {rec['parameters']:,} parameters, {args.steps} steps in {rec['seconds'] / 60:.1f} min, "
           f"final loss {rec['loss_per_100_steps'][-1] if rec['loss_per_100_steps'] else float('nan'):.4f} -> {out}")  # fmt: skip
     return 0
@@ -312,7 +326,7 @@ def cmd_search(args) -> int:
 
     from ditq.calib.fitness import FitnessConfig, ParallelFitness
     from ditq.calib.search import (
-        Journal, SearchConfig, evolve, genes_of, genome_cost, genome_recipe, parse_budget, settings_dict,
+        Journal, SearchConfig, evolve, fitness_of, genes_of, genome_cost, genome_recipe, parse_budget, settings_dict,
     )  # fmt: skip
     from ditq.models import load_model
     from ditq.recipe import Recipe
@@ -320,7 +334,7 @@ def cmd_search(args) -> int:
     t0 = time.perf_counter()
     base = Recipe.qdit(args.wbits, args.abits, args.group_size, args.symmetric)
     loaded = load_model(args.model)
-    genes = genes_of(base.resolve(loaded.model), _int_list(args.space, "--space"))
+    genes = genes_of(base.resolve(loaded.model), _int_list(args.space, "--space", 1, 2**20))
     budget = parse_budget(args.budget, genes, args.wbits, args.abits)
     scfg = SearchConfig(
         population=args.population, generations=args.generations, top_k=args.top_k,
@@ -329,7 +343,9 @@ def cmd_search(args) -> int:
     fcfg = FitnessConfig(num_samples=args.num_samples, steps=args.fitness_steps, rmse_weight=args.rmse_weight)
     settings = settings_dict(model=loaded.source, base=base.to_dict(), space=[list(g.choices) for g in genes],
                              budget=budget, search=scfg, fitness=fcfg)  # fmt: skip
-    journal = Journal(args.journal, settings)
+    journal = Journal(args.journal, settings, metrics=("fid", "rmse"))  # the two the summary prints
+    for note in journal.notes:
+        print(f"ditq: note: {note}", file=sys.stderr)
 
     def cost(g):
         return genome_cost(genes, g, args.wbits, args.abits)
@@ -339,9 +355,9 @@ def cmd_search(args) -> int:
     best = [float("inf")]
 
     def on_result(rec):
-        best[0] = min(best[0], rec["fitness"])
+        best[0] = min(best[0], fitness_of(rec))
         bar.update()
-        bar.set_postfix(best=f"{best[0]:.3f}", fid=f"{rec['fid']:.2f}")
+        bar.set_postfix(best=f"{best[0]:.3f}", fid="failed" if rec.get("failed") else f"{rec['fid']:.2f}")
 
     def evaluate(genomes):
         if evaluate.pool is None:
@@ -351,7 +367,7 @@ def cmd_search(args) -> int:
     evaluate.pool = None
     if journal.records:
         bar.update(len(journal.records))
-        best[0] = min(r["fitness"] for r in journal.records.values())
+        best[0] = min(fitness_of(r) for r in journal.records.values())
     ok = False
     try:
         res = evolve(genes, scfg, budget, cost, evaluate, journal, on_result=on_result)
@@ -407,14 +423,9 @@ def cmd_fitness(args) -> int:
     return 0 if consistent else 1
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DitqError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise DitqError(f"{flag} is empty")
-    return vals
+def _int_list(text: str, flag: str, lo: int = 0, hi: int = SEED_MAX) -> list[int]:
+    """Comma-separated integers in ``lo..hi`` (default: seeds)."""
+    return int_list(text, flag, lo, hi)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -430,19 +441,21 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ditq.exporter import DEFAULT_OPSET, TARGETS
+    from ditq.exporter import DEFAULT_OPSET, INT2_OPSET, TARGETS
 
-    parser = argparse.ArgumentParser(prog="ditq", description="Quantize Diffusion Transformers into low-bit ONNX models and run them with ONNX Runtime.")
+    parser = OneLineParser(prog="ditq", description="Quantize Diffusion Transformers into low-bit ONNX models and run them with ONNX Runtime.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="quantize a DiT and export it to ONNX")
     _add_model_args(p, required=True)
     _add_recipe_args(p)
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier ditq export (replaced atomically)")
+    _add_force_arg(p)
     p.add_argument("--target", default="qdq", choices=TARGETS, help="qdq: portable standard-ONNX QDQ graph (exact Q-DiT arithmetic); "
                    "ort: ONNX Runtime low-bit kernels (MatMulNBits, MatMulIntegerToFloat), int8 activations")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 21, default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, help=f"ONNX opset (>= {DEFAULT_OPSET}; default: the lowest that holds the recipe, "
+                   f"{DEFAULT_OPSET}, or {INT2_OPSET} when 2-bit codes are stored as INT2/UINT2)")
     p.add_argument("--method", choices=("rtn", "gptq"), help="how integer weights are found (default: the recipe's, rtn)")
     _add_calib_args(p)
     p.set_defaults(func=cmd_export)
@@ -464,9 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images from an exported model with ONNX Runtime alone")
     p.add_argument("path", help="exported folder or model.onnx")
     p.add_argument("--classes", help="comma-separated class ids (default: every class)")
-    p.add_argument("--per-class", type=int, default=8, help="samples per class: the grid's columns (default 8)")
+    p.add_argument("--per-class", type=int_in(1, MAX_COUNT), default=8,
+                   help="samples per class: the grid's columns (default 8; all samples together at most 1 GiB)")
     _add_sampler_args(p)
-    p.add_argument("--batch-size", type=int, default=256, help="samples per ONNX Runtime call (doubled by guidance)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256, help="samples per ONNX Runtime call (doubled by guidance)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", required=True, help="grid.png (labelled image grid) or samples.npy (raw samples)")
     p.set_defaults(func=cmd_sample)
@@ -479,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rtn", "gptq"), help="weight method of the quantized configs (default: rtn / the recipe file's)")
     _add_calib_args(p)
     p.add_argument("--layer-error", action="store_true", help="also report the block linears' mean relative output error on held-out inputs")
-    p.add_argument("--num-samples", type=int, default=500, help="samples per seed set (default 500, one class after another)")
+    p.add_argument("--num-samples", type=int_in(1, MAX_SAMPLES), default=500, help="samples per seed set (default 500, one class after another)")
     p.add_argument("--seeds", default="0", help="comma-separated seed sets; more than one reports the spread (default 0)")
     _add_sampler_args(p, seed=False)
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
@@ -498,12 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--space", default="32,64,128,192,288", help="candidate group sizes (default Q-DiT's 32,64,128,192,288)")
     p.add_argument("--budget", default="g128", help="cost ceiling: gN = uniform group N by the cost model (default g128)")
-    p.add_argument("--population", type=int, default=50)
-    p.add_argument("--generations", type=int, default=10)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--crossovers", type=int, default=25)
-    p.add_argument("--mutations", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--population", type=int_in(1, 10_000), default=50)
+    p.add_argument("--generations", type=int_in(1, 10_000), default=10)
+    p.add_argument("--top-k", type=int_in(1, 10_000), default=10)
+    p.add_argument("--crossovers", type=int_in(0, 10_000), default=25)
+    p.add_argument("--mutations", type=int_in(0, 10_000), default=25)
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0)
     _add_fitness_args(p)
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="method written into the recipe (default gptq)")
     p.add_argument("--journal", required=True, help="JSON-lines log of every evaluation; rerun to resume")
@@ -530,12 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=_group_or_auto, default="auto",
                    help="group size of wXaY variants (gN: of their weight+activation block linears only), or "
                         "'auto': 128, else the largest of 64/32/16 the model's widths take (default auto)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=1, help="batch of one denoising step (default 1)")
-    p.add_argument("--runs", type=int, default=10, help="timed runs per variant, interleaved (default 10)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1, help="batch of one denoising step (default 1)")
+    p.add_argument("--runs", type=int_in(1, 10_000), default=10, help="timed runs per variant, interleaved (default 10)")
+    p.add_argument("--threads", type=int_in(1, 1024), help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--quality", type=int, default=0, metavar="N", help="digits: also sample N images per variant for FID-digits and class accuracy")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps of --quality sampling (default 50)")
+    p.add_argument("--quality", type=int_in(0, MAX_SAMPLES), default=0, metavar="N", help="digits: also sample N images per variant for FID-digits and class accuracy")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=50, help="DDIM steps of --quality sampling (default 50)")
     p.add_argument("--profile", action="store_true", help="also profile each variant: share of kernel time per op type")
     p.add_argument("--keep", help="build the variants in this folder and keep them (default: a temporary folder)")
     p.add_argument("--check", action="store_true", help="exit 1 unless the ort target's speed/size/memory goals hold")
@@ -547,51 +561,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abits", type=int, default=4, choices=range(1, 9), metavar="{1..8}", help="activation bits of the block linears (average with --mixed)")
     p.add_argument("--no-rotate", action="store_true", help="no Hadamard rotation")
     p.add_argument("--mixed", action="store_true", help="allocate activation bits per layer (DP on measured sensitivity), averaging --abits")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000, about 7 min alone on 2 CPU cores)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int_in(1, 10**7), default=1000, help="training steps (default 1000, about 7 min alone on 2 CPU cores)")
+    p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=128)
+    p.add_argument("--lr", type=float_in(0.0, 1.0, open_lo=True), default=2e-4)
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0)
     p.add_argument("--checkpoint", help="resumable checkpoint file")
-    p.add_argument("--out", required=True, help="output diffusers folder (weights + recipe.json)")
+    p.add_argument("--out", required=True, help="output diffusers folder (weights + recipe.json): new, empty, or an earlier ditq output")
+    _add_force_arg(p)
     p.set_defaults(func=cmd_qat)
 
     p = sub.add_parser("train-digits", help="train the digit judge and the shipped digits DiT from scratch (CPU)")
-    p.add_argument("--steps", type=int, default=6000, help="training steps of batch 128 (default 6000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int_in(1, 10**7), default=6000, help="training steps of batch 128 (default 6000)")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0)
     p.add_argument("--out", help="output diffusers folder (default: the shipped ditq/assets/digits)")
     p.add_argument("--checkpoint", help="resumable training checkpoint file (written every 500 steps)")
     p.add_argument("--judge-only", action="store_true", help="train only the judge (seconds)")
+    _add_force_arg(p)
     p.set_defaults(func=cmd_train_digits)
     return parser
 
 
+def _add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="also replace a ditq output that changed since ditq wrote it "
+                   "(never a folder ditq did not write, nor the input model)")  # fmt: skip
+
+
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--calib-samples", type=int, default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
-    p.add_argument("--calib-timesteps", type=int, default=10, help="GPTQ: timesteps recorded per trajectory (default 10)")
+    p.add_argument("--calib-samples", type=int_in(1, MAX_SAMPLES), default=64, help="GPTQ: sampling trajectories to record inputs from (default 64)")
+    p.add_argument("--calib-timesteps", type=int_in(1, MAX_STEPS), default=10, help="GPTQ: timesteps recorded per trajectory (default 10)")
     p.add_argument("--calib-cache", default=".ditq-cache", help="GPTQ: folder caching calibration inputs (default .ditq-cache)")
 
 
 def _add_fitness_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-samples", type=int, default=250, help="samples per fitness evaluation (default 250)")
-    p.add_argument("--fitness-steps", type=int, default=25, help="DDIM steps per fitness evaluation (default 25)")
-    p.add_argument("--rmse-weight", type=float, default=20.0, help="fitness = FID-digits + this x RMSE vs float samples")
-    p.add_argument("--workers", type=int, default=2, help="parallel evaluation processes (default 2)")
+    p.add_argument("--num-samples", type=int_in(1, MAX_SAMPLES), default=250, help="samples per fitness evaluation (default 250)")
+    p.add_argument("--fitness-steps", type=int_in(1, MAX_STEPS), default=25, help="DDIM steps per fitness evaluation (default 25)")
+    p.add_argument("--rmse-weight", type=float_in(0.0, 1e6), default=20.0, help="fitness = FID-digits + this x RMSE vs float samples")
+    p.add_argument("--workers", type=int_in(1, 256), default=2, help="parallel evaluation processes (default 2)")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     from ditq.runtime.samplers import METHODS
 
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale; 1 = none (default 1.5)")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=50, help="denoising steps (default 50)")
+    p.add_argument("--cfg", type=float_in(0.0, MAX_CFG), default=1.5, help="classifier-free guidance scale; 1 = none (default 1.5)")
     p.add_argument("--sampler", default="ddim", choices=METHODS, help="ddim (deterministic) or ddpm (default ddim)")
     if seed:
-        p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+        p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="seed of the starting noise (default 0)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
     except DitqError as e:
         print(f"ditq: error: {e}", file=sys.stderr)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ditq.errors import DitqError
+from ditq.options import echo
+from ditq.untrusted import VAE_CONFIG, check_dit_config, check_fields, read_json
+from ditq.weights import diffusers_weight_files, load_weights, read_pickle, read_safetensors, read_weight_files, tensor_names
+from ditq.runtime.schedule import SchedulerSpec
 
 # The DiT paper's configurations: hidden size, depth, heads (patch 2, 4 latent channels, learned sigma,
 # 1000 classes, 32x32 latents for 256x256 images).
@@ -144,19 +146,30 @@ VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the sou
 
 def pipeline_info(source: dict[str, Any]) -> dict[str, Any]:
     """How to sample a model from this source: pixel space (clip x0 to [-1, 1]) or latent space; for a
-    diffusers pipeline folder also its training noise schedule and, with a ``vae/``, the decoder file and
-    the latent scaling factor."""
+    diffusers pipeline folder also its scheduler config read as a :class:`SchedulerSpec` (``schedule``:
+    a setting ditq's samplers do not implement is refused here, naming it) and, with a ``vae/``, the
+    decoder file and the latent scaling factor."""
     if source.get("kind") == "builtin" and source.get("name") in BUILTIN_PIPELINE:
         return dict(BUILTIN_PIPELINE[source["name"]])
     info: dict[str, Any] = {"space": "latent", "clip_denoised": False}
     root = Path(source.get("path", "")) if source.get("kind") == "diffusers" else None
     if root is not None and (root / "ditq_pipeline.json").is_file():  # written by ditq (e.g. ditq qat)
-        return _read_json(root / "ditq_pipeline.json")
+        written = _read_json(root / "ditq_pipeline.json")
+        if written.get("schedule"):
+            try:
+                SchedulerSpec.from_dict(written["schedule"])
+            except DitqError as e:
+                raise DitqError(f"{root / 'ditq_pipeline.json'}: {e}") from None
+        return written
     if root is not None and (root / "model_index.json").is_file():
         sched = root / "scheduler" / "scheduler_config.json"
         if sched.is_file():
-            cfg = _read_json(sched)
-            info["schedule"] = {k: cfg[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in cfg}
+            dit = root / "transformer" / "config.json"
+            dit_cfg = _read_json(dit) if dit.is_file() else {}
+            c_in = dit_cfg.get("in_channels", 4)
+            learned_sigma = (dit_cfg.get("out_channels") or c_in) == 2 * c_in if dit_cfg else None
+            spec = SchedulerSpec.from_scheduler_config(_read_json(sched), where=str(sched), learned_sigma=learned_sigma)
+            info["schedule"] = spec.to_dict()
         if (root / "vae" / "config.json").is_file():
             vae_cfg = _read_json(root / "vae" / "config.json")
             info.update(vae=VAE_DECODER_FILE, scaling_factor=float(vae_cfg.get("scaling_factor") or 0.18215), value_range=[-1.0, 1.0])
@@ -168,21 +181,21 @@ def load_vae(source: dict[str, Any]):
     folder = Path(source["path"]) / "vae"
     from diffusers import AutoencoderKL
 
-    try:
-        vae = AutoencoderKL.from_pretrained(folder, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError, pickle.UnpicklingError) as e:
-        raise DitqError(f"{folder}: cannot load the VAE ({_one_line(e)})") from None
-    return vae.float().eval()
+    cfg = _read_json(folder / "config.json")
+    check_fields(cfg, VAE_CONFIG, f"{folder / 'config.json'}")
+    tensors = read_weight_files(diffusers_weight_files(folder))
+
+    def build():
+        try:
+            return AutoencoderKL.from_config(cfg)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, NotImplementedError, RuntimeError, ZeroDivisionError) as e:
+            raise DitqError(f"{folder / 'config.json'}: not a usable AutoencoderKL config ({_one_line(e)[:200]})") from None
+
+    return load_weights(build, tensors, f"{folder}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DitqError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise DitqError(f"{path}: expected a JSON object")
-    return obj
+    return read_json(path)  # bounded: size, nesting, integer length; must be an object
 
 
 def _latent_size(image_size: int) -> int:
@@ -207,27 +220,23 @@ def _load_diffusers(path: Path) -> LoadedModel:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise DitqError(f"{path}: not a diffusers model folder (no config.json{' in transformer/' if folder != path else ''})")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DitqError(f"{cfg_file}: corrupt config.json ({e})") from None
+    cfg = read_json(cfg_file)
     cls_name = cfg.get("_class_name")
     if cls_name != SUPPORTED_CLASS:
-        raise DitqError(f"{path}: unsupported architecture {cls_name!r}; ditq exports {SUPPORTED_CLASS}")
-    weights = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
-    if not weights:
-        raise DitqError(f"{folder}: no weights file (diffusion_pytorch_model.safetensors or .bin)")
-    from diffusers import DiTTransformer2DModel
-
-    use_st = any(w.endswith(".safetensors") for w in weights)
-    try:
-        model = DiTTransformer2DModel.from_pretrained(folder, use_safetensors=use_st, low_cpu_mem_usage=False)
-    except (OSError, ValueError, RuntimeError, KeyError, EnvironmentError, pickle.UnpicklingError) as e:
-        raise DitqError(f"{folder}: cannot load the diffusers model ({_one_line(e)})") from None
+        shown = echo(cls_name) if isinstance(cls_name, str) else "none"
+        raise DitqError(f"{path}: unsupported architecture {shown}; ditq exports {SUPPORTED_CLASS}")
+    config = check_dit_config(cfg, str(cfg_file))
+    if folder != path and (path / "vae" / "config.json").is_file():  # checked before any export work starts
+        check_fields(read_json(path / "vae" / "config.json"), VAE_CONFIG, str(path / "vae" / "config.json"))
+    tensors = read_weight_files(diffusers_weight_files(folder))
+    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+    if len(blocks) != config["num_layers"]:  # said before building a model of num_layers blocks
+        raise DitqError(f"{folder}: config.json says num_layers {config['num_layers']}, the weights hold {len(blocks)} blocks")
+    model = load_weights(lambda: build_dit(config, seed=None), tensors, str(folder))
     digest = hashlib.sha256()
-    for w in weights:
+    for w in sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()):
         digest.update(file_sha256(folder / w).encode())
-    return LoadedModel(model.float().eval(), {"kind": "diffusers", "path": str(path.resolve()), "sha256": digest.hexdigest()})
+    return LoadedModel(model, {"kind": "diffusers", "path": str(path.resolve()), "sha256": digest.hexdigest()})
 
 
 # --------------------------------------------------------------------------------- original checkpoints
@@ -237,22 +246,8 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     import torch
 
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DitqError(f"{path}: corrupt safetensors file ({_one_line(e)})") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DitqError(
-            f"{path}: refused to load: the checkpoint holds objects other than tensors "
-            f"(unsafe pickle; only weights_only loading is allowed): {_one_line(e)[:160]}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise DitqError(f"{path}: corrupt or unreadable checkpoint ({_one_line(e)[:200]})") from None
+        return read_safetensors(path)
+    obj = read_pickle(path)
     if isinstance(obj, dict):
         for key in ("ema", "model", "state_dict"):  # training checkpoints nest the weights
             if isinstance(obj.get(key), dict):
@@ -263,21 +258,34 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     return obj
 
 
+class _ReadRecorder(dict):
+    """A state dict that records which tensors were read (the ones a conversion did not read are extra)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
 def _load_original(path: Path, *, image_size: int | None, num_heads: int | None) -> LoadedModel:
-    sd = read_state_dict(path)
+    sd = _ReadRecorder(read_state_dict(path))
     try:
         config, converted = convert_original_dit(sd, image_size=image_size, num_heads=num_heads, where=str(path))
     except KeyError as e:
-        raise DitqError(f"{path}: incomplete DiT checkpoint (no tensor {e.args[0]!r})") from None
-    model = build_dit(config, seed=None)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
-    if missing or unexpected:
-        raise DitqError(
-            f"{path}: checkpoint does not fit a DiT of the inferred shape "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+        raise DitqError(f"{path}: incomplete DiT checkpoint (no tensor {echo(str(e.args[0]))})") from None
+    except (ValueError, IndexError, ZeroDivisionError, TypeError, RuntimeError) as e:  # tensors of impossible shapes
+        raise DitqError(f"{path}: not an original DiT state dict ({_one_line(e)[:200]})") from None
+    unused = sorted(set(sd) - sd.read - {"pos_embed"})  # pos_embed: the fixed sin-cos table, recomputed
+    if unused:
+        raise DitqError(f"{path}: the weights do not fit a DiT: unexpected {tensor_names(unused)}")
+    config = check_dit_config(config, f"{path} (the DiT its shapes describe)")
+    model = load_weights(lambda: build_dit(config, seed=None), converted, str(path))
+    use_original_timestep_sinusoid(model)
     return LoadedModel(
-        model.float().eval(),
+        model,
         {
             "kind": "dit-checkpoint",
             "path": str(path.resolve()),
@@ -288,6 +296,20 @@ def _load_original(path: Path, *, image_size: int | None, num_heads: int | None)
     )
 
 
+# The timestep sinusoid of facebookresearch/DiT: cos/sin of t * exp(-ln(10000) i / half), i = 0..half-1
+# (half = 128), i.e. diffusers' ``Timesteps(downscale_freq_shift=0)``; diffusers' DiT builds its embedders with
+# shift 1 (``/ (half - 1)``), which moves every frequency but the first.
+ORIGINAL_TIMESTEP_FREQ_SHIFT = 0
+
+
+def use_original_timestep_sinusoid(model) -> None:
+    """Make a diffusers DiT compute the original DiT's timestep sinusoid: every block's embedder (block 0's
+    also conditions the final layer) takes ``ORIGINAL_TIMESTEP_FREQ_SHIFT``. The frequencies are a constant
+    of the forward, so tracing the model bakes them into the ONNX graph."""
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = ORIGINAL_TIMESTEP_FREQ_SHIFT
+
+
 def convert_original_dit(
     sd: dict[str, Any], *, image_size: int | None = None, num_heads: int | None = None, where: str = "checkpoint"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -295,6 +317,8 @@ def convert_original_dit(
 
     The original model has one timestep and one class embedder; diffusers gives every block its own,
     so they are copied into each block. The fixed sin-cos ``pos_embed`` buffer is recomputed by diffusers.
+    A model built from the config computes the original forward only after
+    :func:`use_original_timestep_sinusoid` (the config has no field for the sinusoid's frequencies).
     """
     need = ("x_embedder.proj.weight", "final_layer.linear.weight", "y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight")
     absent = [k for k in need if k not in sd]

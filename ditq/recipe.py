@@ -13,8 +13,11 @@ One versioned JSON document::
 
 Every ``nn.Linear`` and ``nn.Embedding`` of the model starts from ``default``; the ``rules`` are applied
 in order, each overriding the fields it names for the modules its ``match`` selects (an ``fnmatch``
-glob over the torch module name, or a regular expression written ``"re:<pattern>"``). A rule that
-selects no module is an error (it is almost always a typo).
+glob over the torch module name, or a regular expression written ``"re:<pattern>"`` that must match the
+whole name). A rule that selects no module is an error (it is almost always a typo).
+
+Recipes are user input: see :mod:`ditq.patterns` for how a ``match`` is read (regular expressions by
+RE2, in time linear in the name).
 
 Fields of a layer's configuration:
 
@@ -34,14 +37,13 @@ Fields of a layer's configuration:
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, shown
+from ditq.patterns import NamePattern
 
 RECIPE_FORMAT = "ditq-recipe"
 RECIPE_VERSION = 1
@@ -80,18 +82,18 @@ class LayerQuant:
     def __post_init__(self) -> None:
         w, a = self.wbits, self.abits
         if w is not None and w != TERNARY and (not isinstance(w, int) or isinstance(w, bool) or w not in BITS_RANGE):
-            raise DitqError(f"wbits must be an integer in 2..8, 1.58 (ternary) or null, got {w!r}")
+            raise DitqError(f"wbits must be an integer in 2..8, 1.58 (ternary) or null, got {shown(w)}")
         if a is not None and (not isinstance(a, int) or isinstance(a, bool) or a not in ABITS_RANGE):
-            raise DitqError(f"abits must be an integer in 1..8 or null, got {a!r}")
+            raise DitqError(f"abits must be an integer in 1..8 or null, got {shown(a)}")
         if w == TERNARY and not self.symmetric:
             raise DitqError("ternary weights (wbits 1.58) are symmetric: set symmetric to true")
         if not isinstance(self.rotate, bool):
-            raise DitqError(f"rotate must be true or false, got {self.rotate!r}")
+            raise DitqError(f"rotate must be true or false, got {shown(self.rotate)}")
         g = self.group_size
         if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
-            raise DitqError(f"group_size must be a positive integer or null, got {g!r}")
+            raise DitqError(f"group_size must be a positive integer or null, got {shown(g)}")
         if not isinstance(self.symmetric, bool):
-            raise DitqError(f"symmetric must be true or false, got {self.symmetric!r}")
+            raise DitqError(f"symmetric must be true or false, got {shown(self.symmetric)}")
 
     @property
     def covered(self) -> bool:
@@ -121,22 +123,23 @@ class Rule:
 
     match: str
     values: Mapping[str, Any] = field(default_factory=dict)
+    _pattern: NamePattern | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_pattern", NamePattern(self.match))  # checks the match first
+        if not isinstance(self.values, Mapping):
+            raise DitqError(f"recipe rule {shown(self.match)}: values must be a mapping, got {shown(self.values)}")
         bad = set(self.values) - _LAYER_KEYS
         if bad:
-            raise DitqError(f"recipe rule {self.match!r}: unknown field(s) {sorted(bad)}; allowed {sorted(_LAYER_KEYS)}")
-        replace(LayerQuant(), **self.values)  # validates the values now, not when the rule first applies
-        if self.match.startswith("re:"):
-            try:
-                re.compile(self.match[3:])
-            except re.error as e:
-                raise DitqError(f"recipe rule {self.match!r}: bad regular expression ({e})") from None
+            bad = shown(sorted(map(str, bad)))
+            raise DitqError(f"recipe rule {shown(self.match)}: unknown field(s) {bad}; allowed {sorted(_LAYER_KEYS)}")
+        try:
+            replace(LayerQuant(), **self.values)  # validates the values now, not when the rule first applies
+        except DitqError as e:
+            raise DitqError(f"recipe rule {shown(self.match)}: {e}") from None
 
     def selects(self, name: str) -> bool:
-        if self.match.startswith("re:"):
-            return re.fullmatch(self.match[3:], name) is not None
-        return fnmatch.fnmatchcase(name, self.match)
+        return self._pattern.selects(name)
 
 
 @dataclass(frozen=True)
@@ -195,9 +198,9 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise DitqError(f"recipe method {self.method!r} is not supported; choose from {list(METHODS)}")
+            raise DitqError(f"recipe method {shown(self.method)} is not supported; choose from {list(METHODS)}")
         if self.version != RECIPE_VERSION:
-            raise DitqError(f"recipe version {self.version} is not supported (this ditq reads version {RECIPE_VERSION})")
+            raise DitqError(f"recipe version {shown(self.version)} is not supported (this ditq reads version {RECIPE_VERSION})")
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -234,7 +237,7 @@ class Recipe:
                 try:
                     cfg = replace(cfg, **rule.values)
                 except TypeError as e:  # pragma: no cover - guarded by Rule.__post_init__
-                    raise DitqError(f"recipe rule {rule.match!r}: {e}") from None
+                    raise DitqError(f"recipe rule {shown(rule.match)}: {e}") from None
         return cfg
 
     def resolve(self, model) -> dict[str, LayerPlan]:
@@ -263,7 +266,7 @@ class Recipe:
             plans[name] = LayerPlan(name, kind, k, n, cfg)
         for rule in self.rules:
             if not any(rule.selects(n) for n in names):
-                raise DitqError(f"recipe rule {rule.match!r} selects no linear or embedding of this model")
+                raise DitqError(f"recipe rule {shown(rule.match)} selects no linear or embedding of this model")
         return plans
 
     # ------------------------------------------------------------------ JSON
@@ -284,10 +287,10 @@ class Recipe:
         if not isinstance(d, dict):
             raise DitqError("recipe must be a JSON object")
         if d.get("format") != RECIPE_FORMAT:
-            raise DitqError(f"not a ditq recipe: 'format' must be {RECIPE_FORMAT!r}, got {d.get('format')!r}")
+            raise DitqError(f"not a ditq recipe: 'format' must be {RECIPE_FORMAT!r}, got {shown(d.get('format'))}")
         unknown = set(d) - {"format", "version", "method", "default", "rules"}
         if unknown:
-            raise DitqError(f"recipe: unknown key(s) {sorted(unknown)}")
+            raise DitqError(f"recipe: unknown key(s) {shown(sorted(unknown))}")
         default = d.get("default", {})
         if not isinstance(default, dict) or set(default) - _LAYER_KEYS:
             raise DitqError(f"recipe 'default' must be an object with keys among {sorted(_LAYER_KEYS)}")
@@ -304,9 +307,14 @@ class Recipe:
     @classmethod
     def from_json(cls, text: str) -> "Recipe":
         try:
-            return cls.from_dict(json.loads(text))
+            doc = json.loads(text)
         except json.JSONDecodeError as e:
             raise DitqError(f"recipe is not valid JSON ({e})") from None
+        except RecursionError:
+            raise DitqError("recipe is nested too deeply to be a recipe") from None
+        except ValueError:  # an integer of more digits than Python converts (4300)
+            raise DitqError("recipe holds an integer too long to read") from None
+        return cls.from_dict(doc)
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
@@ -314,7 +322,11 @@ class Recipe:
         if not p.is_file():
             raise DitqError(f"recipe file not found: {p}")
         try:
-            return cls.from_json(p.read_text())
+            return cls.from_json(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DitqError(f"{p}: a recipe is UTF-8 JSON text; byte {e.start} is not UTF-8") from None
+        except OSError as e:
+            raise DitqError(f"{p}: cannot read the recipe ({e.strerror})") from None
         except DitqError as e:
             raise DitqError(f"{p}: {e}") from None
 

@@ -4,7 +4,8 @@ Output folder::
 
     model.onnx          the graph (+ model.onnx.data when the weights pass `external_data_bytes`)
     recipe.json         the recipe it was made with
-    manifest.json       tool version, source, target, files with their SHA-256 and sizes
+    manifest.json       tool version, source, target, the ONNX Runtime session config entries the model
+                        needs (also in its ``ditq.session_config`` metadata), files with their SHA-256 and sizes
 
 The folder is assembled under a temporary sibling name and renamed into place only when complete, so a
 crash never leaves a half-written model under the final name, and re-exporting over an old folder starts
@@ -25,18 +26,19 @@ from onnx.external_data_helper import load_external_data_for_model
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.exporter import DEFAULT_OPSET, MODEL_FILE, TARGETS
+from ditq.exporter import DEFAULT_OPSET, INT2_IR, INT2_OPSET, MODEL_FILE, TARGETS
 from ditq.exporter.reference import QuantizedDiT
 from ditq.exporter.trace import bind_modules, export_float
 from ditq.files import staged_dir
-from ditq.graphs.lower_ort import ACT_QDQ_KERNELS, LowerToOrtKernelsPass, kernel_counts
+from ditq.graphs.lower_ort import ACT_QDQ_KERNELS, KERNEL_QDQ, LowerToOrtKernelsPass, kernel_counts
 from ditq.graphs.rotate import InsertRotationPass, RotationTarget
 from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
-from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
-from ditq.models import file_sha256, pipeline_info
+from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget, fusable_weight_matmuls
+from ditq.graphs.tensors import code_type
+from ditq.models import BUILTIN, file_sha256, pipeline_info
+from ditq.runtime.session import EXACT_QDQ_CONFIG, META_SESSION_CONFIG
 
 DATA_FILE = "model.onnx.data"
-INT2_OPSET, INT2_IR = 25, 13  # the first opset / IR version with INT2/UINT2 tensors
 RECIPE_FILE = "recipe.json"
 MANIFEST_FILE = "manifest.json"
 
@@ -56,7 +58,8 @@ class ExportResult:
     file_bytes: int
     seconds: float
     layers: int
-    activation_subgraphs: int
+    activation_quantizers: int  # in-graph activation Q/DQ subgraphs (to_q/k/v share one)
+    kernels: int = 0  # layers lowered to ONNX Runtime kernels (target ``ort``)
 
 
 def tool_version() -> str:
@@ -81,15 +84,51 @@ def strip_trace_metadata(proto: onnx.ModelProto) -> None:
         node.metadata_props.extend(keep)
 
 
+_INT2_TYPES = (onnx.TensorProto.INT2, onnx.TensorProto.UINT2)
+
+
+def required_opset(qdit: QuantizedDiT) -> int:
+    """The lowest opset whose types hold every tensor of ``qdit``'s graph: ``INT2_OPSET`` (25) when a layer
+    kept as standard QDQ stores 2-bit codes (INT2/UINT2, see :func:`ditq.graphs.tensors.code_type`; the
+    ``ort`` kernels pack theirs into uint8), else ``DEFAULT_OPSET`` (21: blocked Q/DQ, INT4/UINT4)."""
+    int2 = any(
+        code_type(qdit.weights[n].bits, qdit.weights[n].symmetric) in _INT2_TYPES
+        for n, p in qdit.plans.items()
+        if p.kernel == KERNEL_QDQ and n in qdit.weights
+    )
+    return INT2_OPSET if int2 else DEFAULT_OPSET
+
+
+def resolve_opset(qdit: QuantizedDiT, opset: int | None) -> int:
+    """The opset to write: ``opset`` when given and able to hold the recipe, else :func:`required_opset`."""
+    if opset is None:
+        return required_opset(qdit)
+    if opset < DEFAULT_OPSET:
+        raise DitqError(f"opset {opset} has no blocked QuantizeLinear/DequantizeLinear; use {DEFAULT_OPSET} or later")
+    need = required_opset(qdit)
+    if opset < need:
+        raise DitqError(
+            f"opset {opset} cannot hold this recipe's 2-bit weight codes (INT2/UINT2 need opset {need}); "
+            f"use --opset {need} or leave --opset out"
+        )
+    return opset
+
+
 def build_quantized_graph(
-    qdit: QuantizedDiT, work_dir: Path, *, opset: int = DEFAULT_OPSET, progress: bool = True
-) -> tuple[onnx.ModelProto, int, int]:
+    qdit: QuantizedDiT, work_dir: Path, *, opset: int | None = None, progress: bool = True
+) -> tuple[onnx.ModelProto, int, int, int]:
     """Trace the float model into ``work_dir`` and run the quantization passes; returns the proto
-    (its remaining float initializers loaded) and how many weights / activation subgraphs were inserted."""
+    (its remaining float initializers loaded) and how many weights, activation Q/DQ subgraphs and
+    ORT kernels were inserted.
+
+    The graph is written at ``resolve_opset(qdit, opset)``. An explicit ``opset`` is also the one traced at;
+    without one the float graph is traced at ``DEFAULT_OPSET`` and, when 2-bit codes need ``INT2_OPSET``,
+    its opset import is raised to it (the ops traced at 21 read the same at 25; only types were added)."""
+    written = resolve_opset(qdit, opset)
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
     steps.set_postfix_str("trace (torch.onnx dynamo)")
     float_path = work_dir / "float.onnx"
-    export_float(qdit.model, float_path, opset=opset)
+    export_float(qdit.model, float_path, opset=DEFAULT_OPSET if opset is None else opset)
     steps.update()
 
     steps.set_postfix_str("bind modules to nodes")
@@ -110,12 +149,13 @@ def build_quantized_graph(
     acts = InsertActivationQDQPass(act_targets)(proto)
     lowered = LowerToOrtKernelsPass(qdit.plans, qdit.weights)(proto)
     load_external_data_for_model(proto, str(work_dir))  # the float tensors that stay (biases, norms, conv)
-    if any(t.data_type in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2) for t in proto.graph.initializer):
-        # 2-bit codes exist from opset 25 (IR 13); the graph's other ops read the same at 25
-        for o in proto.opset_import:
-            if o.domain in ("", "ai.onnx"):
-                o.version = max(o.version, INT2_OPSET)
-        proto.ir_version = max(proto.ir_version, INT2_IR)
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = max(o.version, written)
+    if any(t.data_type in _INT2_TYPES for t in proto.graph.initializer):
+        if written < INT2_OPSET:  # required_opset disagrees with the passes: a bug of ours
+            raise RuntimeError(f"2-bit codes were stored in a graph written at opset {written}")
+        proto.ir_version = max(proto.ir_version, INT2_IR)  # INT2/UINT2 exist from IR 13
     steps.update()
     steps.set_postfix_str("check")
     try:
@@ -124,7 +164,16 @@ def build_quantized_graph(
         raise RuntimeError(f"the quantized graph fails the ONNX checker: {e}") from e
     steps.update()
     steps.close()
-    return proto, len(weights.targets), acts.count + lowered.count
+    return proto, len(weights.targets), acts.count, lowered.count
+
+
+def source_paths(source: dict[str, Any]) -> list[Path]:
+    """The files or folders a model ``source`` record (see :mod:`ditq.models`) is read from: what an
+    output folder may never replace."""
+    if source.get("kind") == "builtin" and source.get("name") in BUILTIN:
+        return [BUILTIN[source["name"]]]
+    path = source.get("path")
+    return [Path(path)] if isinstance(path, str) and path else []
 
 
 def export(
@@ -132,31 +181,35 @@ def export(
     out_dir: str | Path,
     *,
     source: dict[str, Any],
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     external_data_bytes: int = 256 << 20,
     progress: bool = True,
+    force: bool = False,
 ) -> ExportResult:
-    """Export ``qdit`` to ``out_dir`` (replaced atomically if it exists), for the target it was quantized for."""
+    """Export ``qdit`` to ``out_dir`` (replacing, atomically, only an empty folder or an earlier ditq output:
+    see :mod:`ditq.files`; ``force``: also one that changed since), for the target it was quantized for,
+    at ``opset`` (None: the lowest that holds the recipe, see :func:`resolve_opset`)."""
     target = qdit.target
     if target not in TARGETS:
         raise DitqError(f"unknown target {target!r}; choose from {list(TARGETS)}")
-    if opset < 21:
-        raise DitqError(f"opset {opset} has no blocked QuantizeLinear/DequantizeLinear; use 21 or later")
+    resolve_opset(qdit, opset)  # refuse an opset that cannot hold the recipe before anything is written
+    pipe = pipeline_info(source)  # likewise a scheduler setting the samplers do not implement
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DitqError(f"--out {out_dir} exists and is not a folder")
     t0 = time.perf_counter()
-    with staged_dir(out_dir) as stage:
+    with staged_dir(out_dir, protect=source_paths(source), force=force) as stage:  # see ditq.files
         work = stage / ".work"
         work.mkdir()
-        proto, n_weights, n_acts = build_quantized_graph(qdit, work, opset=opset, progress=progress)
+        proto, n_weights, n_acts, n_kernels = build_quantized_graph(qdit, work, opset=opset, progress=progress)
+        session_config = dict(EXACT_QDQ_CONFIG) if fusable_weight_matmuls(proto) else {}
+        written = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         meta = {
             META_RECIPE: qdit.recipe.to_json(),
             META_SOURCE: json.dumps(source),
             META_VERSION: tool_version(),
             META_TARGET: target,
             META_CONFIG: json.dumps(_jsonable_config(qdit.model.config)),
-            META_PIPELINE: json.dumps(pipeline_info(source)),
+            META_PIPELINE: json.dumps(pipe),
+            META_SESSION_CONFIG: json.dumps(session_config),
         }
         strip_trace_metadata(proto)
         del proto.graph.value_info[:]  # intermediate shapes: ONNX Runtime and the checker infer them
@@ -174,7 +227,6 @@ def export(
         else:
             onnx.save_model(proto, str(model_path))
         del proto
-        pipe = pipeline_info(source)
         if pipe.get("vae"):  # a pipeline folder: the float VAE decoder goes next to the transformer
             from ditq.exporter.trace import export_vae_decoder
             from ditq.models import load_vae
@@ -182,7 +234,7 @@ def export(
             cfg = qdit.model.config
             vae_path = stage / pipe["vae"]
             export_vae_decoder(load_vae(source), vae_path, channels=cfg["in_channels"], size=cfg["sample_size"],
-                               scaling_factor=pipe["scaling_factor"], opset=opset)  # fmt: skip
+                               scaling_factor=pipe["scaling_factor"], opset=opset or DEFAULT_OPSET)  # fmt: skip
             vae_proto = onnx.load(str(vae_path))  # one self-contained file (the decoder is small)
             for f in stage.glob(pipe["vae"] + ".data"):
                 f.unlink()
@@ -194,13 +246,15 @@ def export(
             "tool": "ditq",
             "version": tool_version(),
             "target": target,
-            "opset": opset,
+            "opset": written,  # the opset model.onnx imports
             "source": source,
             "layers": n_weights,
             "activation_subgraphs": n_acts,
+            "lowered_kernels": n_kernels,
+            "session_config": session_config,  # ONNX Runtime session config entries the model needs
             "kernels": kernel_counts(qdit.plans),
             "files": files,
         }
         (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     model_bytes = sum(f["bytes"] for n, f in files.items() if n in (MODEL_FILE, DATA_FILE))  # the transformer
-    return ExportResult(out_dir, out_dir / MODEL_FILE, model_bytes, time.perf_counter() - t0, n_weights, n_acts)
+    return ExportResult(out_dir, out_dir / MODEL_FILE, model_bytes, time.perf_counter() - t0, n_weights, n_acts, n_kernels)

@@ -23,6 +23,24 @@ from ditq.calib.robuq import quantize_ternary, rotate
 from ditq.recipe import LayerPlan, Recipe
 
 
+def quantize_input(
+    x: torch.Tensor, rotation: int | None, abits: int | None, group_size: int, symmetric: bool
+) -> torch.Tensor:
+    """The input side of a covered linear, what its stored weight ``dq(Q(W H))`` (``dq(Q(W))`` unrotated)
+    multiplies: ``x H`` when the layer is rotated (Hadamard blocks of ``rotation``), then, with ``abits``,
+    dynamic fake quantization per token and group of ``group_size`` (fresh qparams per call)."""
+    if rotation:
+        x = rotate(x, rotation)
+    if abits is not None:
+        x = fake_quantize(x, abits, group_size, symmetric)  # (..., K)
+    return x
+
+
+def plan_input(x: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    """:func:`quantize_input` as ``plan`` configures the layer."""
+    return quantize_input(x, plan.rotation, plan.abits, plan.activation_group, plan.activation_symmetric)
+
+
 class QuantLinear(nn.Module):
     """A linear with integer-code weights and optional dynamic per-group input quantization."""
 
@@ -43,10 +61,7 @@ class QuantLinear(nn.Module):
         self.rotation = rotation  # Hadamard block: the stored weight is W H, the input becomes x H
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rotation:
-            x = rotate(x, self.rotation)
-        if self.abits is not None:
-            x = fake_quantize(x, self.abits, self.group_size, self.symmetric)  # (..., K), fresh qparams per call
+        x = quantize_input(x, self.rotation, self.abits, self.group_size, self.symmetric)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
@@ -161,9 +176,6 @@ def gptq_weight(module: nn.Module, plan: LayerPlan, x: torch.Tensor) -> Quantize
     """GPTQ codes of one linear from its calibration inputs, activation-quantized as the recipe says."""
     from ditq.calib.gptq import HessianState, accumulate_hessian, gptq_quantize
 
-    if plan.rotation:
-        x = rotate(x, plan.rotation)
-    if plan.abits is not None:
-        x = fake_quantize(x, plan.abits, plan.activation_group, plan.activation_symmetric)
+    x = plan_input(x, plan)
     h = accumulate_hessian(HessianState.zeros(x.shape[-1]), x).h
     return gptq_quantize(plan_weight(module, plan), h, plan.quant.wbits, plan.group_size, plan.quant.symmetric).weight

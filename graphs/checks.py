@@ -77,6 +77,12 @@ def check_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[s
     return fails
 
 
+def activation_qdq_layers(plans: dict[str, LayerPlan]) -> list[str]:
+    """The layers whose input activation is quantized by an in-graph Q/DQ: what :func:`check_activations`
+    checks (the int8 kernels' per-token quantizers are proven by ``ditq validate``'s code probe)."""
+    return [n for n, p in plans.items() if p.abits is not None and p.kernel in ACT_QDQ_KERNELS]
+
+
 def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[str]:
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -88,9 +94,8 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
     dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
     fails = []
     kernels = nodes_by_module(graph, ROLE_KERNEL)
-    for name, plan in plans.items():
-        if plan.abits is None or plan.kernel not in ACT_QDQ_KERNELS:
-            continue
+    for name in activation_qdq_layers(plans):
+        plan = plans[name]
         if plan.kernel == KERNEL_QDQ:
             dq_w = dqs.get(name, [])
             mm = [c for d in dq_w for c in consumers.get(d.output[0], []) if c.op_type == "MatMul"]
@@ -115,7 +120,7 @@ def check_activations(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> li
             fails.append(f"{name}: its input is not quantized (no QuantizeLinear in front of its MatMul)")
             continue
         if attrs(ql).get("block_size") != plan.activation_group:
-            fails.append(f"{name}: activation block_size {attrs(ql).get('block_size')}, recipe needs {plan.group_size}")
+            fails.append(f"{name}: activation block_size {attrs(ql).get('block_size')}, recipe needs {plan.activation_group}")
         for role, t in zip(("scale", "zero point"), ql.input[1:3]):
             if t in inits or (producer.get(t) is not None and producer[t].op_type == "Constant"):
                 fails.append(f"{name}: activation {role} is a stored constant, not computed at run time")

@@ -29,6 +29,7 @@ from ditq.graphs.tensors import (
     attrs,
     code_tensor,
     float_tensor,
+    nodes_by_module,
     rebuild_nodes,
     remove_unused_initializers,
     tag,
@@ -148,6 +149,14 @@ class StoreQuantizedWeightsPass:
         graph.initializer.extend(new_inits)
         remove_unused_initializers(graph)
         return PassResult(model, bool(self.targets), len(self.targets))
+
+
+def fusable_weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Modules whose stored weight ``DequantizeLinear`` feeds a MatMul's weight input: the pattern ONNX
+    Runtime fuses into ``MatMulNBits`` (when the activation side has no Q/DQ), whose default accuracy
+    level then quantizes the activations to int8 (see :mod:`ditq.runtime.session`)."""
+    matmul_weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul"}
+    return sorted(m for m, nodes in nodes_by_module(model.graph, ROLE_WEIGHT_DQ).items() if any(d.output[0] in matmul_weights for d in nodes))
 
 
 def stored_codes(t: onnx.TensorProto) -> np.ndarray:

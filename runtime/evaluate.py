@@ -195,30 +195,22 @@ class EvalReport:
 
 
 def _layer_error(qdit, inputs) -> float:
-    """Mean over the covered block linears of ``|Q_a(x) Q(W)^T - x W^T| / |x W^T|`` on held-out inputs
-    (the layer as it runs: activation-quantized input, integer weights)."""
+    """Mean over the covered block linears of ``|Q_a(x H) Q(W H)^T - x W^T| / |x W^T|`` on held-out
+    inputs (``H = I`` for unrotated layers): the layer as it runs, its input side (rotation, then the
+    dynamic activation quantizer) being the exported linear's own, against the float layer (no bias)."""
     import torch
 
-    from ditq.calib.numerics import fake_quantize
+    from ditq.exporter.reference import plan_input
 
     named = dict(qdit.model.named_modules())
     errs = []
     for name, plan in qdit.plans.items():
         if plan.kind != "linear" or name not in inputs:
             continue
-        x = inputs[name].double()
-        ref = x @ named[name].weight.detach().double().T
-        xq = fake_quantize(inputs[name], plan.abits, plan.activation_group, plan.activation_symmetric).double() if plan.abits else x
-        out = xq @ qdit.weights[name].dequantize().double().T
+        ref = inputs[name].double() @ named[name].weight.detach().double().T
+        out = plan_input(inputs[name], plan).double() @ qdit.weights[name].dequantize().double().T
         errs.append(float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)))
     return float(np.mean(errs)) if errs else float("nan")
-
-
-def _model_images(split, pipe):
-    """The training digits (model range [-1, 1]) as a tensor: inputs for sensitivity measurement."""
-    import torch
-
-    return torch.from_numpy(np.array(split.x_train, np.float32))  # a writable copy
 
 
 def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
@@ -312,17 +304,14 @@ def evaluate(
     try:
         for conf in configs:
             bar.set_postfix_str(f"{conf.name}: quantize + export")
-            act_bits = None
             if conf.mixed:
-                from ditq.calib.robuq import mixed_activation_bits, sensitivity_inputs
+                from ditq.calib.robuq import mixed_recipe
 
                 bar.set_postfix_str(f"{conf.name}: activation sensitivity + bit allocation")
-                images = _model_images(split, pipe) if is_digits else None
-                act_bits, _, unit_bits = mixed_activation_bits(
-                    loaded.model, conf.abits, rotate=conf.rotate, inputs=sensitivity_inputs(mcfg, images)
-                )
-                allocations[conf.name] = unit_bits
-            recipe = conf.recipe(symmetric, method if conf.wbits or conf.recipe_file else None, act_bits=act_bits)
+                mixed = mixed_recipe(loaded.model, conf.abits, rotate=conf.rotate, clip_denoised=bool(pipe.get("clip_denoised")))
+                recipe, allocations[conf.name] = mixed.recipe, mixed.bits_per_unit
+            else:
+                recipe = conf.recipe(symmetric, method if conf.wbits or conf.recipe_file else None)
             calibration = None
             if recipe.method == "gptq":
                 if calib_fn is None:

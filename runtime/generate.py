@@ -15,16 +15,34 @@ import numpy as np
 
 from ditq.errors import DitqError
 from ditq.exporter import MODEL_FILE
-from ditq.runtime.samplers import NoiseSchedule, sample, seeded_noise
-from ditq.runtime.session import OrtDiT
+from ditq.options import echo
+from ditq.runtime.samplers import sample, seeded_noise
+from ditq.runtime.schedule import SchedulerSpec
+from ditq.runtime.session import OrtDiT, run_session
+from ditq.untrusted import PIPELINE, check_dit_config, check_fields, inside, parse_json_object
+
+# One run's samples (float32: the model-space array, and the decoded images when a VAE decodes them)
+# must fit in this many bytes: 1 GiB is 4M digits (8x8) or 65,536 DiT latents (4x32x32).
+MAX_SAMPLE_BYTES = 1 << 30
+
+
+def check_sample_budget(n: int, shape: tuple[int, ...], what: str = "samples") -> None:
+    """Refuse ``n`` float32 arrays of ``shape`` that together exceed :data:`MAX_SAMPLE_BYTES`."""
+    nbytes = 4 * n * int(np.prod(shape, dtype=object))
+    if nbytes > MAX_SAMPLE_BYTES:
+        dims = "x".join(str(d) for d in shape)
+        raise DitqError(f"{n} {what} of {dims} would take {nbytes / 2**30:.3g} GiB, over the limit of "
+                        f"{MAX_SAMPLE_BYTES / 2**30:g} GiB per run: ask for fewer samples")  # fmt: skip
 
 def resolve_model_file(path: str | Path) -> Path:
     """An exported folder or a ``.onnx`` file -> the ``.onnx`` file."""
     p = Path(path)
     if p.is_dir():
-        p = p / MODEL_FILE
+        p = inside(p, MODEL_FILE, str(path))
     if not p.is_file():
         raise DitqError(f"no exported model at {path} (expected a folder with {MODEL_FILE}, or an .onnx file)")
+    if p.stat().st_size == 0:
+        raise DitqError(f"{p}: empty file (0 bytes), not an ONNX model")
     return p
 
 
@@ -44,22 +62,24 @@ class ExportedDiT:
         meta = fn.session.get_modelmeta().custom_metadata_map
         if "ditq.model_config" not in meta:
             raise DitqError(f"{file}: not a ditq export (no ditq.model_config metadata)")
-        try:
-            config = json.loads(meta["ditq.model_config"])
-            pipeline = json.loads(meta.get("ditq.pipeline", '{"space": "latent", "clip_denoised": false}'))
-        except json.JSONDecodeError as e:
-            raise DitqError(f"{file}: corrupt ditq metadata ({e})") from None
+        where = f"{file}: ditq.model_config"
+        config = check_dit_config(parse_json_object(meta["ditq.model_config"], where), where)
+        where = f"{file}: ditq.pipeline"
+        pipeline = check_fields(parse_json_object(meta.get("ditq.pipeline", "{}"), where), PIPELINE, where)
+        if pipeline["vae"] is not None:  # refused here, before any sampling, if it leads out of the folder
+            inside(file.parent, pipeline["vae"], f"{where}.vae")
         return cls(fn, file, config, pipeline)
 
     @property
-    def schedule(self) -> NoiseSchedule:
+    def schedule(self) -> SchedulerSpec:
+        """The sampling spec ``ditq export`` recorded (validated there); DiT's when none is recorded."""
         cfg = self.pipeline.get("schedule")
         if not cfg:
-            return NoiseSchedule.linear()
+            return SchedulerSpec()
         try:
-            return NoiseSchedule.from_config(cfg)
-        except ValueError as e:
-            raise DitqError(f"{self.path}: {e}") from None
+            return SchedulerSpec.from_dict(cfg)
+        except DitqError as e:
+            raise DitqError(f"{self.path}: corrupt ditq.pipeline schedule: {e}") from None
 
     @property
     def has_decoder(self) -> bool:
@@ -71,9 +91,14 @@ class ExportedDiT:
 
         if not self.has_decoder:
             raise DitqError(f"{self.path} carries no VAE decoder")
-        session = create_session(self.path.parent / self.pipeline["vae"], provider=provider)
-        name = session.get_inputs()[0].name
-        out = [session.run(None, {name: latents[i : i + batch_size].astype(np.float32)})[0] for i in range(0, len(latents), batch_size)]
+        vae = inside(self.path.parent, self.pipeline["vae"], f"{self.path}: ditq.pipeline.vae")
+        session = create_session(vae, provider=provider)
+        name, where = session.get_inputs()[0].name, str(vae)
+        out = []
+        for i in range(0, len(latents), batch_size):
+            out.append(run_session(session, {name: latents[i : i + batch_size].astype(np.float32)}, where=where)[0])
+            if i == 0:  # the first batch tells the size of a decoded image
+                check_sample_budget(len(latents), out[0].shape[1:], "decoded images")
         return np.concatenate(out)
 
     @property
@@ -87,6 +112,10 @@ class ExportedDiT:
     @property
     def size(self) -> int:
         return int(self.config["sample_size"])
+
+    def check_count(self, n: int) -> None:
+        """Refuse ``n`` samples whose array would exceed :data:`MAX_SAMPLE_BYTES`."""
+        check_sample_budget(n, (self.channels, self.size, self.size))
 
     def check_labels(self, labels: np.ndarray) -> None:
         bad = [int(c) for c in np.unique(labels) if not 0 <= c < self.num_classes]
@@ -108,6 +137,7 @@ class ExportedDiT:
         """Samples of ``labels`` in model space ([-1, 1] for pixel models), from :func:`seeded_noise`."""
         labels = np.asarray(labels, np.int64)
         self.check_labels(labels)
+        self.check_count(len(labels))
         if noise is None:
             noise = seeded_noise(seed, len(labels), self.channels, self.size)
         return generate(
@@ -131,13 +161,13 @@ def generate(
     batch_size: int = 256,
     progress: bool = False,
     desc: str = "sample",
-    schedule: NoiseSchedule | None = None,
+    schedule: SchedulerSpec | None = None,
 ) -> np.ndarray:
     """Sample in batches of ``batch_size`` (each batch's stochastic noise seeded from ``seed`` and its index)."""
     from tqdm.auto import tqdm
 
     out = []
-    schedule = schedule or NoiseSchedule.linear()
+    schedule = schedule or SchedulerSpec()
     starts = range(0, len(labels), batch_size)
     for b, i in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress or len(starts) < 2, leave=False)):
         out.append(
@@ -157,7 +187,10 @@ def parse_classes(text: str | None, num_classes: int) -> list[int]:
     try:
         classes = [int(c) for c in text.split(",") if c.strip()]
     except ValueError:
-        raise DitqError(f"--classes: expected comma-separated integers, got {text!r}") from None
+        raise DitqError(f"--classes: expected comma-separated integers, got {echo(text)}") from None
     if not classes:
         raise DitqError("--classes is empty")
+    bad = next((c for c in classes if not 0 <= c < num_classes), None)
+    if bad is not None:
+        raise DitqError(f"--classes: class {echo(str(bad), quote=False)} is out of range: this model has classes 0..{num_classes - 1}")
     return classes

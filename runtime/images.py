@@ -16,6 +16,17 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
+MAX_GRID_PIXELS = 1 << 27  # 134M pixels, 400 MB as RGB
+
+
+def check_grid_size(nrows: int, ncols: int, *, cell: int = 64, pad: int = 2) -> None:
+    """Refuse a grid of ``nrows`` x ``ncols`` cells of more than :data:`MAX_GRID_PIXELS` (labels aside)."""
+    width, height = ncols * (cell + pad) + pad, nrows * (cell + pad) + pad
+    if width * height > MAX_GRID_PIXELS:
+        raise DitqError(f"a grid of {nrows} x {ncols} images would be {width} x {height} pixels, over the limit of "
+                        f"{MAX_GRID_PIXELS:,} pixels: ask for fewer samples, or write them to .npy")  # fmt: skip
+
+
 def grid_image(
     rows: list[np.ndarray],
     *,
@@ -32,6 +43,7 @@ def grid_image(
     left = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
     top = 0 if not col_labels else 16
     ncols = max(len(r) for r in rows)
+    check_grid_size(len(rows), ncols, cell=cell, pad=pad)
     width = left + ncols * (cell + pad) + pad
     height = top + len(rows) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))

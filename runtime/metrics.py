@@ -8,6 +8,7 @@ Numpy only (no torch). The Frechet distance takes features from any extractor, a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -72,6 +73,9 @@ class DigitJudge:
 
     def _hidden(self, images: np.ndarray) -> np.ndarray:
         h = np.asarray(images, np.float32).reshape(len(images), -1)
+        if not np.isfinite(h).all():  # NaN logits argmax to class 0: no verdict on such images
+            bad = int((~np.isfinite(h).all(axis=1)).sum())
+            raise DitqError(f"the digit judge cannot score non-finite images ({bad} of {len(h)} hold NaN or Inf)")
         for w, b in self.layers[:-1]:
             h = np.maximum(h @ w + b, 0.0)
         return h
@@ -93,7 +97,9 @@ class DigitJudge:
 
 
 def default_judge_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "ditq" / "assets" / "judge" / "digits_judge.safetensors"
+    """The shipped judge: package data of the installed ``ditq`` package (``ditq/assets/judge/``), wherever
+    the package lives (a source checkout, an editable install or a wheel)."""
+    return Path(str(resources.files("ditq"))) / "assets" / "judge" / "digits_judge.safetensors"
 
 
 def load_images(path: str | Path) -> np.ndarray:

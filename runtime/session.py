@@ -1,13 +1,22 @@
 """ONNX Runtime sessions for exported DiTs (no torch import on this path).
 
-``exact=True`` (the default for ``qdq`` models) sets ``session.qdq_matmulnbits_accuracy_level=0``: ONNX
-Runtime fuses a weight-only ``DequantizeLinear -> MatMul`` into ``MatMulNBits`` and by default (level 4)
-quantizes that kernel's *activations* to int8, which changes the numbers a QDQ graph specifies
-(measured: 50 dB instead of 123 dB agreement with the reference on a W4A16 DiT). Level 0 keeps fp32.
+A model records the session configuration entries it needs in its ``ditq.session_config`` metadata (a
+JSON object of ``SessionOptions`` config entries; ``ditq export`` writes it, the manifest repeats it), and
+:func:`create_session` applies what the file records. For a ``qdq`` graph that is
+``session.qdq_matmulnbits_accuracy_level=0``: ONNX Runtime fuses a weight-only ``DequantizeLinear ->
+MatMul`` into ``MatMulNBits`` and by default (level 4) quantizes that kernel's *activations* to int8,
+which changes the numbers the QDQ graph specifies (measured on the digits DiT: 42-55 dB instead of
+129-133 dB agreement with the reference at W4A16). Level 0 keeps fp32.
+
+ONNX Runtime's own in-model configuration (``ort_config`` metadata, read when
+``ORT_LOAD_CONFIG_FROM_MODEL=1``) cannot carry config entries (1.31 reads thread counts, execution mode,
+optimization level and profiling only), so a deployer sets the recorded entries on its session options.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +24,10 @@ import numpy as np
 from ditq.errors import DitqError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+META_SESSION_CONFIG = "ditq.session_config"  # metadata key: JSON object of the session config entries the model needs
+ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+# what a weight DequantizeLinear -> MatMul states: fp32 activations in the fused kernel
+EXACT_QDQ_CONFIG = {ACCURACY_LEVEL: "0"}
 
 
 def _ort():
@@ -25,16 +38,55 @@ def _ort():
     return ort
 
 
+def recorded_session_config(meta: Mapping[str, str], where: str = "model") -> dict[str, str] | None:
+    """The session config entries a model's metadata records (:data:`META_SESSION_CONFIG`); None when it
+    records none."""
+    text = meta.get(META_SESSION_CONFIG)
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DitqError(f"{where}: corrupt {META_SESSION_CONFIG} metadata ({e})") from None
+    if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+        raise DitqError(f"{where}: {META_SESSION_CONFIG} must map config keys to string values, got {text[:100]!r}")
+    return config
+
+
+def model_session_config(model: str | Path | bytes) -> dict[str, str]:
+    """The config entries ditq's sessions apply to a model file or serialized model
+    (:func:`applied_session_config` of its metadata)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    where = "in-memory model" if isinstance(model, bytes) else str(model)
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:
+        raise DitqError(f"{where}: not a readable ONNX model ({' '.join(str(e).split())[:200]})") from None
+    return applied_session_config({p.key: p.value for p in proto.metadata_props}, where)
+
+
+def applied_session_config(meta: Mapping[str, str], where: str = "model") -> dict[str, str]:
+    """What the metadata records or, for a model that records nothing (written before ditq recorded it, or
+    by another tool), :data:`EXACT_QDQ_CONFIG`, which runs any weight ``DequantizeLinear -> MatMul`` in
+    the fp32 its graph states."""
+    recorded = recorded_session_config(meta, where)
+    return dict(EXACT_QDQ_CONFIG) if recorded is None else recorded
+
+
 def create_session(
     model: str | Path | bytes,
     *,
     provider: str = "cpu",
-    exact: bool = True,
+    config: Mapping[str, str] | None = None,
     threads: int | None = None,
     profile_prefix: str | None = None,
 ):
     """An ``onnxruntime.InferenceSession`` for a model file (or serialized model with its weights inline)
-    on ``provider`` (``cpu`` or ``cuda``); ``profile_prefix`` turns on ONNX Runtime's profiler."""
+    on ``provider`` (``cpu`` or ``cuda``) with the session config entries ``config`` (None: those the
+    model records, :func:`model_session_config`; ``{}``: ONNX Runtime's defaults); ``profile_prefix``
+    turns on ONNX Runtime's profiler."""
     ort = _ort()
     if provider not in PROVIDERS:
         raise DitqError(f"unknown provider {provider!r}; choose from {list(PROVIDERS)}")
@@ -45,8 +97,8 @@ def create_session(
     where = "in-memory model" if isinstance(model, bytes) else str(model)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    if exact:
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    for key, value in (model_session_config(model) if config is None else config).items():
+        so.add_session_config_entry(key, value)
     if threads:
         so.intra_op_num_threads = threads
     if profile_prefix:
@@ -59,6 +111,29 @@ def create_session(
         raise DitqError(f"{where}: ONNX Runtime cannot load the model ({' '.join(str(e).split())[:300]})") from None
 
 
+def _run_options():
+    """Run options that keep ONNX Runtime's own log quiet: a failed run is reported once, as a DitqError."""
+    opts = _ort().RunOptions()
+    opts.log_severity_level = 4  # fatal only
+    return opts
+
+
+def _failure(where: str, e: Exception) -> DitqError:
+    text = " ".join(str(e).split()).removeprefix("[ONNXRuntimeError] : ")
+    if len(text) > 300:  # ORT's messages carry C++ source paths and signatures: keep the start and the cause
+        text = f"{text[:140]} ... {text[-140:]}"
+    return DitqError(f"{where}: ONNX Runtime failed while running the model ({text})")
+
+
+def run_session(session, feeds: dict[str, np.ndarray], outputs: list[str] | None = None, *, where: str) -> list[np.ndarray]:
+    """``session.run(outputs, feeds)``; any failure inside ONNX Runtime (memory that cannot be allocated,
+    a shape the graph rejects, a kernel error) becomes one :class:`DitqError` naming ``where``."""
+    try:
+        return session.run(outputs, feeds, _run_options())
+    except Exception as e:  # ORT raises its own exception types (Fail, RuntimeException, InvalidArgument, ...)
+        raise _failure(where, e) from None
+
+
 class OrtDiT:
     """A DiT as a callable over numpy arrays: ``(sample, timestep, class_labels) -> output``.
 
@@ -67,6 +142,7 @@ class OrtDiT:
 
     def __init__(self, model_path: str | Path, *, io_binding: bool | None = None, **session_kwargs):
         self.session = create_session(model_path, **session_kwargs)
+        self.where = "in-memory model" if isinstance(model_path, bytes) else str(model_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         provider = session_kwargs.get("provider", "cpu")
@@ -76,10 +152,13 @@ class OrtDiT:
     def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray) -> np.ndarray:
         arrays = (np.ascontiguousarray(sample, np.float32), np.ascontiguousarray(timestep, np.int64), np.ascontiguousarray(class_labels, np.int64))
         if not self.io_binding:
-            return self.session.run(None, dict(zip(self.input_names, arrays)))[0]
-        binding = self.session.io_binding()
-        for name, arr in zip(self.input_names, arrays):
-            binding.bind_cpu_input(name, arr)
-        binding.bind_output(self.output_name, self.device)
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+            return run_session(self.session, dict(zip(self.input_names, arrays)), where=self.where)[0]
+        try:
+            binding = self.session.io_binding()
+            for name, arr in zip(self.input_names, arrays):
+                binding.bind_cpu_input(name, arr)
+            binding.bind_output(self.output_name, self.device)
+            self.session.run_with_iobinding(binding, _run_options())
+            return binding.copy_outputs_to_cpu()[0]
+        except Exception as e:  # as in run_session
+            raise _failure(self.where, e) from None

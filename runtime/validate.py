@@ -22,7 +22,14 @@ Three kinds of evidence, all of which must hold (exit 0), else exit 1:
      about the quantization error itself: ``SQNR(ort, ref) >= SQNR(ref, float)``. And the ONNX model must
      be exactly as accurate as the reference: ``|SQNR(ort, float) - SQNR(ref, float)| <= 1 dB``.
 
-Also reported: ``SQNR(float, ref)``, the error the quantization itself causes.
+Also reported: ``SQNR(float, ref)``, the error the quantization itself causes. The folder is checked
+too (:mod:`ditq.runtime.integrity`): the manifest's sizes and SHA-256, and recipe.json against the
+model's recipe; a missing or malformed manifest is a failed check (exit 1), not bad input.
+
+The session that is validated applies the ONNX Runtime config entries the model records
+(``ditq.session_config``, see :mod:`ditq.runtime.session`). The same cases also run in a *default*
+session (no config entries: what a deployer gets from a plain ``InferenceSession``) and are reported
+next to it; validation fails when that session misses the bound and the model records no configuration.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 
 from ditq.errors import DitqError
 from ditq.runtime.generate import resolve_model_file
+from ditq.untrusted import check_source, parse_json
 
 FP32_FLOOR_DB = 80.0
 ACCURACY_MATCH_DB = 1.0
@@ -66,6 +74,8 @@ class CaseResult:
     sqnr_ort_vs_float_db: float
     bound_db: float
     passed: bool
+    sqnr_default_vs_ref_db: float | None = None  # the same case in a session without config entries
+    default_passed: bool | None = None
 
 
 @dataclass
@@ -75,6 +85,7 @@ class ValidationReport:
     checks: list[Check] = field(default_factory=list)
     cases: list[CaseResult] = field(default_factory=list)
     seconds: float = 0.0
+    session_config: dict[str, str] | None = None  # what the model records; None: nothing
 
     @property
     def passed(self) -> bool:
@@ -91,6 +102,7 @@ class ValidationReport:
             "checks": [asdict(c) for c in self.checks],
             "cases": [{k: clean(v) for k, v in asdict(c).items()} for c in self.cases],
             "recipe": self.recipe,
+            "session_config": self.session_config,
         }
 
     def table(self) -> str:
@@ -98,12 +110,15 @@ class ValidationReport:
         for c in self.checks:
             lines.append(f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}" + (f": {c.detail}" if c.detail else ""))
         lines += ["", "outputs (SQNR in dB; ort=ONNX Runtime, ref=PyTorch reference, float=unquantized model;",
-                  "        pass: ort-vs-ref >= bound and ort-vs-float within 1 dB of ref-vs-float)"]
-        lines.append(f"  {'batch':>5} {'timesteps':<16} {'ort-vs-ref':>10} {'bound':>6} {'max|ort-ref|':>12} {'ref-vs-float':>12} {'ort-vs-float':>12}  result")
+                  "        pass: ort-vs-ref >= bound and ort-vs-float within 1 dB of ref-vs-float;",
+                  "        default: ort-vs-ref of a session without config entries; session config the model records: "
+                  + ("none" if self.session_config is None else _config(self.session_config) or "{}") + ")"]
+        lines.append(f"  {'batch':>5} {'timesteps':<16} {'ort-vs-ref':>10} {'bound':>6} {'max|ort-ref|':>12} {'ref-vs-float':>12} {'ort-vs-float':>12} {'default':>8}  result")
         for c in self.cases:
             lines.append(
                 f"  {c.batch:>5} {','.join(map(str, c.timesteps)):<16} {_db(c.sqnr_ort_vs_ref_db):>10} {c.bound_db:>6.1f} "
-                f"{c.max_abs_ort_vs_ref:>12.3e} {_db(c.sqnr_ref_vs_float_db):>12} {_db(c.sqnr_ort_vs_float_db):>12}  "
+                f"{c.max_abs_ort_vs_ref:>12.3e} {_db(c.sqnr_ref_vs_float_db):>12} {_db(c.sqnr_ort_vs_float_db):>12} "
+                f"{'-' if c.sqnr_default_vs_ref_db is None else _db(c.sqnr_default_vs_ref_db):>8}  "
                 f"{'PASS' if c.passed else 'FAIL'}"
             )
         lines += ["", f"{'PASSED' if self.passed else 'FAILED'} in {self.seconds:.1f} s"]
@@ -114,14 +129,21 @@ def _db(v: float) -> str:
     return "inf" if math.isinf(v) else f"{v:.1f}"
 
 
+def _config(config: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
 def load_proto(path: Path):
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path))
     except (DecodeError, OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
         raise DitqError(f"{path}: not a readable ONNX model ({' '.join(str(e).split())[:200]})") from None
+    if not proto.HasField("graph") or not proto.graph.node:  # protobuf parses many byte strings as an empty model
+        raise DitqError(f"{path}: not an ONNX model (no graph)")
+    return proto
 
 
 def output_bound_db(quantizes_activations: bool, sqnr_ref_vs_float_db: float) -> float:
@@ -129,6 +151,28 @@ def output_bound_db(quantizes_activations: bool, sqnr_ref_vs_float_db: float) ->
     if not quantizes_activations:
         return FP32_FLOOR_DB
     return min(FP32_FLOOR_DB, sqnr_ref_vs_float_db)
+
+
+def within_bound(ort_out: np.ndarray, ref: np.ndarray, flt: np.ndarray, bound_db: float) -> bool:
+    """One case's criterion (module docstring): ``SQNR(ort, ref) >= bound``, and ORT as accurate against
+    the float model as the reference is (unless it agrees with the reference to the fp32 floor)."""
+    from ditq.calib.numerics import sqnr_db
+
+    ort_vs_ref = sqnr_db(ref, ort_out)
+    same_accuracy = abs(sqnr_db(flt, ort_out) - sqnr_db(flt, ref)) <= ACCURACY_MATCH_DB or ort_vs_ref >= FP32_FLOOR_DB
+    return bool(ort_vs_ref >= bound_db and same_accuracy and np.isfinite(ort_out).all())
+
+
+def default_session_check(cases: list[CaseResult], recorded: dict[str, str] | None, applied: dict[str, str]) -> Check:
+    """Passes when a session without config entries meets every case's bound, or when the model records
+    the (non-empty) configuration that the validated session applied."""
+    worst = min(cases, key=lambda c: c.sqnr_default_vs_ref_db - c.bound_db)
+    ok = all(c.default_passed for c in cases)
+    detail = f"worst case {_db(worst.sqnr_default_vs_ref_db)} dB against a bound of {worst.bound_db:.1f} dB"
+    if not ok:
+        detail += (f"; the model records the config it needs: {_config(recorded)}" if recorded
+                   else "; the model records no config that meets it" + (f" (validated with {_config(applied)})" if applied else ""))  # fmt: skip
+    return Check("default ONNX Runtime session within the bound, or the config it needs recorded", ok or bool(recorded), detail)
 
 
 def validate(
@@ -154,7 +198,8 @@ def validate(
     from ditq.graphs.tensors import ROLE_ACT_QUANT
     from ditq.models import load_from_source, load_model
     from ditq.recipe import Recipe
-    from ditq.runtime.session import create_session
+    from ditq.runtime.integrity import folder_checks
+    from ditq.runtime.session import applied_session_config, create_session, recorded_session_config, run_session
 
     t0 = time.perf_counter()
     path = resolve_model_file(model_path)
@@ -169,12 +214,14 @@ def validate(
     if model_spec is not None:
         loaded = load_model(model_spec, image_size=image_size)
     elif META_SOURCE in meta:
-        loaded = load_from_source(json.loads(meta[META_SOURCE]))
+        where = f"{path}: ditq.source"
+        loaded = load_from_source(check_source(parse_json(meta[META_SOURCE], where), where))
     else:
         raise DitqError(f"{path} carries no model source; pass --model")
 
     target = meta.get(META_TARGET, "qdq")
     report = ValidationReport(str(model_path), recipe.to_dict())
+    report.checks += [Check(*c) for c in folder_checks(path, meta)]  # the folder is ditq's, as written
     steps = tqdm(total=4 + len(CASES), desc="validate", unit="step", disable=not progress)
     gptq = recipe.method == "gptq"
     plans = resolve_plans(loaded.model, recipe, target)
@@ -196,19 +243,22 @@ def validate(
         report.checks.append(Check("onnx checker (full shape inference)", True))
     except Exception as e:  # checker raises ValidationError / InferenceError
         report.checks.append(Check("onnx checker (full shape inference)", False, " ".join(str(e).split())[:300]))
-    for name, fails in (
-        ("quantized weights: type, block size, shapes, code range", weight_fails),
+    for name, fails, covered in (
+        ("quantized weights: type, block size, shapes, code range", weight_fails, len(qd.plans)),
         *(
             []
             if gptq
             else [(
                 "stored codes and scales equal the reference's",
                 checks.check_codes_equal(proto, qd.plans, qd.weights) + checks.check_same_weights(kernel_weights, qd.weights),
+                len(qd.plans),
             )]
         ),
-        ("activation scales computed in the graph from min/max", checks.check_activations(proto, qd.plans)),
+        ("activation scales computed in the graph from min/max", checks.check_activations(proto, qd.plans),
+         len(checks.activation_qdq_layers(qd.plans))),
     ):
-        detail = f"{len(qd.plans)} layers" if not fails else f"{len(fails)} problem(s): " + "; ".join(fails[:3])
+        ok = f"{covered} layers" if covered else "none to check (no layer quantizes its input in the graph)"
+        detail = ok if not fails else f"{len(fails)} problem(s): " + "; ".join(fails[:3])
         report.checks.append(Check(name, not fails, detail))
     steps.update()
 
@@ -224,25 +274,30 @@ def validate(
         refs = [reference(x, timestep=t, class_labels=y).sample.numpy() for x, t, y in cases]
     steps.update()
 
-    session = create_session(path, provider=provider)
+    report.session_config = recorded_session_config(meta, str(path))
+    session_config = applied_session_config(meta, str(path))
+    session = create_session(path, provider=provider, config=session_config)
     quantizes_acts = any(p.abits is not None for p in qd.plans.values())
     for (x, t, y), f, r in zip(cases, floats, refs):
-        o = session.run(None, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))))[0]
+        o = run_session(session, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
         ref_vs_float = sqnr_db(f, r)
         bound = output_bound_db(quantizes_acts, ref_vs_float)
-        ort_vs_ref = sqnr_db(r, o)
-        ort_vs_float = sqnr_db(f, o)
-        same_accuracy = abs(ort_vs_float - ref_vs_float) <= ACCURACY_MATCH_DB or ort_vs_ref >= FP32_FLOOR_DB
         report.cases.append(
             CaseResult(
                 batch=int(x.shape[0]), timesteps=t.tolist(), classes=y.tolist(),
-                sqnr_ort_vs_ref_db=ort_vs_ref, max_abs_ort_vs_ref=float(np.abs(o - r).max()),
-                sqnr_ref_vs_float_db=ref_vs_float, sqnr_ort_vs_float_db=ort_vs_float, bound_db=bound,
-                passed=bool(ort_vs_ref >= bound and same_accuracy and np.isfinite(o).all()),
+                sqnr_ort_vs_ref_db=sqnr_db(r, o), max_abs_ort_vs_ref=float(np.abs(o - r).max()),
+                sqnr_ref_vs_float_db=ref_vs_float, sqnr_ort_vs_float_db=sqnr_db(f, o), bound_db=bound,
+                passed=within_bound(o, r, f, bound),
             )
         )  # fmt: skip
         steps.update()
     del session
+    session = create_session(path, provider=provider, config={})  # what a plain InferenceSession computes
+    for (x, t, y), f, r, case in zip(cases, floats, refs, report.cases):
+        o = run_session(session, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
+        case.sqnr_default_vs_ref_db, case.default_passed = sqnr_db(r, o), within_bound(o, r, f, case.bound_db)
+    del session
+    report.checks.append(default_session_check(report.cases, report.session_config, session_config))
 
     # activation codes: expose every QuantizeLinear's input and final codes, recompute them in torch
     probes = []  # (module, float input, codes output, bits, group, symmetric)
@@ -261,10 +316,10 @@ def validate(
     if probes:
         for _, xin, codes, *_ in probes:
             proto.graph.output.extend([onnx.ValueInfoProto(name=xin), onnx.ValueInfoProto(name=codes)])
-        probe_session = create_session(proto.SerializeToString(), provider=provider)
+        probe_session = create_session(proto.SerializeToString(), provider=provider, config=session_config)
         x, t, y = cases[-1]
         names = [n for _, xin, codes, *_ in probes for n in (xin, codes)]
-        outs = probe_session.run(names, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))))
+        outs = run_session(probe_session, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))), names, where=str(path))
         bad, total = [], 0
         for i, (module, _, _, bits, g, sym, offset) in enumerate(probes):
             xin, got = torch.from_numpy(outs[2 * i]), outs[2 * i + 1].astype(np.int16) - offset

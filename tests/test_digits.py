@@ -91,7 +91,7 @@ def test_sample_is_seeded(digits_w4a8, tmp_path):
         (["--classes", "3,12"], "class 12 is out of range"),
         (["--classes", "a,b"], "comma-separated integers"),
         (["--out", "grid.jpg"], "expected a .png grid or a .npy"),
-        (["--per-class", "0"], "--per-class must be at least 1"),
+        (["--per-class", "0"], "argument --per-class: expected an integer in 1.."),
     ],
 )
 def test_sample_bad_input_is_one_line(digits_w4a8, tmp_path, capsys, args, msg):

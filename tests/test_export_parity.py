@@ -10,6 +10,7 @@ import ditq
 from ditq.exporter.export import DATA_FILE, MANIFEST_FILE, MODEL_FILE, RECIPE_FILE
 from ditq.models import file_sha256
 from ditq.recipe import Recipe
+from ditq.runtime.integrity import MANIFEST_CHECK
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def test_preset_parity(tmp_path, wbits, abits, group):
     report = ditq.validate(tmp_path / "m")
     assert report.passed, report.table()
     names = [c.name for c in report.checks]
-    assert len(names) == (5 if abits else 4)  # the bit-exact activation code check runs when A is quantized
+    # two folder checks, the default-session check; the bit-exact activation code check runs when A is quantized
+    assert len(names) == (8 if abits else 7)
     assert [c.batch for c in report.cases] == [1, 2, 3]  # dynamic batch
     for c in report.cases:
         assert c.sqnr_ort_vs_ref_db >= c.bound_db
@@ -61,7 +63,7 @@ def test_validate_fails_on_a_tampered_model(tmp_path, dit_s):
     report = ditq.validate(tmp_path / "m")
     assert not report.passed
     failed = [c.name for c in report.checks if not c.passed]
-    assert failed == ["stored codes and scales equal the reference's"]
+    assert failed == [MANIFEST_CHECK, "stored codes and scales equal the reference's"]  # the edit changed model.onnx's hash
 
 
 def test_validate_fails_on_a_wrong_activation_step(tmp_path, dit_s):
@@ -76,7 +78,7 @@ def test_validate_fails_on_a_wrong_activation_step(tmp_path, dit_s):
     onnx.save(model, str(path))
     report = ditq.validate(tmp_path / "m")
     failed = [c.name for c in report.checks if not c.passed]
-    assert failed == ["activation codes equal the reference numerics (bit exact)"]
+    assert failed == [MANIFEST_CHECK, "activation codes equal the reference numerics (bit exact)"]
     assert not any(c.passed for c in report.cases)
     assert all(c.sqnr_ort_vs_float_db < c.sqnr_ref_vs_float_db - 1 for c in report.cases)
 

@@ -92,6 +92,8 @@ def test_original_checkpoint(tmp_path, shared_embedder_dit, suffix):
     loaded = load_model(str(path), image_size=None, num_heads=4)
     assert loaded.source["kind"] == "dit-checkpoint"
     assert loaded.model.config.sample_size == 8 and loaded.model.config.num_layers == 2
+    for blk in shared_embedder_dit.transformer_blocks:  # the original DiT's timestep sinusoid (test_original_dit.py)
+        blk.norm1.emb.time_proj.downscale_freq_shift = 0
     torch.testing.assert_close(outputs(loaded.model), outputs(shared_embedder_dit), rtol=0, atol=0)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ditq.cli import main
-from ditq.runtime.samplers import NoiseSchedule
+from ditq.runtime.schedule import SchedulerSpec
 
 from .conftest import tiny_config
 
@@ -36,11 +36,10 @@ def pipeline_folder(tmp_path_factory):
 
 
 def test_schedule_from_a_scheduler_config():
-    s = NoiseSchedule.from_config({"num_train_timesteps": 10, "beta_start": 0.01, "beta_end": 0.04, "beta_schedule": "scaled_linear"})
+    s = SchedulerSpec.from_scheduler_config({"_class_name": "DDIMScheduler", "num_train_timesteps": 10, "beta_start": 0.01,
+                                             "beta_end": 0.04, "beta_schedule": "scaled_linear"})  # fmt: skip
     np.testing.assert_allclose(s.betas[[0, -1]], [0.01, 0.04])
     np.testing.assert_allclose(np.sqrt(s.betas), np.linspace(0.1, 0.2, 10))
-    with pytest.raises(ValueError, match="squaredcos"):
-        NoiseSchedule.from_config({"beta_schedule": "squaredcos_cap_v2"})
 
 
 def test_latent_pipeline_end_to_end(tmp_path, pipeline_folder, capsys):

@@ -1,0 +1,165 @@
+"""``manifest.json``: what a folder written by ditq holds, and the rule that says a folder is ditq's.
+
+Every folder ditq writes (``ditq export``, ``ditq qat``, ``ditq train-digits``) ends with a manifest::
+
+    {"tool": "ditq", "version": "...", ..., "files": {"model.onnx": {"bytes": 224226, "sha256": "..."}, ...}}
+
+``files`` lists every file of the folder as written (the manifest itself excepted), by plain name.
+
+**Which existing folder an output may replace** (:func:`folder_status`; enforced by
+:func:`ditq.files.check_out_dir` before anything is written):
+
+============  ===========================================================================  ===============
+status        the folder                                                                   replaced
+============  ===========================================================================  ===============
+``empty``     has no entries                                                               yes
+``ours``      holds a manifest with ``"tool": "ditq"`` and a ``files`` table; every        yes
+              listed file is there as a regular file of the listed size; every other
+              entry is a regular file named ``*.json``, ``*.png`` or ``*.npy`` (what
+              ``ditq validate --json``, ``ditq sample --out`` and the other ``--json``
+              reports write next to a model, e.g. ``make demo``'s ``validation.json``
+              and ``grid.png``)
+``modified``  holds such a manifest, but a listed file is missing or resized, or another   with ``--force``
+              entry is a folder, a link or a file of another kind (``notes.txt``)
+``foreign``   anything else: no manifest, an unreadable one, or one not naming ditq        never
+============  ===========================================================================  ===============
+
+Sizes, not hashes, decide ``ours``: reading the whole folder is ``ditq validate``'s job
+(:func:`verify_files`), and a folder a person edited by hand keeps its manifest's claim of being ditq's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FILE = "manifest.json"
+TOOL = "ditq"
+REPORT_SUFFIXES = (".json", ".png", ".npy")  # what ditq's reports and samples are written as
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a handful of files: a few KB
+
+EMPTY, OURS, MODIFIED, FOREIGN = "empty", "ours", "modified", "foreign"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as ditq's (the message says why)."""
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """The ``files`` table of ``folder``: every entry but the manifest, with its size and SHA-256."""
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(Path(folder).iterdir())
+        if p.name != MANIFEST_FILE
+    }
+
+
+def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Write ``folder/manifest.json`` with ``fields``, ``"tool": "ditq"`` and the files table; returns it."""
+    manifest = {"tool": TOOL, **fields, "files": list_files(folder)}
+    (Path(folder) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of ``folder``; raises :class:`ManifestError` (missing, unreadable, not JSON, not
+    ditq's, or a ``files`` entry that is not a plain file name with a size and a SHA-256)."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ManifestError(f"no {MANIFEST_FILE}") from None
+    except OSError as e:
+        raise ManifestError(f"cannot read {MANIFEST_FILE} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ManifestError(f"{MANIFEST_FILE} is not a regular file")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{MANIFEST_FILE} is {st.st_size} bytes, more than a manifest can be")
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ManifestError(f"cannot read {MANIFEST_FILE} ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ManifestError(f"{MANIFEST_FILE} is not JSON ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(obj, dict) or obj.get("tool") != TOOL:
+        raise ManifestError(f"{MANIFEST_FILE} does not name {TOOL} as the tool that wrote the folder")
+    files = obj.get("files")
+    if not isinstance(files, dict):
+        raise ManifestError(f"{MANIFEST_FILE} has no files table")
+    for name, info in files.items():
+        if not _plain_name(name) or name == MANIFEST_FILE:
+            raise ManifestError(f"{MANIFEST_FILE} lists {name[:80]!r}, which is not a file name of the folder")
+        if not (
+            isinstance(info, dict)
+            and type(info.get("bytes")) is int
+            and info["bytes"] >= 0
+            and isinstance(info.get("sha256"), str)
+        ):
+            raise ManifestError(f"{MANIFEST_FILE}: the entry of {name[:80]!r} has no size and SHA-256")
+    return obj
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _regular_size(path: Path) -> int | None:
+    """The size of ``path`` if it is a regular file (not followed if a link), else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def folder_status(folder: Path) -> tuple[str, str]:
+    """``(status, reason)`` of an existing folder under the table of the module docstring."""
+    folder = Path(folder)
+    names = sorted(os.listdir(folder))
+    if not names:
+        return EMPTY, ""
+    try:
+        manifest = read_manifest(folder)
+    except ManifestError as e:
+        return FOREIGN, str(e)
+    files = manifest["files"]
+    for name, info in files.items():
+        size = _regular_size(folder / name)
+        if size is None:
+            return MODIFIED, f"{name} is missing"
+        if size != info["bytes"]:
+            return MODIFIED, f"{name} is {size} bytes, its manifest says {info['bytes']}"
+    for name in names:
+        if name in files or name == MANIFEST_FILE:
+            continue
+        if not name.lower().endswith(REPORT_SUFFIXES) or _regular_size(folder / name) is None:
+            return MODIFIED, f"it holds {name[:80]}, which its manifest does not list"
+    return OURS, ""
+
+
+def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems found checking every file ``manifest`` lists against ``folder``: missing, not a regular
+    file, another size, another SHA-256. Empty when all match."""
+    problems = []
+    for name, info in manifest["files"].items():
+        path = Path(folder) / name
+        size = _regular_size(path)
+        if size is None:
+            problems.append(f"{name} is missing or not a regular file")
+        elif size != info["bytes"]:
+            problems.append(f"{name} is {size} bytes, the manifest says {info['bytes']}")
+        elif file_sha256(path) != info["sha256"].lower():
+            problems.append(f"{name}'s SHA-256 differs from the manifest's")
+    return problems

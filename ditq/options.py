@@ -1,0 +1,92 @@
+"""Command-line values and the parser that reads them: a bad value is one line naming the option and
+what it takes (``ditq: error: argument --steps: expected an integer in 1..1000, got '0'``), exit 2.
+
+Every numeric option has a closed range. Floats must be finite (``nan``, ``inf`` and values that
+overflow to ``inf``, such as ``1e999``, are refused). Values are echoed cut to :data:`MAX_ECHO` characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+from ditq.errors import DitqError
+
+MAX_ECHO = 60  # characters of a user's value repeated in a message
+MAX_MESSAGE = 300  # characters of a whole command-line error message
+
+SEED_MAX = 2**32 - 1  # seeds: 0..2^32-1
+MAX_STEPS = 1000  # denoising steps: at most the 1000 training timesteps of DiT's schedule
+MAX_BATCH = 4096  # samples per model call
+MAX_SAMPLES = 100_000  # samples per evaluation (eval, fitness, bench --quality)
+MAX_COUNT = 10**9  # counts bounded further by a memory budget downstream (sample --per-class)
+MAX_CFG = 100.0  # classifier-free guidance scale
+
+
+def echo(text: str, limit: int = MAX_ECHO, *, quote: bool = True) -> str:
+    """``text`` quoted (``repr``; as it is with ``quote=False``), cut to about ``limit`` characters."""
+    r = repr(text) if quote else text
+    return r if len(r) <= limit else f"{r[: limit - 5]}...{r[-1]} ({len(text)} characters)"
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type``: a decimal integer in ``lo..hi``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:  # also integers longer than Python's 4300-digit conversion limit
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {echo(text)}")
+        return value
+
+    parse.__name__ = f"integer in {lo}..{hi}"
+    return parse
+
+
+def float_in(lo: float, hi: float, *, open_lo: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
+    span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (lo < value if open_lo else lo <= value) and value <= hi):
+            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {echo(text)}")
+        return value
+
+    parse.__name__ = f"number in {span}"
+    return parse
+
+
+def int_list(text: str, flag: str, lo: int, hi: int) -> list[int]:
+    """``"0,1,2"``: comma-separated integers in ``lo..hi``, at least one."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DitqError(f"{flag}: expected comma-separated integers in {lo}..{hi}, got {echo(text)}") from None
+    if not values:
+        raise DitqError(f"{flag} is empty")
+    bad = next((v for v in values if not lo <= v <= hi), None)
+    if bad is not None:
+        raise DitqError(f"{flag}: expected integers in {lo}..{hi}, got {echo(str(bad))}")
+    return values
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
+    """``message`` on one line, cut to ``limit`` characters (head and tail kept)."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else f"{text[: limit // 2 - 3]} ... {text[-(limit // 2 - 3) :]}"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that reports a bad command line by raising :class:`DitqError` (one line on
+    stderr, exit 2, as every other bad input) instead of printing its usage and exiting.
+    Subcommand parsers are made of the same class (argparse's default ``parser_class``)."""
+
+    def error(self, message: str):
+        raise DitqError(f"{one_line(message)} (see {self.prog} --help)")

@@ -1,0 +1,352 @@
+"""Reading what ditq does not trust: files a model folder names, JSON, and the fields in it.
+
+Nothing in a checkpoint, a diffusers folder or an exported model is trusted:
+
+- **Paths** a folder names (``ditq.pipeline.vae``, a sharded checkpoint's ``weight_map``) go through
+  :func:`inside` before anything is opened: the same rules ONNX and ONNX Runtime apply to external
+  data. A name must be relative, without ``..``, and (for folders ditq wrote) must not reach out of the
+  folder through a symbolic link.
+- **JSON** (``config.json``, model metadata) is parsed by :func:`parse_json` with bounds on its size
+  (:data:`MAX_JSON_BYTES`), nesting (:data:`MAX_JSON_DEPTH`) and integer length (Python's 4300 digits).
+- **Fields** are checked against small typed schemas (:data:`DIT_CONFIG`, :data:`PIPELINE`,
+  :func:`check_source`): a JSON integer where a count is expected (never a float, string or boolean),
+  finite numbers in a closed range, one of listed strings. Every failure is one :class:`DitqError`
+  naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ditq.errors import DitqError
+from ditq.options import echo
+
+MAX_JSON_BYTES = 1 << 20  # a config or metadata entry; real ones are under 2 kB
+MAX_JSON_DEPTH = 32  # nesting levels of objects and arrays; real configs use 2
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def inside(folder: str | Path, name: Any, what: str, *, links_may_leave: bool = False) -> Path:
+    """``folder / name`` when ``name`` is a relative path that stays inside ``folder``; checked before
+    anything is opened. ``links_may_leave`` allows symbolic links out of the folder (a Hugging Face
+    cache snapshot links every file to its blob store); names with ``..`` or absolute are refused always."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise DitqError(f"{what}: expected a file name inside {folder}, got {_show(name)}")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or name.startswith("~") or (len(name) > 1 and name[1] == ":"):
+        raise DitqError(f"{what}: {echo(name)} is an absolute path; a model folder may only name files inside itself")
+    if ".." in pure.parts:
+        raise DitqError(f"{what}: {echo(name)} leads out of {folder} (..); a model folder may only name files inside itself")
+    path = folder / name
+    if not links_may_leave:
+        root, real = folder.resolve(), path.resolve()
+        if not real.is_relative_to(root):
+            raise DitqError(f"{what}: {echo(name)} is a symbolic link out of {folder}; a model folder may only name files inside itself")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- JSON
+def parse_json(text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The JSON value of ``text``, or one :class:`DitqError` naming ``what``: too large, not UTF-8, not
+    JSON, an integer of more than 4300 digits, or nested deeper than ``max_depth``."""
+    if len(text) > max_bytes:
+        raise DitqError(f"{what}: {len(text)} bytes of JSON, more than the {max_bytes} allowed")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DitqError(f"{what}: not UTF-8 text (byte {e.start})") from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise DitqError(f"{what}: JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and integers beyond Python's conversion limit
+        reason = "an integer with too many digits" if "integer string conversion" in str(e) else " ".join(str(e).split())[:100]
+        raise DitqError(f"{what}: not valid JSON ({reason})") from None
+    if _depth(value) > max_depth:
+        raise DitqError(f"{what}: JSON nested deeper than {max_depth} levels")
+    return value
+
+
+def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
+    """:func:`parse_json`, which must give an object."""
+    value = parse_json(text, what)
+    if not isinstance(value, dict):
+        raise DitqError(f"{what}: expected a JSON object, got {_show(value)}")
+    return value
+
+
+def read_json(path: str | Path, what: str | None = None) -> dict[str, Any]:
+    """The JSON object in the regular file ``path`` (never a FIFO or device: reading one could block)."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        with open(path, "rb", opener=_open_regular) as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except OSError as e:
+        raise DitqError(f"{what}: cannot read ({e.strerror or e})") from None
+    return parse_json_object(data, what)
+
+
+def _open_regular(path: str, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(0, "not a regular file")
+    return fd
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _show(value: Any) -> str:
+    """A JSON value as a message shows it, cut to a sane length."""
+    if isinstance(value, dict):
+        return "a JSON object"
+    if isinstance(value, list):
+        return "a JSON array"
+    if isinstance(value, str):
+        return echo(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return json.dumps(value)  # null, true/false, numbers (NaN and Infinity as written in JSON)
+
+
+# --------------------------------------------------------------------------------------------- fields
+@dataclass(frozen=True)
+class Int:
+    """A JSON integer in ``lo..hi`` (``null`` too when ``nullable``)."""
+
+    lo: int
+    hi: int
+    default: Any = None
+    nullable: bool = False
+
+    def check(self, value: Any, field: str, where: str) -> Any:
+        if value is None and self.nullable:
+            return None
+        if type(value) is not int or not self.lo <= value <= self.hi:
+            raise _bad(where, field, f"an integer in {self.lo}..{self.hi}" + (" or null" if self.nullable else ""), value)
+        return value
+
+
+@dataclass(frozen=True)
+class Float:
+    """A finite JSON number in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
+
+    lo: float
+    hi: float
+    default: Any = None
+    open_lo: bool = False
+    nullable: bool = False
+
+    def check(self, value: Any, field: str, where: str) -> Any:
+        if value is None and self.nullable:
+            return None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value) if isinstance(value, float) or abs(value) < 10**308 else math.inf
+            ok = math.isfinite(value) and (self.lo < value if self.open_lo else self.lo <= value) and value <= self.hi
+        if not ok:
+            span = f"{'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
+            raise _bad(where, field, f"a finite number in {span}", value)
+        return value
+
+
+@dataclass(frozen=True)
+class Bool:
+    default: bool
+
+    def check(self, value: Any, field: str, where: str) -> bool:
+        if not isinstance(value, bool):
+            raise _bad(where, field, "true or false", value)
+        return value
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of ``choices`` (strings, or ``None`` for ``null``)."""
+
+    choices: tuple
+    default: Any = None
+
+    def check(self, value: Any, field: str, where: str) -> Any:
+        if not (value is None or isinstance(value, str)) or value not in self.choices:
+            raise _bad(where, field, "one of " + ", ".join(json.dumps(c) for c in self.choices), value)
+        return value
+
+
+@dataclass(frozen=True)
+class Text:
+    """A non-empty string of at most ``max_len`` characters (``null`` too when ``nullable``)."""
+
+    max_len: int = 4096
+    default: Any = None
+    nullable: bool = False
+
+    def check(self, value: Any, field: str, where: str) -> Any:
+        if value is None and self.nullable:
+            return None
+        if not isinstance(value, str) or not 0 < len(value) <= self.max_len or "\x00" in value:
+            raise _bad(where, field, f"a string of 1..{self.max_len} characters", value)
+        return value
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two finite JSON numbers ``[lo, hi]`` with ``lo < hi``."""
+
+    default: Any = None
+
+    def check(self, value: Any, field: str, where: str) -> Any:
+        if not (isinstance(value, list) and len(value) == 2):
+            raise _bad(where, field, "two finite numbers [lo, hi] with lo < hi", value)
+        lo, hi = (Float(-1e30, 1e30).check(v, field, where) for v in value)
+        if not lo < hi:
+            raise _bad(where, field, "two finite numbers [lo, hi] with lo < hi", value)
+        return [lo, hi]
+
+
+@dataclass(frozen=True)
+class Object:
+    """A JSON object (``null`` too when ``nullable``); its own fields are checked by whoever reads it."""
+
+    default: Any = None
+    nullable: bool = True
+
+    def check(self, value: Any, field: str, where: str) -> Any:
+        if value is None and self.nullable:
+            return None
+        if not isinstance(value, dict):
+            raise _bad(where, field, "a JSON object", value)
+        return value
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A JSON array of 1..``max_len`` items, each checked by ``item``."""
+
+    item: Any
+    max_len: int
+    default: Any = None
+
+    def check(self, value: Any, field: str, where: str) -> Any:
+        if not isinstance(value, list) or not 0 < len(value) <= self.max_len:
+            raise _bad(where, field, f"an array of 1..{self.max_len} items", value)
+        return [self.item.check(v, f"{field}[{i}]", where) for i, v in enumerate(value)]
+
+
+def _bad(where: str, field: str, takes: str, value: Any) -> DitqError:
+    return DitqError(f"{where}: {field} must be {takes}, got {_show(value)}")
+
+
+def check_fields(obj: Any, schema: dict[str, Any], where: str, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``obj`` (a JSON object) with every field of ``schema`` checked; an absent field takes the schema's
+    default (an absent ``required`` one is an error). Fields the schema does not name are kept as they are."""
+    if not isinstance(obj, dict):
+        raise DitqError(f"{where}: expected a JSON object, got {_show(obj)}")
+    out = dict(obj)
+    for name, spec in schema.items():
+        if name not in obj:
+            if name in required:
+                raise DitqError(f"{where}: {name} is missing")
+            out[name] = spec.default
+        else:
+            out[name] = spec.check(obj[name], name, where)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- schemas
+# The keyword arguments of diffusers' DiTTransformer2DModel, with its defaults: what config.json and an
+# exported model's ``ditq.model_config`` may say. The bounds are far beyond any published DiT
+# (DiT-XL/2: 16 heads of 72, 28 layers) and keep a hostile config from asking for an absurd model.
+DIT_CONFIG: dict[str, Any] = {
+    "num_attention_heads": Int(1, 256, 16),
+    "attention_head_dim": Int(1, 1024, 72),
+    "in_channels": Int(1, 1024, 4),
+    "out_channels": Int(1, 1024, None, nullable=True),
+    "num_layers": Int(1, 512, 28),
+    "dropout": Float(0.0, 1.0, 0.0),
+    "norm_num_groups": Int(1, 1024, 32),
+    "attention_bias": Bool(True),
+    "sample_size": Int(1, 1024, 32),
+    "patch_size": Int(1, 64, 2),
+    "activation_fn": OneOf(("gelu", "gelu-approximate", "geglu", "geglu-approximate", "swiglu", "linear-silu"), "gelu-approximate"),
+    "num_embeds_ada_norm": Int(1, 1_000_000, 1000),  # ada_norm_zero embeds the class: never null
+    "upcast_attention": Bool(False),
+    "norm_type": OneOf(("ada_norm_zero",), "ada_norm_zero"),
+    "norm_elementwise_affine": Bool(False),
+    "norm_eps": Float(0.0, 1.0, 1e-5, open_lo=True),
+}
+MAX_HIDDEN = 16384  # num_attention_heads * attention_head_dim
+
+
+def check_dit_config(obj: Any, where: str) -> dict[str, Any]:
+    """The ``DiTTransformer2DModel`` keyword arguments of a config object (other keys dropped), every
+    field checked against :data:`DIT_CONFIG`, and the fields consistent with each other."""
+    cfg = check_fields(obj, DIT_CONFIG, where)
+    cfg = {k: cfg[k] for k in DIT_CONFIG}
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    if hidden > MAX_HIDDEN:
+        raise DitqError(f"{where}: num_attention_heads x attention_head_dim = {hidden}, more than {MAX_HIDDEN}")
+    if cfg["sample_size"] % cfg["patch_size"]:
+        raise DitqError(f"{where}: sample_size {cfg['sample_size']} is not a multiple of patch_size {cfg['patch_size']}")
+    return cfg
+
+
+# The fields of a diffusers AutoencoderKL config that set its size (the rest are checked by building it
+# on the meta device); Stable Diffusion's VAE: 4 blocks of up to 512 channels, 2 layers per block.
+VAE_CONFIG: dict[str, Any] = {
+    "in_channels": Int(1, 1024, 3),
+    "out_channels": Int(1, 1024, 3),
+    "latent_channels": Int(1, 1024, 4),
+    "layers_per_block": Int(1, 16, 1),
+    "block_out_channels": ListOf(Int(1, 8192), 16, [64]),
+    "down_block_types": ListOf(Text(64), 16, ["DownEncoderBlock2D"]),
+    "up_block_types": ListOf(Text(64), 16, ["UpDecoderBlock2D"]),
+    "norm_num_groups": Int(1, 1024, 32),
+    "scaling_factor": Float(0.0, 1e6, 0.18215, open_lo=True, nullable=True),
+}
+
+# How an exported model samples (``ditq.pipeline``); fields not named here are kept for their readers.
+PIPELINE: dict[str, Any] = {
+    "space": OneOf(("pixel", "latent"), "latent"),
+    "clip_denoised": Bool(False),
+    "value_range": Pair([-1.0, 1.0]),
+    "judge": OneOf((None, "digits"), None),
+    "schedule": Object(None),
+    "vae": Text(255, None, nullable=True),  # a file in the model's folder: see inside()
+    "scaling_factor": Float(0.0, 1e6, None, open_lo=True, nullable=True),
+}
+
+SOURCE_KINDS = ("builtin", "preset", "diffusers", "dit-checkpoint")
+
+
+def check_source(obj: Any, where: str) -> dict[str, Any]:
+    """A model ``source`` record (``ditq.source``) with the fields its kind needs checked."""
+    base = check_fields(obj, {"kind": OneOf(SOURCE_KINDS)}, where, required=("kind",))
+    by_name = base["kind"] in ("builtin", "preset")
+    schema = {
+        ("name" if by_name else "path"): Text(),
+        "sha256": Text(64, None, nullable=True),
+        "seed": Int(0, 2**32 - 1, 0),
+        "image_size": Int(256, 512, None, nullable=True),  # 256 or 512: load_model says so
+        "num_heads": Int(1, 1024, None, nullable=True),
+    }
+    return check_fields(obj, schema, where, required=("name",) if by_name else ("path",))
