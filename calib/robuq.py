@@ -26,14 +26,7 @@ import torch
 
 from ditq.calib.calibration import CalibConfig, record_model_inputs
 from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
-from ditq.recipe import Recipe
-
-MAX_ROTATION = 128  # largest Hadamard block (1152 -> 128, 4608 -> 128, 192 -> 64): a b x b fp32 constant each
-
-
-def rotation_block(width: int) -> int:
-    """The Hadamard block size for a width: its largest power-of-two divisor, at most :data:`MAX_ROTATION`."""
-    return min(width & -width, MAX_ROTATION)
+from ditq.recipe import MAX_ROTATION, Recipe, rotation_block  # noqa: F401 (re-exported: the rotation's block rule)
 
 
 def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ditq.errors import DitqError
 from ditq.options import echo
-from ditq.untrusted import VAE_CONFIG, check_dit_config, check_fields, read_json
+from ditq.untrusted import PIPELINE, VAE_CONFIG, check_dit_config, check_fields, read_json
 from ditq.weights import diffusers_weight_files, load_weights, read_pickle, read_safetensors, read_weight_files, tensor_names
 from ditq.runtime.schedule import SchedulerSpec
 
@@ -228,6 +228,11 @@ def _load_diffusers(path: Path) -> LoadedModel:
     config = check_dit_config(cfg, str(cfg_file))
     if folder != path and (path / "vae" / "config.json").is_file():  # checked before any export work starts
         check_fields(read_json(path / "vae" / "config.json"), VAE_CONFIG, str(path / "vae" / "config.json"))
+    written = path / "ditq_pipeline.json"  # how to sample it (pipeline_info): it becomes the export's ditq.pipeline
+    if written.is_file():
+        pipe = check_fields(read_json(written), PIPELINE, str(written))
+        if pipe["vae"] not in (None, VAE_DECODER_FILE):  # the export writes this file: only the name ditq uses
+            raise DitqError(f"{written}: vae must be null or {VAE_DECODER_FILE!r}, got {echo(pipe['vae'])}")
     tensors = read_weight_files(diffusers_weight_files(folder))
     blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
     if len(blocks) != config["num_layers"]:  # said before building a model of num_layers blocks

@@ -182,9 +182,15 @@ class LayerPlan:
         """Block size of the layer's Hadamard rotation, or None."""
         if not self.quant.rotate or self.kind != "linear":
             return None
-        from ditq.calib.robuq import rotation_block
-
         return rotation_block(self.in_features)
+
+
+MAX_ROTATION = 128  # largest Hadamard block (1152 -> 128, 4608 -> 128, 192 -> 64): a b x b fp32 constant each
+
+
+def rotation_block(width: int) -> int:
+    """The Hadamard block size for a width: its largest power-of-two divisor, at most :data:`MAX_ROTATION`."""
+    return min(width & -width, MAX_ROTATION)
 
 
 @dataclass(frozen=True)

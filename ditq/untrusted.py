@@ -21,7 +21,7 @@ import math
 import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ditq.errors import DitqError
@@ -40,13 +40,16 @@ def inside(folder: str | Path, name: Any, what: str, *, links_may_leave: bool = 
     if not isinstance(name, str) or not name or "\x00" in name:
         raise DitqError(f"{what}: expected a file name inside {folder}, got {_show(name)}")
     pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or name.startswith("~") or (len(name) > 1 and name[1] == ":"):
+    if pure.is_absolute() or PureWindowsPath(name).drive:
         raise DitqError(f"{what}: {echo(name)} is an absolute path; a model folder may only name files inside itself")
     if ".." in pure.parts:
         raise DitqError(f"{what}: {echo(name)} leads out of {folder} (..); a model folder may only name files inside itself")
     path = folder / name
     if not links_may_leave:
-        root, real = folder.resolve(), path.resolve()
+        try:
+            root, real = folder.resolve(), path.resolve()
+        except (OSError, RuntimeError):  # a loop of symbolic links
+            raise DitqError(f"{what}: {echo(name)} cannot be resolved (a loop of symbolic links?)") from None
         if not real.is_relative_to(root):
             raise DitqError(f"{what}: {echo(name)} is a symbolic link out of {folder}; a model folder may only name files inside itself")
     return path

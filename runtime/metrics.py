@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from ditq.errors import DitqError
+from ditq.weights import read_tensors
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 
@@ -122,18 +123,19 @@ def inception_features(weights: str | Path, batch_size: int = 50) -> FeatureFn:
     weights = Path(weights)
     if not weights.is_file():
         raise DitqError(f"Inception weights not found: {weights}")
+    import torch
+
+    state = read_tensors(weights)  # safetensors, or a weights-only pickle: never executed
     try:
-        import torch
         from pytorch_fid import inception as pf
     except ImportError:
         raise DitqError("Inception features need the pytorch-fid package: pip install pytorch-fid") from None
-    try:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise DitqError(f"{weights}: unreadable Inception weights ({' '.join(str(e).split())[:200]})") from None
     # pytorch-fid fetches its weights by URL; give it the local file instead
     pf.load_state_dict_from_url = lambda *a, **k: state
-    net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    try:
+        net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    except RuntimeError as e:  # load_state_dict(strict=True): missing, unexpected or reshaped tensors
+        raise DitqError(f"{weights}: not the weights of pytorch-fid's Inception network ({' '.join(str(e).split())[:200]})") from None
 
     def extract(images: np.ndarray) -> np.ndarray:
         out = []

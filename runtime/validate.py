@@ -45,6 +45,8 @@ import numpy as np
 
 from ditq.errors import DitqError
 from ditq.runtime.generate import resolve_model_file
+from ditq.exporter import TARGETS
+from ditq.options import echo
 from ditq.untrusted import check_source, parse_json
 
 FP32_FLOOR_DB = 80.0
@@ -211,6 +213,9 @@ def validate(
         recipe = Recipe.from_json(meta[META_RECIPE])
     else:
         raise DitqError(f"{path} carries no ditq recipe; pass --recipe")
+    target = meta.get(META_TARGET, "qdq")
+    if target not in TARGETS:
+        raise DitqError(f"{path}: ditq.target must be one of {', '.join(TARGETS)}, got {echo(target)}")
     if model_spec is not None:
         loaded = load_model(model_spec, image_size=image_size)
     elif META_SOURCE in meta:
@@ -219,7 +224,6 @@ def validate(
     else:
         raise DitqError(f"{path} carries no model source; pass --model")
 
-    target = meta.get(META_TARGET, "qdq")
     report = ValidationReport(str(model_path), recipe.to_dict())
     report.checks += [Check(*c) for c in folder_checks(path, meta)]  # the folder is ditq's, as written
     steps = tqdm(total=4 + len(CASES), desc="validate", unit="step", disable=not progress)

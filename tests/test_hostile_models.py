@@ -207,6 +207,18 @@ def test_a_vae_config_of_the_wrong_types_is_refused_at_load(pipeline_copy, field
         load_model(str(pipeline_copy))
 
 
+@pytest.mark.parametrize("vae", ["../victim.onnx", "ABSOLUTE", 3])
+def test_a_ditq_pipeline_json_naming_another_decoder_file_is_refused(tmp_path, capsys, pipeline_copy, vae):
+    """ditq_pipeline.json becomes the export's ditq.pipeline, and export writes the decoder to its vae:
+    anything but the name ditq writes would put (or remove) a file outside the export."""
+    victim = tmp_path / "victim.onnx"
+    victim.write_text("precious")
+    vae = str(victim) if vae == "ABSOLUTE" else vae
+    (pipeline_copy / "ditq_pipeline.json").write_text(json.dumps({"space": "latent", "vae": vae, "scaling_factor": 0.5}))
+    export_refused(tmp_path, capsys, pipeline_copy, "ditq_pipeline.json", "vae must be")
+    assert victim.read_text() == "precious"
+
+
 # ----------------------------------------------------------------------------------- config.json (6, 7)
 BIG = "1" * 5000
 
@@ -316,7 +328,7 @@ def test_pickle_payloads_are_refused_naming_the_global(tmp_path, capsys, tiny_di
     sd = to_original_layout(tiny_dit)
     if layout == "bin":
         (dit_copy / WEIGHTS).unlink()
-        target = model = dit_copy / "diffusion_pytorch_model.bin"
+        target, model = dit_copy / "diffusion_pytorch_model.bin", dit_copy
         torch.save({**tiny_dit.state_dict(), "x": evil}, target)
     elif layout == "legacy-protocol-2":
         target = model = tmp_path / "evil.pth"
@@ -329,6 +341,16 @@ def test_pickle_payloads_are_refused_naming_the_global(tmp_path, capsys, tiny_di
     assert_refused(code, err, str(target), "refused to load", "system", "nothing in the file was run")
     assert "weights_only" not in err and "trusted source" not in err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_inception_weights_with_a_payload_are_refused_before_anything_else(tmp_path):
+    from ditq.runtime.metrics import inception_features
+
+    marker = tmp_path / "MARKER"
+    torch.save({"x": Payload(f"touch {marker}")}, tmp_path / "pt_inception.pth")
+    with pytest.raises(DitqError, match=r"refused to load: the pickle asks for the global 'posix.system'") as e:
+        inception_features(tmp_path / "pt_inception.pth")
+    assert "weights_only" not in str(e.value) and not marker.exists()
 
 
 def test_an_opcode_the_unpickler_refuses_is_one_line(tmp_path, capsys):
@@ -436,7 +458,7 @@ def test_sample_opens_the_decoder_inside_the_folder(tmp_path, capsys, opened):
     assert str((folder / "vae_decoder.onnx").resolve()) in opened  # the recorder sees what sample opens
 
 
-@pytest.mark.parametrize("escape", ["../outside.onnx", "ABSOLUTE", "link.onnx", "sub/../../outside.onnx", "", 7])
+@pytest.mark.parametrize("escape", ["../outside.onnx", "ABSOLUTE", "link.onnx", "sub/../../outside.onnx", "loop.onnx", "", 7])
 def test_sample_never_opens_a_file_outside_the_model_folder(tmp_path, capsys, opened, escape):
     outside = tmp_path / "outside.onnx"
     fake_export(tmp_path / "donor")
@@ -445,6 +467,7 @@ def test_sample_never_opens_a_file_outside_the_model_folder(tmp_path, capsys, op
         escape = str(outside)
     folder = fake_export(tmp_path / "m", **{"ditq.pipeline": json.dumps({"space": "latent", "vae": escape, "scaling_factor": 0.5})})
     (folder / "link.onnx").symlink_to(outside)
+    (folder / "loop.onnx").symlink_to("loop.onnx")
     opened.clear()  # what making the files opened
     code, _, err = _sample(folder, tmp_path / "grid.png", capsys)
     assert_refused(code, err, "ditq.pipeline", "vae")
@@ -512,6 +535,13 @@ def test_validate_with_a_tampered_source_is_one_line(tmp_path, capsys, value, ne
     code, _, err = run(["validate", str(folder)], capsys)
     assert_refused(code, err, "ditq.source", needle)
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+@pytest.mark.parametrize("value", ["xyz", '"' * 100000])
+def test_validate_with_a_tampered_target_is_one_line(tmp_path, capsys, value):
+    folder = fake_export(tmp_path / "m", **{"ditq.target": value})
+    code, _, err = run(["validate", str(folder)], capsys)
+    assert_refused(code, err, "ditq.target must be one of qdq, ort")
 
 
 @pytest.mark.parametrize("data,needle", [(b"", "empty file (0 bytes), not an ONNX model"), (b"\xf8\x07\x01", "not an ONNX model")])

@@ -199,7 +199,7 @@ def test_qat_and_train_digits_write_manifests_under_the_same_rule(tmp_path):
     from ditq.models import BUILTIN
 
     assert folder_status(BUILTIN["digits"]) == (OURS, "")  # `ditq train-digits` may replace the shipped model
-    cfg = TrainConfig(steps=2, batch_size=4, warmup=1, save_every=2)
+    cfg = TrainConfig(steps=1, batch_size=4, warmup=1, save_every=1)
     for write in (lambda out, **kw: train_digits_model(out, cfg, progress=False, **kw),
                   lambda out, **kw: run_qat("digits", Recipe.robuq(4), out, cfg, progress=False, **kw)):  # fmt: skip
         out = tmp_path / "out"
