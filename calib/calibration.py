@@ -4,7 +4,10 @@ As Q-DiT does, the float model samples from seeded noise (DDIM, classifier-free 
 timesteps of every trajectory the input of each covered linear is captured with a forward hook, a
 random subset of its tokens kept. The set is cached on disk as safetensors (one tensor per layer,
 ``[rows, K]`` float32) with its settings in the metadata, so a second run with the same settings reads
-it instead of sampling again. The same trajectories give the model's own inputs ``(x_t, t, labels)``
+it instead of sampling again. The trajectories follow the model's own sampling: its noise schedule,
+timesteps and prediction type (a :class:`~ditq.runtime.schedule.SchedulerSpec`, part of the cache's
+key), so a ``v_prediction`` or otherwise non-default pipeline is calibrated on the inputs it really
+sees. The same trajectories give the model's own inputs ``(x_t, t, labels)``
 (:func:`record_model_inputs`), on which RobuQ measures activation sensitivity.
 """
 
@@ -20,6 +23,7 @@ import torch.nn as nn
 
 from ditq.errors import DitqError
 from ditq.files import atomic_path
+from ditq.runtime.schedule import SchedulerSpec
 
 
 @dataclass(frozen=True)
@@ -32,18 +36,21 @@ class CalibConfig:
     seed: int = 1234
 
 
-def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, clip_denoised: bool = True,
-                        progress: bool = True) -> None:  # fmt: skip
+def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, schedule: SchedulerSpec | None = None,
+                        clip_denoised: bool = True, progress: bool = True) -> None:  # fmt: skip
     """The calibration trajectories: ``cfg.num_samples`` DDIM samples of the float ``model`` from seeded
-    noise, labels cycling through the classes, guidance ``cfg.cfg``. Before every model evaluation
+    noise, labels cycling through the classes, guidance ``cfg.cfg``, sampled as ``schedule`` says (the
+    model's :attr:`~ditq.models.LoadedModel.schedule`; None: DiT's). Before every model evaluation
     ``before_call(kept, x, t, y)`` sees its inputs (numpy, the guided batch: conditional rows, then the
-    null class); ``kept`` is true at ``cfg.timesteps_per_sample`` timesteps spread over the trajectory."""
+    null class); ``kept`` is true at ``cfg.timesteps_per_sample`` of the schedule's timesteps, spread
+    over the trajectory."""
     from ditq.exporter.trace import TorchDiT
-    from ditq.runtime.samplers import NoiseSchedule, sample, seeded_noise
+    from ditq.runtime.samplers import sample, seeded_noise
 
     mcfg = dict(model.config)
     c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
-    use = NoiseSchedule.linear().timesteps(cfg.steps)[::-1]
+    spec = schedule or SchedulerSpec()
+    use, _ = spec.plan(cfg.steps, "ddim")  # descending, the timesteps the sampler evaluates the model at
     keep_t = set(use[np.linspace(0, len(use) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
     torch_fn = TorchDiT(model)
 
@@ -52,11 +59,12 @@ def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, clip
         return torch_fn(x, t, y)
 
     labels = np.arange(cfg.num_samples) % ncls
-    sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, steps=cfg.steps, cfg=cfg.cfg,
-           null_class=ncls, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+    sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, schedule=spec, steps=cfg.steps,
+           cfg=cfg.cfg, null_class=ncls, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
 
 
-def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, clip_denoised: bool = True,
+def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, schedule: SchedulerSpec | None = None,
+                        clip_denoised: bool = True,
                         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The model's own inputs ``(x_t [M,C,H,W], t [M], labels [M])`` at the kept timesteps of the
     calibration trajectories: every row the model evaluates there, ``M = num_samples x
@@ -67,12 +75,13 @@ def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, clip_denoised: bo
         if kept:
             rows.append((np.array(x, np.float32), np.array(t, np.int64), np.array(y, np.int64)))
 
-    sample_trajectories(model, cfg, keep, clip_denoised=clip_denoised, progress=progress)
+    sample_trajectories(model, cfg, keep, schedule=schedule, clip_denoised=clip_denoised, progress=progress)
     x, t, y = (torch.from_numpy(np.concatenate(column)) for column in zip(*rows))
     return x, t, y
 
 
-def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfig, *, clip_denoised: bool = True,
+def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfig, *,
+                       schedule: SchedulerSpec | None = None, clip_denoised: bool = True,
                        progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
     """Inputs of ``layer_names`` (``[rows, K]``) at ``cfg.timesteps_per_sample`` steps of the calibration
     trajectories (:func:`sample_trajectories`)."""
@@ -101,34 +110,42 @@ def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfi
         state["record"] = kept
 
     try:
-        sample_trajectories(model, cfg, arm, clip_denoised=clip_denoised, progress=progress)
+        sample_trajectories(model, cfg, arm, schedule=schedule, clip_denoised=clip_denoised, progress=progress)
     finally:
         for h in handles:
             h.remove()
     return {n: torch.cat(v) for n, v in store.items()}
 
 
-def load_or_record(path: str | Path, model: nn.Module, layer_names: list[str], cfg: CalibConfig, *,
-                   model_digest: str, clip_denoised: bool = True, progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The cached set at ``path`` if it was made with these settings and model, else record and cache it."""
+def load_or_record(path: str | Path, model: nn.Module, layer_names: list[str], cfg: CalibConfig, *, model_digest: str,
+                   schedule: SchedulerSpec | None = None, clip_denoised: bool = True,
+                   progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The cached set at ``path`` if it was made with these settings, sampling (schedule, clipping) and
+    model, else record and cache it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
-    meta = {"config": json.dumps(asdict(cfg), sort_keys=True), "model": model_digest}
+    meta = {"config": json.dumps(asdict(cfg), sort_keys=True), "model": model_digest,
+            "sampling": sampling_key(schedule, clip_denoised)}  # fmt: skip
     if path.is_file():
         try:
             from safetensors import safe_open
 
             with safe_open(str(path), "pt") as f:
                 have = f.metadata() or {}
-            if have.get("config") == meta["config"] and have.get("model") == model_digest:
+            if all(have.get(k) == v for k, v in meta.items()):
                 data = load_file(str(path))
                 if set(layer_names) <= set(data):
                     return {n: data[n] for n in layer_names}
         except (SafetensorError, OSError) as e:
             raise DitqError(f"{path}: corrupt calibration cache ({e}); remove it") from None
-    data = record_activations(model, layer_names, cfg, clip_denoised=clip_denoised, progress=progress)
+    data = record_activations(model, layer_names, cfg, schedule=schedule, clip_denoised=clip_denoised, progress=progress)
     with atomic_path(path) as tmp:
         save_file({n: t.contiguous() for n, t in data.items()}, str(tmp), metadata=meta)
     return data
+
+
+def sampling_key(schedule: SchedulerSpec | None, clip_denoised: bool) -> str:
+    """How the calibration trajectories are sampled, as the cache records it (JSON, sorted keys)."""
+    return json.dumps({"schedule": (schedule or SchedulerSpec()).to_dict(), "clip_denoised": clip_denoised}, sort_keys=True)

@@ -61,7 +61,6 @@ def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = T
     import torch
 
     from ditq.calib.train import TrainConfig, train_dit
-    from ditq.exporter.export import tool_version
     from ditq.files import check_out_dir, staged_dir
     from ditq.manifest import write_manifest
     from ditq.models import build_dit, digits_config
@@ -84,7 +83,7 @@ def train_digits_model(out_dir, cfg=None, *, checkpoint=None, progress: bool = T
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         }
         (stage / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        write_manifest(stage, {"version": tool_version(), "kind": "digits-model"})
+        write_manifest(stage, {"kind": "digits-model"})
     return record
 
 

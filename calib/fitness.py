@@ -41,7 +41,7 @@ def _init(model_spec: str, base_recipe_json: str | None, genes, fcfg: dict, thre
     torch.set_num_threads(threads)
     from ditq.calib.digits import load_split, to_unit_range
     from ditq.exporter.trace import TorchDiT
-    from ditq.models import load_model, pipeline_info
+    from ditq.models import load_model
     from ditq.recipe import Recipe
     from ditq.runtime.metrics import DigitJudge
 
@@ -57,7 +57,8 @@ def _init(model_spec: str, base_recipe_json: str | None, genes, fcfg: dict, thre
         cfg=cfg,
         judge=judge,
         real=judge.features(to_unit_range(load_split().x_test)),
-        clip=bool(pipeline_info(loaded.source).get("clip_denoised", False)),
+        clip=bool(loaded.pipeline.get("clip_denoised", False)),
+        schedule=loaded.schedule,
     )
     _W["float"] = _sample(TorchDiT(loaded.model))
 
@@ -68,7 +69,8 @@ def _sample(fn) -> np.ndarray:
     cfg: FitnessConfig = _W["cfg"]
     mc = dict(_W["model"].config)
     noise = seeded_noise(cfg.seed, cfg.num_samples, mc["in_channels"], mc["sample_size"])
-    return sample(fn, noise, _W["labels"], steps=cfg.steps, cfg=cfg.cfg, null_class=mc["num_embeds_ada_norm"], clip_denoised=_W["clip"])
+    return sample(fn, noise, _W["labels"], schedule=_W["schedule"], steps=cfg.steps, cfg=cfg.cfg,
+                  null_class=mc["num_embeds_ada_norm"], clip_denoised=_W["clip"])  # fmt: skip
 
 
 def metrics_of(x: np.ndarray) -> dict[str, float]:

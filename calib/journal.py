@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ditq.errors import DitqError, shown
+from ditq.untrusted import JsonError, parse_json
 
 JOURNAL_FORMAT = "ditq-search"
 
@@ -31,12 +32,15 @@ def genome_key(genome: tuple[int, ...]) -> str:
     return ",".join(str(g) for g in genome)
 
 
-class _NonFinite(ValueError):
-    pass
-
-
-def _refuse_constant(name: str):
-    raise _NonFinite(name)
+# how a line names what parse_json refused ({} is parse_json's reason)
+_LINE_REFUSED = {
+    "utf8": "is not UTF-8 text",
+    "syntax": "is corrupt (not JSON)",
+    "digits": "holds an integer too long to read",
+    "nesting": "is nested too deeply",
+    "constant": "{}",  # holds NaN (not a finite number)
+    "size": "is too long to be a record ({})",
+}
 
 
 def _finite(v: Any) -> bool:
@@ -138,17 +142,9 @@ class Journal:
     def _parse(self, raw: bytes, i: int) -> Any:
         where = f"{self.path}: journal line {i}"
         try:
-            return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
-        except UnicodeDecodeError:
-            raise DitqError(f"{where} is not UTF-8 text") from None
-        except RecursionError:
-            raise DitqError(f"{where} is nested too deeply") from None
-        except _NonFinite as e:
-            raise DitqError(f"{where} holds {e} (not a finite number)") from None
-        except json.JSONDecodeError:
-            raise DitqError(f"{where} is corrupt (not JSON)") from None
-        except ValueError:  # an integer of more digits than Python converts (4300)
-            raise DitqError(f"{where} holds an integer too long to read") from None
+            return parse_json(raw, where, allow_nan=False)  # JSON has no NaN: a line holding one was not ours
+        except JsonError as e:
+            raise DitqError(f"{where} {_LINE_REFUSED[e.kind].format(e.reason)}") from None
 
     def _problem(self, rec: Any) -> str | None:
         """Why ``rec`` is not a record, or None."""

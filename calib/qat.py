@@ -12,13 +12,21 @@ The loop is :func:`ditq.calib.train.train_dit` (seeded, resumable, progress bar,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ditq.calib.numerics import fake_quantize, quantize_rtn
 from ditq.calib.robuq import quantize_ternary, rotate
+from ditq.manifest import PIPELINE_FILE, RECIPE_FILE, write_manifest
+from ditq.models import source_paths
 from ditq.recipe import LayerPlan, Recipe
+from ditq.runtime.schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from ditq.models import LoadedModel
 
 
 def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -78,21 +86,18 @@ def strip_qat(model: nn.Module) -> nn.Module:
 
 def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """The epsilon-prediction loss at given timesteps and noise (for evaluation on a fixed batch)."""
-    from ditq.runtime.samplers import NoiseSchedule
-
     abar = torch.tensor(NoiseSchedule.linear().alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
     xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
     out = model(xt, timestep=t, class_labels=labels, return_dict=False)[0]
     return torch.mean((out[:, : x0.shape[1]] - noise) ** 2)
 
 
-PIPELINE_FILE = "ditq_pipeline.json"  # how to sample a model ditq wrote as a diffusers folder (read by pipeline_info)
-
-
-def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, progress: bool = True, force: bool = False) -> dict:
+def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, progress: bool = True, force: bool = False,
+            loaded: LoadedModel | None = None) -> dict:  # fmt: skip
     """QAT of ``model_spec`` (a digits model: the data are scikit-learn's digits) under ``recipe``; writes a
     diffusers folder with the trained float weights, ``recipe.json``, its sampling pipeline and a manifest
-    (``out_dir`` replaces only an empty folder or an earlier ditq output, see :mod:`ditq.files`)."""
+    (``out_dir`` replaces only an empty folder or an earlier ditq output, see :mod:`ditq.files`).
+    ``loaded``: ``model_spec`` as :func:`~ditq.models.load_model` gave it, when the caller holds it already."""
     import json
     import time
     from dataclasses import asdict
@@ -101,13 +106,12 @@ def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, p
     from ditq.calib.digits import load_split
     from ditq.calib.train import train_dit
     from ditq.errors import DitqError
-    from ditq.exporter.export import source_paths, tool_version
     from ditq.files import check_out_dir, staged_dir
-    from ditq.manifest import write_manifest
-    from ditq.models import load_model, pipeline_info
+    from ditq.models import load_model
 
-    loaded = load_model(model_spec)
-    pipe = pipeline_info(loaded.source)
+    if loaded is None:
+        loaded = load_model(model_spec)
+    pipe = loaded.pipeline
     if pipe.get("judge") != "digits":
         raise DitqError(f"{model_spec}: ditq qat trains on scikit-learn's digits; this model is not a digits model")
     protect = source_paths(loaded.source) + ([Path(checkpoint)] if checkpoint else [])
@@ -122,8 +126,8 @@ def run_qat(model_spec: str, recipe: Recipe, out_dir, cfg, *, checkpoint=None, p
             "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     with staged_dir(Path(out_dir), protect=protect, force=force) as stage:
         trained.save_pretrained(stage)
-        (stage / "recipe.json").write_text(recipe.to_json() + "\n")
+        (stage / RECIPE_FILE).write_text(recipe.to_json() + "\n")
         (stage / PIPELINE_FILE).write_text(json.dumps(pipe, indent=2) + "\n")
         (stage / "qat.json").write_text(json.dumps(info, indent=2) + "\n")
-        write_manifest(stage, {"version": tool_version(), "kind": "qat"})
+        write_manifest(stage, {"kind": "qat"})
     return info

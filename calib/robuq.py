@@ -5,7 +5,7 @@
   codes (ONNX INT2 at opset 25; the symmetric 2-bit grid of :mod:`ditq.calib.numerics` is exactly {-1, 0, 1}).
 - **Hadamard rotation**: ``y = x W^T = (x H)(W H)^T`` for an orthonormal ``H`` (``H H^T = I``). ``H`` is
   block diagonal with Sylvester Hadamard blocks of size ``b``, the largest power of two dividing the
-  width ``K`` (at most :data:`MAX_ROTATION`), normalised by ``1/sqrt(b)``; the normalised Sylvester matrix
+  width ``K`` (at most :data:`~ditq.recipe.MAX_ROTATION`), normalised by ``1/sqrt(b)``; the normalised Sylvester matrix
   is symmetric, so ``H^T = H``. Weights are rotated offline, activations online in the graph, before
   their per-token quantization: the rotation spreads outlier channels over the block, so each token's
   values are closer to Gaussian and a uniform 2-4 bit grid loses less.
@@ -26,7 +26,8 @@ import torch
 
 from ditq.calib.calibration import CalibConfig, record_model_inputs
 from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
-from ditq.recipe import MAX_ROTATION, Recipe, rotation_block  # noqa: F401 (re-exported: the rotation's block rule)
+from ditq.recipe import Recipe, rotation_block
+from ditq.runtime.schedule import SchedulerSpec
 
 
 def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:
@@ -125,12 +126,14 @@ def block_units(model) -> dict[str, tuple[str, ...]]:
 SENSITIVITY_TRAJECTORIES = CalibConfig(num_samples=8, timesteps_per_sample=8, seed=0)
 
 
-def sensitivity_inputs(model, *, clip_denoised: bool, n: int = 64, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def sensitivity_inputs(model, *, clip_denoised: bool, schedule: SchedulerSpec | None = None, n: int = 64,
+                       seed: int = 0) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """``n`` of the model's own inputs ``(x_t, t, labels)`` along its float DDIM trajectories
     (:data:`SENSITIVITY_TRAJECTORIES`, :func:`ditq.calib.calibration.record_model_inputs`), drawn without
     replacement with ``seed``: whatever the model's channels, size and classes, the inputs it sees when
-    sampling. ``clip_denoised``: the model's sampling clamps ``x_0`` (pixel-space models)."""
-    x, t, y = record_model_inputs(model, SENSITIVITY_TRAJECTORIES, clip_denoised=clip_denoised, progress=False)
+    sampling. ``clip_denoised``: the model's sampling clamps ``x_0`` (pixel-space models); ``schedule``: how
+    it samples (its ``LoadedModel.schedule``; None: DiT's)."""
+    x, t, y = record_model_inputs(model, SENSITIVITY_TRAJECTORIES, schedule=schedule, clip_denoised=clip_denoised, progress=False)
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
     return x[idx], t[idx], y[idx]
 
@@ -196,10 +199,10 @@ class MixedRecipe:
 
 
 def mixed_recipe(model, avg_bits: int, *, rotate: bool = True, clip_denoised: bool = False,
-                 progress: bool = False) -> MixedRecipe:  # fmt: skip
+                 schedule: SchedulerSpec | None = None, progress: bool = False) -> MixedRecipe:  # fmt: skip
     """``Recipe.robuq(avg_bits, rotate)`` with mixed activation bits for ``model``: sensitivities measured
     on the model's own sampling inputs (:func:`sensitivity_inputs`), bits allocated by
     :func:`mixed_activation_bits` to average exactly ``avg_bits`` over the block linears."""
-    inputs = sensitivity_inputs(model, clip_denoised=clip_denoised)
+    inputs = sensitivity_inputs(model, clip_denoised=clip_denoised, schedule=schedule)
     per_module, table, per_unit = mixed_activation_bits(model, avg_bits, rotate=rotate, inputs=inputs, progress=progress)
     return MixedRecipe(Recipe.robuq(avg_bits, rotate=rotate, act_bits=per_module), per_unit, table)

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, one_line
 from ditq.files import atomic_path
-from ditq.runtime.samplers import NoiseSchedule
+from ditq.runtime.schedule import NoiseSchedule
 
 
 @dataclass(frozen=True)
@@ -154,5 +154,5 @@ def _load_checkpoint(path: Path, cfg, model, ema, opt):
         rng = np.random.default_rng()
         rng.bit_generator.state = json.loads(state["rng"].numpy().tobytes())
     except (KeyError, RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as e:
-        raise DitqError(f"{path}: unreadable training checkpoint ({' '.join(str(e).split())[:200]})") from None
+        raise DitqError(f"{path}: unreadable training checkpoint ({one_line(e, 200)})") from None
     return int(state["step"]), list(state["losses"]), rng

@@ -101,13 +101,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    from ditq.exporter.export import export, source_paths
+    from ditq.exporter.export import export
     from ditq.exporter.reference import quantize_model
     from ditq.files import check_out_dir
-    from ditq.models import load_model, pipeline_info
+    from ditq.models import load_model, source_paths
 
     loaded = load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads)
-    pipeline_info(loaded.source)  # refuses scheduler settings the samplers do not implement, before quantizing
     check_out_dir(args.out, protect=source_paths(loaded.source), force=args.force)  # likewise a bad --out
     recipe = _recipe_from_args(args, loaded)
     if args.method:
@@ -116,7 +115,8 @@ def cmd_export(args) -> int:
         recipe = replace(recipe, method=args.method)
     calibration = _calibration(args, loaded, recipe) if recipe.method == "gptq" else None
     qdit = quantize_model(loaded.model, recipe, progress=not args.quiet, calibration=calibration, target=args.target)
-    res = export(qdit, args.out, source=loaded.source, opset=args.opset, progress=not args.quiet, force=args.force)
+    res = export(qdit, args.out, source=loaded.source, pipeline=loaded.pipeline, opset=args.opset, progress=not args.quiet,
+                 force=args.force)  # fmt: skip
     kernels = f", {res.kernels} layers on ONNX Runtime kernels" if res.kernels else ""
     print(f"wrote {res.model_path} ({res.file_bytes / 1e6:.2f} MB, {res.layers} quantized weights, "
           f"{res.activation_quantizers} activation quantizers{kernels}) in {res.seconds:.1f} s")  # fmt: skip
@@ -129,16 +129,17 @@ def _calibration(args, loaded, recipe):
     import hashlib
     from dataclasses import asdict
 
-    from ditq.calib.calibration import CalibConfig, load_or_record
-    from ditq.models import pipeline_info
+    from ditq.calib.calibration import CalibConfig, load_or_record, sampling_key
 
     cfg = CalibConfig(num_samples=args.calib_samples, timesteps_per_sample=args.calib_timesteps)
     linears = [n for n, p in recipe.resolve(loaded.model).items() if p.kind == "linear"]
     digest = hashlib.sha256(json.dumps(loaded.source, sort_keys=True).encode()).hexdigest()[:16]
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    clip = bool(loaded.pipeline.get("clip_denoised"))
+    settings = json.dumps(asdict(cfg), sort_keys=True) + sampling_key(loaded.schedule, clip)
+    key = hashlib.sha256(settings.encode()).hexdigest()[:8]
     cache = Path(args.calib_cache) / f"calib-{digest}-{key}.safetensors"
-    return load_or_record(cache, loaded.model, linears, cfg, model_digest=digest,
-                          clip_denoised=bool(pipeline_info(loaded.source).get("clip_denoised")), progress=not args.quiet)  # fmt: skip
+    return load_or_record(cache, loaded.model, linears, cfg, model_digest=digest, schedule=loaded.schedule,
+                          clip_denoised=clip, progress=not args.quiet)  # fmt: skip
 
 
 def cmd_validate(args) -> int:
@@ -219,7 +220,7 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from ditq.runtime.evaluate import evaluate, parse_configs
 
-    seeds = _int_list(args.seeds, "--seeds")
+    seeds = int_list(args.seeds, "--seeds", 0, SEED_MAX)
     features = real = None
     if args.inception or args.real_images:
         if not (args.inception and args.real_images):
@@ -265,7 +266,6 @@ def _robuq_recipe(args, loaded=None):
     """Recipe.robuq from --abits/--no-rotate/--mixed (mixed: activation bits allocated on the model,
     loaded from --model when not given)."""
     from ditq.calib.robuq import mixed_recipe
-    from ditq.models import pipeline_info
     from ditq.recipe import Recipe
 
     if not args.mixed:
@@ -274,8 +274,8 @@ def _robuq_recipe(args, loaded=None):
         if not getattr(args, "model", None):
             raise DitqError("--mixed allocates activation bits on a model's measured sensitivity: give --model")
         loaded = _loaded_of(args)
-    mixed = mixed_recipe(loaded.model, args.abits, rotate=not args.no_rotate,
-                         clip_denoised=bool(pipeline_info(loaded.source).get("clip_denoised")), progress=not args.quiet)  # fmt: skip
+    mixed = mixed_recipe(loaded.model, args.abits, rotate=not args.no_rotate, schedule=loaded.schedule,
+                         clip_denoised=bool(loaded.pipeline.get("clip_denoised")), progress=not args.quiet)  # fmt: skip
     print("activation bits per unit: " + ", ".join(f"{u.replace('transformer_blocks.', 'b')}={b}" for u, b in mixed.bits_per_unit.items()),
           file=sys.stderr)  # fmt: skip
     return mixed.recipe
@@ -286,10 +286,12 @@ def cmd_qat(args) -> int:
     from ditq.calib.train import TrainConfig
     from ditq.models import load_model
 
-    recipe = _robuq_recipe(args, load_model(args.model) if args.mixed else None)
+    loaded = load_model(args.model)  # once: for --mixed's sensitivities and for the training
+    recipe = _robuq_recipe(args, loaded)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=min(50, args.steps // 10),
                       min_lr_ratio=0.1, ema_decay=0.999, seed=args.seed, save_every=max(1, min(250, args.steps)))  # fmt: skip
-    info = run_qat(args.model, recipe, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet, force=args.force)
+    info = run_qat(args.model, recipe, args.out, cfg, checkpoint=args.checkpoint, progress=not args.quiet, force=args.force,
+                   loaded=loaded)  # fmt: skip
     losses = info["losses_per_100_steps"]
     trend = f"; loss per 100 steps {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
     print(f"wrote {args.out} (QAT {args.steps} steps in {info['seconds']:.0f} s{trend}); "
@@ -334,7 +336,7 @@ def cmd_search(args) -> int:
     t0 = time.perf_counter()
     base = Recipe.qdit(args.wbits, args.abits, args.group_size, args.symmetric)
     loaded = load_model(args.model)
-    genes = genes_of(base.resolve(loaded.model), _int_list(args.space, "--space", 1, 2**20))
+    genes = genes_of(base.resolve(loaded.model), int_list(args.space, "--space", 1, 2**20))
     budget = parse_budget(args.budget, genes, args.wbits, args.abits)
     scfg = SearchConfig(
         population=args.population, generations=args.generations, top_k=args.top_k,
@@ -399,7 +401,7 @@ def cmd_fitness(args) -> int:
     for r in named.values():  # fail here, not inside a worker
         r.resolve(model)
     del model
-    seeds = _int_list(args.seeds, "--seeds")
+    seeds = int_list(args.seeds, "--seeds", 0, SEED_MAX)
     rows: dict[str, list[dict]] = {n: [] for n in named}
     for s in seeds:
         fcfg = FitnessConfig(num_samples=args.num_samples, steps=args.fitness_steps, rmse_weight=args.rmse_weight, seed=s)
@@ -423,11 +425,6 @@ def cmd_fitness(args) -> int:
     return 0 if consistent else 1
 
 
-def _int_list(text: str, flag: str, lo: int = 0, hi: int = SEED_MAX) -> list[int]:
-    """Comma-separated integers in ``lo..hi`` (default: seeds)."""
-    return int_list(text, flag, lo, hi)
-
-
 def _write_text(path: Path, text: str) -> None:
     """Write atomically: a temporary sibling renamed over the final name."""
     from ditq.files import atomic_path
@@ -441,7 +438,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ditq.exporter import DEFAULT_OPSET, INT2_OPSET, TARGETS
+    from ditq.exporter import DEFAULT_OPSET, INT2_OPSET, MAX_OPSET, TARGETS
 
     parser = OneLineParser(prog="ditq", description="Quantize Diffusion Transformers into low-bit ONNX models and run them with ONNX Runtime.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -454,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force_arg(p)
     p.add_argument("--target", default="qdq", choices=TARGETS, help="qdq: portable standard-ONNX QDQ graph (exact Q-DiT arithmetic); "
                    "ort: ONNX Runtime low-bit kernels (MatMulNBits, MatMulIntegerToFloat), int8 activations")
-    p.add_argument("--opset", type=int, help=f"ONNX opset (>= {DEFAULT_OPSET}; default: the lowest that holds the recipe, "
+    p.add_argument("--opset", type=int_in(DEFAULT_OPSET, MAX_OPSET), help=f"ONNX opset ({DEFAULT_OPSET}..{MAX_OPSET}; default: the lowest that holds the recipe, "
                    f"{DEFAULT_OPSET}, or {INT2_OPSET} when 2-bit codes are stored as INT2/UINT2)")
     p.add_argument("--method", choices=("rtn", "gptq"), help="how integer weights are found (default: the recipe's, rtn)")
     _add_calib_args(p)

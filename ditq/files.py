@@ -41,12 +41,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ditq import errors
 from ditq.errors import DitqError
 from ditq.manifest import FOREIGN, MODIFIED, OURS, folder_status
+from ditq.untrusted import parse_json, read_regular
 
 # errors of a write that ran out of room: the file system, a quota, or RLIMIT_FSIZE
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+PATH_SHOWN = 160  # characters of a path repeated in a message
 
 
 def _umask() -> int:
@@ -55,20 +58,27 @@ def _umask() -> int:
     return mask
 
 
-def _shown(path: str | os.PathLike) -> str:
-    text = os.fspath(path)
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _write_error(shown: str, e: OSError) -> DitqError:
     return DitqError(f"cannot write {shown}: {e.strerror or e}")
+
+
+@contextlib.contextmanager
+def _full_disk_is_an_error(shown: str) -> Iterator[None]:
+    """A write in the block that runs out of room (:data:`DISK_FULL`) is one :class:`DitqError` naming
+    ``shown``; any other error passes through."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise _write_error(shown, e) from None
+        raise
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write; on success it is renamed over ``path``."""
     path = Path(path)
-    shown = _shown(path)
+    shown = errors.shown(path, PATH_SHOWN, quote=False)
     if path.is_dir():
         raise DitqError(f"{shown} is a folder; expected a file name")
     try:
@@ -79,12 +89,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        try:
+        with _full_disk_is_an_error(shown):
             yield tmp
-        except OSError as e:
-            if e.errno in DISK_FULL:
-                raise _write_error(shown, e) from None
-            raise
         try:
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
@@ -96,10 +102,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 # ------------------------------------------------------------------------------------------ folders
-def _within(inner: Path, outer: Path) -> bool:
-    return inner == outer or outer in inner.parents
-
-
 def _target(final: str | Path) -> Path:
     """``final`` as an absolute path whose folder part has its links resolved (not its own name)."""
     text = os.fspath(final)
@@ -115,23 +117,23 @@ def check_out_dir(final: str | Path, *, protect: Iterable[str | Path] = (), forc
 
     ``protect``: the inputs (model folder or checkpoint file), which ``final`` may neither be, hold, nor lie
     in. ``force`` also replaces a ditq folder that changed since ditq wrote it, nothing else."""
-    shown = _shown(final)
+    shown = errors.shown(final, PATH_SHOWN, quote=False)
     target = _target(final)
     if target.parent == target:
         raise DitqError(f"--out {shown} is the root folder")
-    if _within(Path(os.path.realpath(os.getcwd())), target):
+    if Path(os.path.realpath(os.getcwd())).is_relative_to(target):
         raise DitqError(f"--out {shown} is the current folder or holds it; choose a new or empty folder")
     for p in protect:
         inp = Path(os.path.realpath(p))
-        if _within(inp, target) or _within(target, inp):
-            raise DitqError(f"--out {shown} is, holds or lies in the input model {_shown(p)}; choose another folder")
+        if inp.is_relative_to(target) or target.is_relative_to(inp):
+            raise DitqError(f"--out {shown} is, holds or lies in the input model {errors.shown(p, PATH_SHOWN, quote=False)}; choose another folder")
     ancestor = target.parent
     while not os.path.lexists(ancestor):
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise DitqError(f"cannot write {shown}: {_shown(ancestor)} is a file, not a folder")
+        raise DitqError(f"cannot write {shown}: {errors.shown(ancestor, PATH_SHOWN, quote=False)} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise DitqError(f"cannot write {shown}: {_shown(ancestor)} is read-only or not writable by this user")
+        raise DitqError(f"cannot write {shown}: {errors.shown(ancestor, PATH_SHOWN, quote=False)} is read-only or not writable by this user")
     if not os.path.lexists(target):
         return target
     if target.is_symlink():
@@ -160,7 +162,7 @@ def staged_dir(final: str | Path, *, protect: Iterable[str | Path] = (), force: 
     """Yield an empty staging folder for ``final``; on success (the caller wrote a manifest) it is swapped
     in place of ``final`` as the module docstring describes. ``protect``, ``force``: see :func:`check_out_dir`."""
     protect = list(protect)
-    shown = _shown(final)
+    shown = errors.shown(final, PATH_SHOWN, quote=False)
     target = check_out_dir(final, protect=protect, force=force)
     if recover(target):  # a folder put back by the recovery is checked like any other
         check_out_dir(final, protect=protect, force=force)
@@ -170,12 +172,8 @@ def staged_dir(final: str | Path, *, protect: Iterable[str | Path] = (), force: 
     except OSError as e:
         raise _write_error(shown, e) from None
     try:
-        try:
+        with _full_disk_is_an_error(shown):
             yield stage
-        except OSError as e:
-            if e.errno in DISK_FULL:
-                raise _write_error(shown, e) from None
-            raise
         status, reason = folder_status(stage)
         if status != OURS:  # every writer ends with write_manifest: a bug of ours
             raise RuntimeError(f"the staged folder of {target} is not complete: {reason or status}")
@@ -315,13 +313,13 @@ def recover(target: Path) -> list[Path]:
             continue
         lock, stage, old = _paths(target, m[1], m[2])
         try:
-            raw = lock.read_bytes()
+            raw = read_regular(lock, follow_links=False)  # never a FIFO (reading one blocks) nor a link
             if not raw:  # killed before the lock was written, so before its stage was made
                 if _gone({"tool": "ditq", "host": socket.gethostname(), "pid": int(m[1])}):
                     lock.unlink()
                     done.append(lock)
                 continue
-            info = json.loads(raw)
+            info = parse_json(raw, lock.name)
             if not isinstance(info, dict) or info.get("pid") != int(m[1]) or not _gone(info):
                 continue
             if os.path.isdir(old) and not os.path.islink(old):
@@ -335,6 +333,6 @@ def recover(target: Path) -> list[Path]:
                 done.append(stage)
             lock.unlink()
             done.append(lock)
-        except (OSError, ValueError, RecursionError):
+        except (OSError, DitqError):  # not a lock of ours (DitqError: not a regular file of JSON), or busy
             continue
     return done

@@ -33,11 +33,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ditq.errors import DitqError, shown
+from ditq.untrusted import NOT_JSON, JsonError, inside, parse_json, read_regular, regular_size
+
 MANIFEST_FILE = "manifest.json"
+RECIPE_FILE = "recipe.json"  # the recipe a folder was made with (an export, a QAT output)
+PIPELINE_FILE = "ditq_pipeline.json"  # how to sample a diffusers folder ditq wrote (read by ditq.models.pipeline_info)
 TOOL = "ditq"
 REPORT_SUFFIXES = (".json", ".png", ".npy")  # what ditq's reports and samples are written as
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a handful of files: a few KB
@@ -66,9 +71,18 @@ def list_files(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def tool_version() -> str:
+    """The installed ditq's version (``0+unknown`` in a source tree that was never installed)."""
+    try:
+        return version("ditq")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "0+unknown"
+
+
 def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
-    """Write ``folder/manifest.json`` with ``fields``, ``"tool": "ditq"`` and the files table; returns it."""
-    manifest = {"tool": TOOL, **fields, "files": list_files(folder)}
+    """Write ``folder/manifest.json`` with ``"tool": "ditq"``, the :func:`tool_version`, ``fields`` and the
+    files table; returns it."""
+    manifest = {"tool": TOOL, "version": tool_version(), **fields, "files": list_files(folder)}
     (Path(folder) / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -76,52 +90,36 @@ def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of ``folder``; raises :class:`ManifestError` (missing, unreadable, not JSON, not
     ditq's, or a ``files`` entry that is not a plain file name with a size and a SHA-256)."""
-    path = Path(folder) / MANIFEST_FILE
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise ManifestError(f"no {MANIFEST_FILE}") from None
-    except OSError as e:
-        raise ManifestError(f"cannot read {MANIFEST_FILE} ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ManifestError(f"{MANIFEST_FILE} is not a regular file")
-    if st.st_size > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{MANIFEST_FILE} is {st.st_size} bytes, more than a manifest can be")
-    try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise ManifestError(f"cannot read {MANIFEST_FILE} ({e.strerror})") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ManifestError(f"{MANIFEST_FILE} is not JSON ({' '.join(str(e).split())[:120]})") from None
+    try:  # a link is not followed: the manifest is the folder's own file
+        data = read_regular(Path(folder) / MANIFEST_FILE, MANIFEST_FILE, max_bytes=MAX_MANIFEST_BYTES, follow_links=False)
+        obj = parse_json(data, MANIFEST_FILE, max_bytes=MAX_MANIFEST_BYTES)
+    except JsonError as e:
+        if e.kind == "missing":
+            raise ManifestError(f"no {MANIFEST_FILE}") from None
+        if e.kind == "not-regular":
+            raise ManifestError(f"{MANIFEST_FILE} is not a regular file") from None
+        raise ManifestError(f"{MANIFEST_FILE} is not JSON ({e.reason})" if e.kind in NOT_JSON else str(e)) from None
     if not isinstance(obj, dict) or obj.get("tool") != TOOL:
         raise ManifestError(f"{MANIFEST_FILE} does not name {TOOL} as the tool that wrote the folder")
     files = obj.get("files")
     if not isinstance(files, dict):
         raise ManifestError(f"{MANIFEST_FILE} has no files table")
     for name, info in files.items():
-        if not _plain_name(name) or name == MANIFEST_FILE:
-            raise ManifestError(f"{MANIFEST_FILE} lists {name[:80]!r}, which is not a file name of the folder")
+        try:
+            inside(folder, name, MANIFEST_FILE, plain=True, links_may_leave=True)  # the name alone: nothing is opened
+            refused = name == MANIFEST_FILE
+        except DitqError:
+            refused = True
+        if refused:
+            raise ManifestError(f"{MANIFEST_FILE} lists {shown(name)}, which is not a file name of the folder")
         if not (
             isinstance(info, dict)
             and type(info.get("bytes")) is int
             and info["bytes"] >= 0
             and isinstance(info.get("sha256"), str)
         ):
-            raise ManifestError(f"{MANIFEST_FILE}: the entry of {name[:80]!r} has no size and SHA-256")
+            raise ManifestError(f"{MANIFEST_FILE}: the entry of {shown(name)} has no size and SHA-256")
     return obj
-
-
-def _plain_name(name: str) -> bool:
-    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
-
-
-def _regular_size(path: Path) -> int | None:
-    """The size of ``path`` if it is a regular file (not followed if a link), else None."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
 def folder_status(folder: Path) -> tuple[str, str]:
@@ -136,7 +134,7 @@ def folder_status(folder: Path) -> tuple[str, str]:
         return FOREIGN, str(e)
     files = manifest["files"]
     for name, info in files.items():
-        size = _regular_size(folder / name)
+        size = regular_size(folder / name)
         if size is None:
             return MODIFIED, f"{name} is missing"
         if size != info["bytes"]:
@@ -144,8 +142,8 @@ def folder_status(folder: Path) -> tuple[str, str]:
     for name in names:
         if name in files or name == MANIFEST_FILE:
             continue
-        if not name.lower().endswith(REPORT_SUFFIXES) or _regular_size(folder / name) is None:
-            return MODIFIED, f"it holds {name[:80]}, which its manifest does not list"
+        if not name.lower().endswith(REPORT_SUFFIXES) or regular_size(folder / name) is None:
+            return MODIFIED, f"it holds {shown(name, quote=False)}, which its manifest does not list"
     return OURS, ""
 
 
@@ -155,7 +153,7 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
     problems = []
     for name, info in manifest["files"].items():
         path = Path(folder) / name
-        size = _regular_size(path)
+        size = regular_size(path)
         if size is None:
             problems.append(f"{name} is missing or not a regular file")
         elif size != info["bytes"]:

@@ -8,15 +8,14 @@ plus a JSON-able ``source`` that says how to load it again (the exported model c
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ditq.errors import DitqError
-from ditq.options import echo
-from ditq.untrusted import PIPELINE, VAE_CONFIG, check_dit_config, check_fields, read_json
+from ditq.errors import DitqError, one_line, shown
+from ditq.manifest import PIPELINE_FILE, file_sha256
+from ditq.untrusted import VAE_CONFIG, VAE_DECODER_FILE, check_dit_config, check_fields, pipeline_schedule, read_json, read_pipeline
 from ditq.weights import diffusers_weight_files, load_weights, read_pickle, read_safetensors, read_weight_files, tensor_names
 from ditq.runtime.schedule import SchedulerSpec
 
@@ -51,6 +50,12 @@ def digits_config() -> dict[str, Any]:
 class LoadedModel:
     model: Any  # diffusers.DiTTransformer2DModel, float32, eval
     source: dict[str, Any]
+    pipeline: dict[str, Any]  # how to sample it: pipeline_info(source), computed once by the loader
+
+    @property
+    def schedule(self) -> SchedulerSpec:
+        """The noise schedule and sampler settings it samples with (DiT's unless its pipeline says)."""
+        return pipeline_schedule(self.pipeline)
 
 
 def dit_config(
@@ -105,12 +110,14 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
         if not (folder / "config.json").is_file():
             raise DitqError(f"the shipped {spec!r} weights are missing from {folder}; run `make train-{spec}` to recreate them")
         loaded = _load_diffusers(folder)
-        return LoadedModel(loaded.model, {"kind": "builtin", "name": spec, "sha256": loaded.source["sha256"]})
+        source = {"kind": "builtin", "name": spec, "sha256": loaded.source["sha256"]}
+        return LoadedModel(loaded.model, source, pipeline_info(source))
     if spec in PRESETS:
         hidden, depth, heads = PRESETS[spec]
         sample = 32 if image_size is None else _latent_size(image_size)
         model = build_dit(dit_config(hidden, depth, heads, sample_size=sample), seed)
-        return LoadedModel(model, {"kind": "preset", "name": spec, "seed": seed, "image_size": image_size})
+        source = {"kind": "preset", "name": spec, "seed": seed, "image_size": image_size}
+        return LoadedModel(model, source, pipeline_info(source))
     path = Path(spec)
     if not path.exists():
         raise DitqError(
@@ -141,38 +148,34 @@ def load_from_source(source: dict[str, Any]) -> LoadedModel:
     raise DitqError(f"unknown model source {source!r}")
 
 
-VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
-
-
-def pipeline_info(source: dict[str, Any]) -> dict[str, Any]:
-    """How to sample a model from this source: pixel space (clip x0 to [-1, 1]) or latent space; for a
-    diffusers pipeline folder also its scheduler config read as a :class:`SchedulerSpec` (``schedule``:
-    a setting ditq's samplers do not implement is refused here, naming it) and, with a ``vae/``, the
-    decoder file and the latent scaling factor."""
+def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """How to sample a model from this source (the loaders compute it once, as :attr:`LoadedModel.pipeline`):
+    pixel space (clip x0 to [-1, 1]) or latent space. A diffusers folder's ``ditq_pipeline.json`` (written by
+    ditq) is read by :func:`~ditq.untrusted.read_pipeline`; a pipeline folder's scheduler config is read as a
+    :class:`SchedulerSpec` (``schedule``: a setting ditq's samplers do not implement is refused here, naming
+    it) and, with a ``vae/``, the decoder file and the latent scaling factor. ``config``: the transformer's
+    checked config (:func:`~ditq.untrusted.check_dit_config`) when the caller has it; else read here."""
     if source.get("kind") == "builtin" and source.get("name") in BUILTIN_PIPELINE:
         return dict(BUILTIN_PIPELINE[source["name"]])
     info: dict[str, Any] = {"space": "latent", "clip_denoised": False}
     root = Path(source.get("path", "")) if source.get("kind") == "diffusers" else None
-    if root is not None and (root / "ditq_pipeline.json").is_file():  # written by ditq (e.g. ditq qat)
-        written = _read_json(root / "ditq_pipeline.json")
-        if written.get("schedule"):
-            try:
-                SchedulerSpec.from_dict(written["schedule"])
-            except DitqError as e:
-                raise DitqError(f"{root / 'ditq_pipeline.json'}: {e}") from None
-        return written
+    if root is not None and (root / PIPELINE_FILE).is_file():  # written by ditq (e.g. ditq qat)
+        written = root / PIPELINE_FILE
+        return read_pipeline(read_json(written), str(written))
     if root is not None and (root / "model_index.json").is_file():
         sched = root / "scheduler" / "scheduler_config.json"
+        dit = root / "transformer" / "config.json"
         if sched.is_file():
-            dit = root / "transformer" / "config.json"
-            dit_cfg = _read_json(dit) if dit.is_file() else {}
-            c_in = dit_cfg.get("in_channels", 4)
-            learned_sigma = (dit_cfg.get("out_channels") or c_in) == 2 * c_in if dit_cfg else None
-            spec = SchedulerSpec.from_scheduler_config(_read_json(sched), where=str(sched), learned_sigma=learned_sigma)
+            if config is None and dit.is_file():
+                config = check_dit_config(read_json(dit), str(dit))
+            c_in = None if config is None else config["in_channels"]
+            learned_sigma = None if config is None else (config["out_channels"] or c_in) == 2 * c_in
+            spec = SchedulerSpec.from_scheduler_config(read_json(sched), where=str(sched), learned_sigma=learned_sigma)
             info["schedule"] = spec.to_dict()
-        if (root / "vae" / "config.json").is_file():
-            vae_cfg = _read_json(root / "vae" / "config.json")
-            info.update(vae=VAE_DECODER_FILE, scaling_factor=float(vae_cfg.get("scaling_factor") or 0.18215), value_range=[-1.0, 1.0])
+        vae = root / "vae" / "config.json"
+        if vae.is_file():
+            vae_cfg = check_fields(read_json(vae), VAE_CONFIG, str(vae))
+            info.update(vae=VAE_DECODER_FILE, scaling_factor=float(vae_cfg["scaling_factor"] or 0.18215), value_range=[-1.0, 1.0])
     return info
 
 
@@ -181,7 +184,7 @@ def load_vae(source: dict[str, Any]):
     folder = Path(source["path"]) / "vae"
     from diffusers import AutoencoderKL
 
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json(folder / "config.json")
     check_fields(cfg, VAE_CONFIG, f"{folder / 'config.json'}")
     tensors = read_weight_files(diffusers_weight_files(folder))
 
@@ -189,27 +192,15 @@ def load_vae(source: dict[str, Any]):
         try:
             return AutoencoderKL.from_config(cfg)
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, NotImplementedError, RuntimeError, ZeroDivisionError) as e:
-            raise DitqError(f"{folder / 'config.json'}: not a usable AutoencoderKL config ({_one_line(e)[:200]})") from None
+            raise DitqError(f"{folder / 'config.json'}: not a usable AutoencoderKL config ({one_line(e, 200)})") from None
 
     return load_weights(build, tensors, f"{folder}")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return read_json(path)  # bounded: size, nesting, integer length; must be an object
 
 
 def _latent_size(image_size: int) -> int:
     if image_size not in (256, 512):
         raise DitqError(f"--image-size must be 256 or 512, got {image_size}")
     return image_size // 8
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ diffusers
@@ -223,16 +214,10 @@ def _load_diffusers(path: Path) -> LoadedModel:
     cfg = read_json(cfg_file)
     cls_name = cfg.get("_class_name")
     if cls_name != SUPPORTED_CLASS:
-        shown = echo(cls_name) if isinstance(cls_name, str) else "none"
-        raise DitqError(f"{path}: unsupported architecture {shown}; ditq exports {SUPPORTED_CLASS}")
+        named = shown(cls_name) if isinstance(cls_name, str) else "none"
+        raise DitqError(f"{path}: unsupported architecture {named}; ditq exports {SUPPORTED_CLASS}")
     config = check_dit_config(cfg, str(cfg_file))
-    if folder != path and (path / "vae" / "config.json").is_file():  # checked before any export work starts
-        check_fields(read_json(path / "vae" / "config.json"), VAE_CONFIG, str(path / "vae" / "config.json"))
-    written = path / "ditq_pipeline.json"  # how to sample it (pipeline_info): it becomes the export's ditq.pipeline
-    if written.is_file():
-        pipe = check_fields(read_json(written), PIPELINE, str(written))
-        if pipe["vae"] not in (None, VAE_DECODER_FILE):  # the export writes this file: only the name ditq uses
-            raise DitqError(f"{written}: vae must be null or {VAE_DECODER_FILE!r}, got {echo(pipe['vae'])}")
+    pipe = pipeline_info({"kind": "diffusers", "path": str(path.resolve())}, config=config)  # before any weights are read
     tensors = read_weight_files(diffusers_weight_files(folder))
     blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
     if len(blocks) != config["num_layers"]:  # said before building a model of num_layers blocks
@@ -241,7 +226,7 @@ def _load_diffusers(path: Path) -> LoadedModel:
     digest = hashlib.sha256()
     for w in sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()):
         digest.update(file_sha256(folder / w).encode())
-    return LoadedModel(model, {"kind": "diffusers", "path": str(path.resolve()), "sha256": digest.hexdigest()})
+    return LoadedModel(model, {"kind": "diffusers", "path": str(path.resolve()), "sha256": digest.hexdigest()}, pipe)
 
 
 # --------------------------------------------------------------------------------- original checkpoints
@@ -280,25 +265,23 @@ def _load_original(path: Path, *, image_size: int | None, num_heads: int | None)
     try:
         config, converted = convert_original_dit(sd, image_size=image_size, num_heads=num_heads, where=str(path))
     except KeyError as e:
-        raise DitqError(f"{path}: incomplete DiT checkpoint (no tensor {echo(str(e.args[0]))})") from None
+        raise DitqError(f"{path}: incomplete DiT checkpoint (no tensor {shown(str(e.args[0]))})") from None
     except (ValueError, IndexError, ZeroDivisionError, TypeError, RuntimeError) as e:  # tensors of impossible shapes
-        raise DitqError(f"{path}: not an original DiT state dict ({_one_line(e)[:200]})") from None
-    unused = sorted(set(sd) - sd.read - {"pos_embed"})  # pos_embed: the fixed sin-cos table, recomputed
+        raise DitqError(f"{path}: not an original DiT state dict ({one_line(e, 200)})") from None
+    unused = sorted(set(sd) - sd.read)
     if unused:
         raise DitqError(f"{path}: the weights do not fit a DiT: unexpected {tensor_names(unused)}")
     config = check_dit_config(config, f"{path} (the DiT its shapes describe)")
     model = load_weights(lambda: build_dit(config, seed=None), converted, str(path))
     use_original_timestep_sinusoid(model)
-    return LoadedModel(
-        model,
-        {
-            "kind": "dit-checkpoint",
-            "path": str(path.resolve()),
-            "sha256": file_sha256(path),
-            "image_size": image_size,
-            "num_heads": num_heads,
-        },
-    )
+    source = {
+        "kind": "dit-checkpoint",
+        "path": str(path.resolve()),
+        "sha256": file_sha256(path),
+        "image_size": image_size,
+        "num_heads": num_heads,
+    }
+    return LoadedModel(model, source, pipeline_info(source))
 
 
 # The timestep sinusoid of facebookresearch/DiT: cos/sin of t * exp(-ln(10000) i / half), i = 0..half-1
@@ -375,5 +358,9 @@ def convert_original_dit(
     return config, out
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def source_paths(source: dict[str, Any]) -> list[Path]:
+    """The files or folders a model ``source`` record is read from: what an output folder may never replace."""
+    if source.get("kind") == "builtin" and source.get("name") in BUILTIN:
+        return [BUILTIN[source["name"]]]
+    path = source.get("path")
+    return [Path(path)] if isinstance(path, str) and path else []

@@ -11,7 +11,7 @@ import argparse
 import math
 from typing import Callable
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, one_line, shown
 
 MAX_ECHO = 60  # characters of a user's value repeated in a message
 MAX_MESSAGE = 300  # characters of a whole command-line error message
@@ -24,12 +24,6 @@ MAX_COUNT = 10**9  # counts bounded further by a memory budget downstream (sampl
 MAX_CFG = 100.0  # classifier-free guidance scale
 
 
-def echo(text: str, limit: int = MAX_ECHO, *, quote: bool = True) -> str:
-    """``text`` quoted (``repr``; as it is with ``quote=False``), cut to about ``limit`` characters."""
-    r = repr(text) if quote else text
-    return r if len(r) <= limit else f"{r[: limit - 5]}...{r[-1]} ({len(text)} characters)"
-
-
 def int_in(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse ``type``: a decimal integer in ``lo..hi``."""
 
@@ -39,7 +33,7 @@ def int_in(lo: int, hi: int) -> Callable[[str], int]:
         except ValueError:  # also integers longer than Python's 4300-digit conversion limit
             value = None
         if value is None or not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {echo(text)}")
+            raise argparse.ArgumentTypeError(f"expected an integer in {lo}..{hi}, got {shown(text, MAX_ECHO)}")
         return value
 
     parse.__name__ = f"integer in {lo}..{hi}"
@@ -56,7 +50,7 @@ def float_in(lo: float, hi: float, *, open_lo: bool = False) -> Callable[[str], 
         except ValueError:
             value = math.nan
         if not (math.isfinite(value) and (lo < value if open_lo else lo <= value) and value <= hi):
-            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {echo(text)}")
+            raise argparse.ArgumentTypeError(f"expected a finite number in {span}, got {shown(text, MAX_ECHO)}")
         return value
 
     parse.__name__ = f"number in {span}"
@@ -68,19 +62,13 @@ def int_list(text: str, flag: str, lo: int, hi: int) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise DitqError(f"{flag}: expected comma-separated integers in {lo}..{hi}, got {echo(text)}") from None
+        raise DitqError(f"{flag}: expected comma-separated integers in {lo}..{hi}, got {shown(text, MAX_ECHO)}") from None
     if not values:
         raise DitqError(f"{flag} is empty")
     bad = next((v for v in values if not lo <= v <= hi), None)
     if bad is not None:
-        raise DitqError(f"{flag}: expected integers in {lo}..{hi}, got {echo(str(bad))}")
+        raise DitqError(f"{flag}: expected integers in {lo}..{hi}, got {shown(str(bad), MAX_ECHO)}")
     return values
-
-
-def one_line(message: str, limit: int = MAX_MESSAGE) -> str:
-    """``message`` on one line, cut to ``limit`` characters (head and tail kept)."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else f"{text[: limit // 2 - 3]} ... {text[-(limit // 2 - 3) :]}"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -89,4 +77,4 @@ class OneLineParser(argparse.ArgumentParser):
     Subcommand parsers are made of the same class (argparse's default ``parser_class``)."""
 
     def error(self, message: str):
-        raise DitqError(f"{one_line(message)} (see {self.prog} --help)")
+        raise DitqError(f"{one_line(message, MAX_MESSAGE)} (see {self.prog} --help)")

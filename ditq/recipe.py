@@ -44,9 +44,13 @@ from typing import Any, Mapping
 
 from ditq.errors import DitqError, shown
 from ditq.patterns import NamePattern
+from ditq.untrusted import parse_json, read_json
 
 RECIPE_FORMAT = "ditq-recipe"
 RECIPE_VERSION = 1
+# the largest recipe file or ``ditq.recipe`` metadata read: a recipe with one rule for every linear of
+# DiT-XL/2 (28 blocks x 7 linears) is 25 kB, so 16 MiB is generous and still bounds the parse
+MAX_RECIPE_BYTES = 16 << 20
 METHODS = ("rtn", "gptq")  # how integer weights are found: round to nearest, or GPTQ on calibration data
 BITS_RANGE = range(2, 9)  # weight bits (plus TERNARY)
 ABITS_RANGE = range(1, 9)  # activation bits (RobuQ's mixed precision gives insensitive layers 1 bit)
@@ -311,28 +315,19 @@ class Recipe:
         return cls(LayerQuant(**default), tuple(rules), d.get("method", "rtn"), d.get("version", RECIPE_VERSION))
 
     @classmethod
-    def from_json(cls, text: str) -> "Recipe":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DitqError(f"recipe is not valid JSON ({e})") from None
-        except RecursionError:
-            raise DitqError("recipe is nested too deeply to be a recipe") from None
-        except ValueError:  # an integer of more digits than Python converts (4300)
-            raise DitqError("recipe holds an integer too long to read") from None
-        return cls.from_dict(doc)
+    def from_json(cls, text: str | bytes) -> "Recipe":
+        """The recipe in JSON ``text`` (bounded: :data:`MAX_RECIPE_BYTES`, see :func:`~ditq.untrusted.parse_json`)."""
+        return cls.from_dict(parse_json(text, "recipe", max_bytes=MAX_RECIPE_BYTES))
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
+        """The recipe in the file ``path``: a regular file (never a FIFO) of at most :data:`MAX_RECIPE_BYTES`."""
         p = Path(path)
         if not p.is_file():
             raise DitqError(f"recipe file not found: {p}")
+        doc = read_json(p, str(p), max_bytes=MAX_RECIPE_BYTES)  # its errors name the file
         try:
-            return cls.from_json(p.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DitqError(f"{p}: a recipe is UTF-8 JSON text; byte {e.start} is not UTF-8") from None
-        except OSError as e:
-            raise DitqError(f"{p}: cannot read the recipe ({e.strerror})") from None
+            return cls.from_dict(doc)
         except DitqError as e:
             raise DitqError(f"{p}: {e}") from None
 

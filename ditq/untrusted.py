@@ -6,8 +6,11 @@ Nothing in a checkpoint, a diffusers folder or an exported model is trusted:
   :func:`inside` before anything is opened: the same rules ONNX and ONNX Runtime apply to external
   data. A name must be relative, without ``..``, and (for folders ditq wrote) must not reach out of the
   folder through a symbolic link.
-- **JSON** (``config.json``, model metadata) is parsed by :func:`parse_json` with bounds on its size
-  (:data:`MAX_JSON_BYTES`), nesting (:data:`MAX_JSON_DEPTH`) and integer length (Python's 4300 digits).
+- **JSON** (``config.json``, model metadata, recipes, manifests, journal lines) is parsed by
+  :func:`parse_json` with bounds on its size (:data:`MAX_JSON_BYTES` unless the caller gives another),
+  nesting (:data:`MAX_JSON_DEPTH`) and integer length (Python's 4300 digits); a file is read by
+  :func:`read_regular` / :func:`read_json`, which open only a regular file (never a FIFO or a device,
+  whose reading could block) and read at most the bound.
 - **Fields** are checked against small typed schemas (:data:`DIT_CONFIG`, :data:`PIPELINE`,
   :func:`check_source`): a JSON integer where a count is expected (never a float, string or boolean),
   finite numbers in a closed range, one of listed strings. Every failure is one :class:`DitqError`
@@ -16,6 +19,8 @@ Nothing in a checkpoint, a diffusers folder or an exported model is trusted:
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import math
 import os
@@ -24,85 +29,146 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from ditq.errors import DitqError
-from ditq.options import echo
+from ditq.errors import DitqError, one_line, shown
+from ditq.runtime.schedule import SchedulerSpec
 
 MAX_JSON_BYTES = 1 << 20  # a config or metadata entry; real ones are under 2 kB
 MAX_JSON_DEPTH = 32  # nesting levels of objects and arrays; real configs use 2
 
 
 # ---------------------------------------------------------------------------------------------- paths
-def inside(folder: str | Path, name: Any, what: str, *, links_may_leave: bool = False) -> Path:
+def inside(folder: str | Path, name: Any, what: str, *, links_may_leave: bool = False, plain: bool = False) -> Path:
     """``folder / name`` when ``name`` is a relative path that stays inside ``folder``; checked before
     anything is opened. ``links_may_leave`` allows symbolic links out of the folder (a Hugging Face
-    cache snapshot links every file to its blob store); names with ``..`` or absolute are refused always."""
+    cache snapshot links every file to its blob store); names with ``..`` or absolute are refused always.
+    ``plain``: ``name`` must be a bare file name of ``folder`` (no ``/`` or ``\\``, not ``.``)."""
     folder = Path(folder)
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise DitqError(f"{what}: expected a file name inside {folder}, got {_show(name)}")
+        raise DitqError(f"{what}: expected a file name inside {folder}, got {shown(name, kinds=True)}")
+    if plain and ("/" in name or "\\" in name or name in (".", "..")):
+        raise DitqError(f"{what}: {shown(name)} is not a plain file name of {folder}")
     pure = PurePosixPath(name.replace("\\", "/"))
     if pure.is_absolute() or PureWindowsPath(name).drive:
-        raise DitqError(f"{what}: {echo(name)} is an absolute path; a model folder may only name files inside itself")
+        raise DitqError(f"{what}: {shown(name)} is an absolute path; a model folder may only name files inside itself")
     if ".." in pure.parts:
-        raise DitqError(f"{what}: {echo(name)} leads out of {folder} (..); a model folder may only name files inside itself")
+        raise DitqError(f"{what}: {shown(name)} leads out of {folder} (..); a model folder may only name files inside itself")
     path = folder / name
     if not links_may_leave:
         try:
             root, real = folder.resolve(), path.resolve()
         except (OSError, RuntimeError):  # a loop of symbolic links
-            raise DitqError(f"{what}: {echo(name)} cannot be resolved (a loop of symbolic links?)") from None
+            raise DitqError(f"{what}: {shown(name)} cannot be resolved (a loop of symbolic links?)") from None
         if not real.is_relative_to(root):
-            raise DitqError(f"{what}: {echo(name)} is a symbolic link out of {folder}; a model folder may only name files inside itself")
+            raise DitqError(f"{what}: {shown(name)} is a symbolic link out of {folder}; a model folder may only name files inside itself")
     return path
 
 
 # ----------------------------------------------------------------------------------------------- JSON
-def parse_json(text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """The JSON value of ``text``, or one :class:`DitqError` naming ``what``: too large, not UTF-8, not
-    JSON, an integer of more than 4300 digits, or nested deeper than ``max_depth``."""
+class JsonError(DitqError):
+    """What :func:`read_regular` or :func:`parse_json` refused; ``reason`` is the message without ``what``,
+    ``kind`` the rule, for a caller that words it its own way. Reading: ``missing``, ``not-regular`` (a
+    FIFO, device, folder, or a link not followed), ``unreadable``, ``size``; parsing: ``size`` and the
+    :data:`NOT_JSON` kinds (not UTF-8, not JSON, an integer of over 4300 digits, nested too deeply, NaN or
+    Infinity); ``type``: not an object."""
+
+    def __init__(self, what: str, kind: str, reason: str):
+        super().__init__(f"{what}: {reason}")
+        self.kind, self.reason = kind, reason
+
+
+NOT_JSON = ("utf8", "syntax", "digits", "nesting", "constant")  # the text is not JSON ditq reads
+
+
+def parse_json(
+    text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH, allow_nan: bool = True
+) -> Any:
+    """The JSON value of ``text``, or one :class:`JsonError` naming ``what``: too large, not UTF-8, not
+    JSON, an integer of more than 4300 digits, nested deeper than ``max_depth``, or (without
+    ``allow_nan``) holding ``NaN``, ``Infinity`` or ``-Infinity``."""
     if len(text) > max_bytes:
-        raise DitqError(f"{what}: {len(text)} bytes of JSON, more than the {max_bytes} allowed")
+        raise JsonError(what, "size", f"{len(text)} bytes of JSON, more than the {max_bytes} allowed")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DitqError(f"{what}: not UTF-8 text (byte {e.start})") from None
+            raise JsonError(what, "utf8", f"not UTF-8 text (byte {e.start})") from None
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=None if allow_nan else _refuse_constant)
     except RecursionError:
-        raise DitqError(f"{what}: JSON nested too deeply") from None
+        raise JsonError(what, "nesting", "JSON nested too deeply") from None
+    except _NonFinite as e:
+        raise JsonError(what, "constant", f"holds {e} (not a finite number)") from None
     except ValueError as e:  # JSONDecodeError, and integers beyond Python's conversion limit
-        reason = "an integer with too many digits" if "integer string conversion" in str(e) else " ".join(str(e).split())[:100]
-        raise DitqError(f"{what}: not valid JSON ({reason})") from None
+        if "integer string conversion" in str(e):
+            raise JsonError(what, "digits", "not valid JSON (an integer with too many digits)") from None
+        raise JsonError(what, "syntax", f"not valid JSON ({one_line(e, 100)})") from None
     if _depth(value) > max_depth:
-        raise DitqError(f"{what}: JSON nested deeper than {max_depth} levels")
+        raise JsonError(what, "nesting", f"JSON nested deeper than {max_depth} levels")
     return value
 
 
-def parse_json_object(text: str | bytes, what: str) -> dict[str, Any]:
+def parse_json_object(text: str | bytes, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """:func:`parse_json`, which must give an object."""
-    value = parse_json(text, what)
+    value = parse_json(text, what, max_bytes=max_bytes)
     if not isinstance(value, dict):
-        raise DitqError(f"{what}: expected a JSON object, got {_show(value)}")
+        raise JsonError(what, "type", f"expected a JSON object, got {shown(value, kinds=True)}")
     return value
 
 
-def read_json(path: str | Path, what: str | None = None) -> dict[str, Any]:
-    """The JSON object in the regular file ``path`` (never a FIFO or device: reading one could block)."""
+def read_regular(path: str | Path, what: str | None = None, *, max_bytes: int = MAX_JSON_BYTES, follow_links: bool = True) -> bytes:
+    """The bytes of the regular file ``path``, at most ``max_bytes`` (more is a :class:`JsonError`): never a
+    FIFO or a device (reading one could block), nor, unless ``follow_links``, a symbolic link."""
     path = Path(path)
     what = what or str(path)
     try:
-        with open(path, "rb", opener=_open_regular) as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+        with open(path, "rb", opener=functools.partial(_open_regular, nofollow=0 if follow_links else os.O_NOFOLLOW)) as f:
+            data = f.read(max_bytes + 1)
+    except _NotRegular:
+        raise JsonError(what, "not-regular", "cannot read (not a regular file)") from None
     except OSError as e:
-        raise DitqError(f"{what}: cannot read ({e.strerror or e})") from None
-    return parse_json_object(data, what)
+        raise JsonError(what, "missing" if e.errno == errno.ENOENT else "unreadable", f"cannot read ({e.strerror or e})") from None
+    if len(data) > max_bytes:
+        raise JsonError(what, "size", f"more than the {max_bytes} bytes allowed")
+    return data
 
 
-def _open_regular(path: str, flags: int) -> int:
-    fd = os.open(path, flags | os.O_NONBLOCK)
+def read_json(path: str | Path, what: str | None = None, *, max_bytes: int = MAX_JSON_BYTES, follow_links: bool = True) -> dict[str, Any]:
+    """The JSON object in the regular file ``path`` (:func:`read_regular`, :func:`parse_json_object`)."""
+    what = what or str(path)
+    return parse_json_object(read_regular(path, what, max_bytes=max_bytes, follow_links=follow_links), what, max_bytes=max_bytes)
+
+
+def regular_size(path: str | Path) -> int | None:
+    """The size of ``path`` if it is a regular file (a symbolic link is not followed), else None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+class _NotRegular(OSError):
+    pass
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _NonFinite(name)
+
+
+def _open_regular(path: str, flags: int, nofollow: int = 0) -> int:
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | nofollow)
+    except OSError as e:
+        if nofollow and e.errno == errno.ELOOP:  # the name is a symbolic link
+            raise _NotRegular(0, "not a regular file") from None
+        raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(0, "not a regular file")
+        raise _NotRegular(0, "not a regular file")
     return fd
 
 
@@ -116,19 +182,6 @@ def _depth(value: Any) -> int:
                 return deepest
             stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
     return deepest
-
-
-def _show(value: Any) -> str:
-    """A JSON value as a message shows it, cut to a sane length."""
-    if isinstance(value, dict):
-        return "a JSON object"
-    if isinstance(value, list):
-        return "a JSON array"
-    if isinstance(value, str):
-        return echo(value)
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
-        return f"an integer of {len(str(abs(value)))} digits"
-    return json.dumps(value)  # null, true/false, numbers (NaN and Infinity as written in JSON)
 
 
 # --------------------------------------------------------------------------------------------- fields
@@ -256,14 +309,14 @@ class ListOf:
 
 
 def _bad(where: str, field: str, takes: str, value: Any) -> DitqError:
-    return DitqError(f"{where}: {field} must be {takes}, got {_show(value)}")
+    return DitqError(f"{where}: {field} must be {takes}, got {shown(value, kinds=True)}")
 
 
 def check_fields(obj: Any, schema: dict[str, Any], where: str, *, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """``obj`` (a JSON object) with every field of ``schema`` checked; an absent field takes the schema's
     default (an absent ``required`` one is an error). Fields the schema does not name are kept as they are."""
     if not isinstance(obj, dict):
-        raise DitqError(f"{where}: expected a JSON object, got {_show(obj)}")
+        raise DitqError(f"{where}: expected a JSON object, got {shown(obj, kinds=True)}")
     out = dict(obj)
     for name, spec in schema.items():
         if name not in obj:
@@ -308,6 +361,8 @@ def check_dit_config(obj: Any, where: str) -> dict[str, Any]:
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     if hidden > MAX_HIDDEN:
         raise DitqError(f"{where}: num_attention_heads x attention_head_dim = {hidden}, more than {MAX_HIDDEN}")
+    if hidden % 4:  # the 2-D sin-cos position table gives each axis half the width, as sin and cos halves
+        raise DitqError(f"{where}: num_attention_heads x attention_head_dim = {hidden} is not a multiple of 4")
     if cfg["sample_size"] % cfg["patch_size"]:
         raise DitqError(f"{where}: sample_size {cfg['sample_size']} is not a multiple of patch_size {cfg['patch_size']}")
     return cfg
@@ -337,6 +392,28 @@ PIPELINE: dict[str, Any] = {
     "vae": Text(255, None, nullable=True),  # a file in the model's folder: see inside()
     "scaling_factor": Float(0.0, 1e6, None, open_lo=True, nullable=True),
 }
+VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
+
+
+def read_pipeline(obj: Any, where: str) -> dict[str, Any]:
+    """A pipeline record (an export's ``ditq.pipeline``, a folder's ``ditq_pipeline.json``) with its fields
+    checked (:data:`PIPELINE`; ``vae`` only the file an export writes, since the export writes the decoder
+    to that name) and its ``schedule`` read by :func:`pipeline_schedule` (a setting the samplers do not
+    implement is refused, naming it)."""
+    pipe = check_fields(obj, PIPELINE, where)
+    if pipe["vae"] not in (None, VAE_DECODER_FILE):
+        raise DitqError(f"{where}: vae must be null or {VAE_DECODER_FILE!r}, got {shown(pipe['vae'])}")
+    try:
+        pipeline_schedule(pipe)
+    except DitqError as e:
+        raise DitqError(f"{where}: {e}") from None
+    return pipe
+
+
+def pipeline_schedule(pipe: dict[str, Any]) -> SchedulerSpec:
+    """The sampling spec a pipeline record holds (``schedule``); DiT's when it holds none."""
+    return SchedulerSpec.from_dict(pipe.get("schedule") or {})
+
 
 SOURCE_KINDS = ("builtin", "preset", "diffusers", "dit-checkpoint")
 

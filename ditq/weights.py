@@ -22,8 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ditq.errors import DitqError
-from ditq.options import echo
+from ditq.errors import DitqError, one_line, shown
 from ditq.untrusted import inside, read_json
 
 SHOWN = 3  # names listed in a message, then a count
@@ -40,7 +39,7 @@ def read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise DitqError(f"{path}: corrupt safetensors file ({_one_line(e)[:200]})") from None
+        raise DitqError(f"{path}: corrupt safetensors file ({one_line(e, 200)})") from None
 
 
 def read_pickle(path: Path) -> Any:
@@ -55,7 +54,7 @@ def read_pickle(path: Path) -> Any:
     except pickle.UnpicklingError as e:
         raise DitqError(f"{path}: refused to load: {unpickling_refusal(e)}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, UnicodeDecodeError, IndexError) as e:
-        raise DitqError(f"{path}: corrupt or unreadable checkpoint ({_one_line(e)[:200]})") from None
+        raise DitqError(f"{path}: corrupt or unreadable checkpoint ({one_line(e, 200)})") from None
 
 
 def unpickling_refusal(e: BaseException) -> str:
@@ -63,15 +62,15 @@ def unpickling_refusal(e: BaseException) -> str:
     unpickler's own reason (torch's advice around it, which suggests turning the protection off, is dropped)."""
     text = str(e)
     if m := re.search(r"GLOBAL (\S+)", text):
-        why = f"the pickle asks for the global {echo(m.group(1))}"
+        why = f"the pickle asks for the global {shown(m.group(1))}"
     elif m := re.search(r"Unsupported operand (\d+)", text):
         why = f"the pickle uses opcode {m.group(1)}, which a pickle of tensors does not (or the file is corrupt)"
     elif m := re.search(r"but got ([^\n]+?)\.?$", text, re.M):
-        why = f"the pickle builds {echo(m.group(1))}"
+        why = f"the pickle builds {shown(m.group(1))}"
     else:
         paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
         inner = next((p for p in reversed(paragraphs) if "weights_only" not in p and not p.startswith("Check the documentation")), "")
-        why = f"the pickle holds something else ({_one_line(inner)[:120]})" if inner else "the pickle holds something else"
+        why = f"the pickle holds something else ({one_line(inner, 120)})" if inner else "the pickle holds something else"
     return f"{why}, and a checkpoint may hold only tensors (and dicts or lists of them); nothing in the file was run"
 
 
@@ -101,7 +100,7 @@ def diffusers_weight_files(folder: Path) -> list[Path]:
             shards = [inside(folder, s, f"{index}: weight_map", links_may_leave=True) for s in sorted(set(map(str, weight_map.values())))]
             missing = [s.name for s in shards if not s.is_file()]
             if missing:
-                raise DitqError(f"{index}: names shard {echo(missing[0])}, which is not a file in {folder}")
+                raise DitqError(f"{index}: names shard {shown(missing[0])}, which is not a file in {folder}")
             return shards
     raise DitqError(f"{folder}: no weights file ({' or '.join(WEIGHT_FILES)})")
 
@@ -112,7 +111,7 @@ def read_weight_files(files: list[Path]) -> dict[str, Any]:
         part = read_tensors(f)
         twice = sorted(set(part) & set(tensors))
         if twice:
-            raise DitqError(f"{f}: tensor {echo(twice[0])} is also in another shard")
+            raise DitqError(f"{f}: tensor {shown(twice[0])} is also in another shard")
         if not part:
             raise DitqError(f"{f}: holds no tensors")
         tensors.update(part)
@@ -144,12 +143,12 @@ def check_tensors(tensors: dict[str, Any], shapes: dict[str, tuple[int, ...]], w
         problems.append(f"unexpected {tensor_names(unexpected)}")
     if reshaped:
         k = reshaped[0]
-        problems.append(f"another shape in {tensor_names(reshaped)}: {echo(k)} is {list(tensors[k].shape)}, the config needs {list(shapes[k])}")
+        problems.append(f"another shape in {tensor_names(reshaped)}: {shown(k)} is {list(tensors[k].shape)}, the config needs {list(shapes[k])}")
     if problems:
         raise DitqError(f"{where}: the weights do not fit the model's config: " + "; ".join(problems))
     not_float = [k for k in shapes if not tensors[k].is_floating_point()]
     if not_float:
-        raise DitqError(f"{where}: not floating point: {tensor_names(not_float)}; {echo(not_float[0])} is {tensors[not_float[0]].dtype}")
+        raise DitqError(f"{where}: not floating point: {tensor_names(not_float)}; {shown(not_float[0])} is {tensors[not_float[0]].dtype}")
 
 
 def check_finite(tensors: dict[str, Any], where: str) -> None:
@@ -162,14 +161,17 @@ def check_finite(tensors: dict[str, Any], where: str) -> None:
     if bad:
         t = tensors[bad[0]]
         nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        raise DitqError(f"{where}: NaN or Inf values in {tensor_names(bad)}; {echo(bad[0])} holds {nan} NaN and {inf} Inf")
+        raise DitqError(f"{where}: NaN or Inf values in {tensor_names(bad)}; {shown(bad[0])} holds {nan} NaN and {inf} Inf")
 
 
 def load_weights(build: Callable[[], Any], tensors: dict[str, Any], where: str) -> Any:
     """``build()`` with ``tensors`` loaded, after :func:`check_tensors` against its meta-device twin;
     float32, eval mode, every loaded value finite (checked in float32: a float64 value beyond float32's
     range is refused too)."""
-    shapes, transient = expected_tensors(build)
+    try:
+        shapes, transient = expected_tensors(build)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError, RuntimeError, ZeroDivisionError) as e:
+        raise DitqError(f"{where}: its config does not describe a model diffusers can build ({one_line(e, 200)})") from None
     check_tensors(tensors, shapes, where, ignore=transient)
     model = build().float()
     model.load_state_dict({k: tensors[k] for k in shapes}, strict=True)
@@ -179,9 +181,9 @@ def load_weights(build: Callable[[], Any], tensors: dict[str, Any], where: str) 
 
 
 def tensor_names(names: list[str]) -> str:
-    shown = ", ".join(echo(n) for n in names[:SHOWN])
+    listed = ", ".join(shown(n) for n in names[:SHOWN])
     more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
-    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown}{more})"
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({listed}{more})"
 
 
 def _not_empty(path: Path) -> None:
@@ -191,7 +193,3 @@ def _not_empty(path: Path) -> None:
         raise DitqError(f"{path}: cannot read ({e.strerror or e})") from None
     if size == 0:
         raise DitqError(f"{path}: empty file (0 bytes)")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

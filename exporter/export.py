@@ -26,7 +26,10 @@ from onnx.external_data_helper import load_external_data_for_model
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.exporter import DEFAULT_OPSET, INT2_IR, INT2_OPSET, MODEL_FILE, TARGETS
+from ditq.exporter import (
+    DEFAULT_OPSET, EXACT_QDQ_CONFIG, INT2_IR, INT2_OPSET, MAX_OPSET, META_CONFIG, META_PIPELINE, META_RECIPE,
+    META_SESSION_CONFIG, META_SOURCE, META_TARGET, META_VERSION, MODEL_FILE, TARGETS,
+)  # fmt: skip
 from ditq.exporter.reference import QuantizedDiT
 from ditq.exporter.trace import bind_modules, export_float
 from ditq.files import staged_dir
@@ -35,20 +38,10 @@ from ditq.graphs.rotate import InsertRotationPass, RotationTarget
 from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
 from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget, fusable_weight_matmuls
 from ditq.graphs.tensors import code_type
-from ditq.models import BUILTIN, file_sha256, pipeline_info
-from ditq.runtime.session import EXACT_QDQ_CONFIG, META_SESSION_CONFIG
+from ditq.manifest import RECIPE_FILE, tool_version, write_manifest
+from ditq.models import pipeline_info, source_paths
 
 DATA_FILE = "model.onnx.data"
-RECIPE_FILE = "recipe.json"
-MANIFEST_FILE = "manifest.json"
-
-# metadata_props keys of an exported model
-META_RECIPE = "ditq.recipe"
-META_SOURCE = "ditq.source"
-META_VERSION = "ditq.version"
-META_TARGET = "ditq.target"
-META_CONFIG = "ditq.model_config"
-META_PIPELINE = "ditq.pipeline"  # how to sample: {"space": "pixel"|"latent", "clip_denoised": bool, ...}
 
 
 @dataclass(frozen=True)
@@ -60,15 +53,6 @@ class ExportResult:
     layers: int
     activation_quantizers: int  # in-graph activation Q/DQ subgraphs (to_q/k/v share one)
     kernels: int = 0  # layers lowered to ONNX Runtime kernels (target ``ort``)
-
-
-def tool_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ditq")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-        return "0+unknown"
 
 
 def _jsonable_config(config: Any) -> dict[str, Any]:
@@ -105,6 +89,10 @@ def resolve_opset(qdit: QuantizedDiT, opset: int | None) -> int:
         return required_opset(qdit)
     if opset < DEFAULT_OPSET:
         raise DitqError(f"opset {opset} has no blocked QuantizeLinear/DequantizeLinear; use {DEFAULT_OPSET} or later")
+    highest = min(MAX_OPSET, onnx.defs.onnx_opset_version())
+    if opset > highest:
+        raise DitqError(f"opset {opset} is above {highest}, the highest ditq writes (tested with onnx and "
+                        f"ONNX Runtime); use --opset {DEFAULT_OPSET}..{highest} or leave --opset out")  # fmt: skip
     need = required_opset(qdit)
     if opset < need:
         raise DitqError(
@@ -167,20 +155,12 @@ def build_quantized_graph(
     return proto, len(weights.targets), acts.count, lowered.count
 
 
-def source_paths(source: dict[str, Any]) -> list[Path]:
-    """The files or folders a model ``source`` record (see :mod:`ditq.models`) is read from: what an
-    output folder may never replace."""
-    if source.get("kind") == "builtin" and source.get("name") in BUILTIN:
-        return [BUILTIN[source["name"]]]
-    path = source.get("path")
-    return [Path(path)] if isinstance(path, str) and path else []
-
-
 def export(
     qdit: QuantizedDiT,
     out_dir: str | Path,
     *,
     source: dict[str, Any],
+    pipeline: dict[str, Any] | None = None,
     opset: int | None = None,
     external_data_bytes: int = 256 << 20,
     progress: bool = True,
@@ -188,12 +168,14 @@ def export(
 ) -> ExportResult:
     """Export ``qdit`` to ``out_dir`` (replacing, atomically, only an empty folder or an earlier ditq output:
     see :mod:`ditq.files`; ``force``: also one that changed since), for the target it was quantized for,
-    at ``opset`` (None: the lowest that holds the recipe, see :func:`resolve_opset`)."""
+    at ``opset`` (None: the lowest that holds the recipe, see :func:`resolve_opset`). ``pipeline``: how the
+    model samples, recorded as ``ditq.pipeline`` (the loader's ``LoadedModel.pipeline``; None: read from
+    ``source`` by :func:`~ditq.models.pipeline_info`)."""
     target = qdit.target
     if target not in TARGETS:
         raise DitqError(f"unknown target {target!r}; choose from {list(TARGETS)}")
     resolve_opset(qdit, opset)  # refuse an opset that cannot hold the recipe before anything is written
-    pipe = pipeline_info(source)  # likewise a scheduler setting the samplers do not implement
+    pipe = pipeline_info(source) if pipeline is None else pipeline  # likewise a scheduler setting not implemented
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     with staged_dir(out_dir, protect=source_paths(source), force=force) as stage:  # see ditq.files
@@ -241,10 +223,7 @@ def export(
             onnx.save_model(vae_proto, str(vae_path))
         shutil.rmtree(work)
         (stage / RECIPE_FILE).write_text(qdit.recipe.to_json() + "\n")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(stage.iterdir())}
-        manifest = {
-            "tool": "ditq",
-            "version": tool_version(),
+        manifest = write_manifest(stage, {
             "target": target,
             "opset": written,  # the opset model.onnx imports
             "source": source,
@@ -253,8 +232,6 @@ def export(
             "lowered_kernels": n_kernels,
             "session_config": session_config,  # ONNX Runtime session config entries the model needs
             "kernels": kernel_counts(qdit.plans),
-            "files": files,
-        }
-        (stage / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    model_bytes = sum(f["bytes"] for n, f in files.items() if n in (MODEL_FILE, DATA_FILE))  # the transformer
+        })  # fmt: skip
+    model_bytes = sum(f["bytes"] for n, f in manifest["files"].items() if n in (MODEL_FILE, DATA_FILE))  # the transformer
     return ExportResult(out_dir, out_dir / MODEL_FILE, model_bytes, time.perf_counter() - t0, n_weights, n_acts, n_kernels)

@@ -20,7 +20,7 @@ import onnx
 import torch
 import torch.nn as nn
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, one_line
 from ditq.recipe import LayerPlan
 
 INPUT_NAMES = ("sample", "timestep", "class_labels")
@@ -86,7 +86,7 @@ def export_float(model: nn.Module, path: Path, *, opset: int = 21) -> None:
                 optimize=True,
             )
         except Exception as e:  # the exporter raises many types; report which model failed and why
-            raise DitqError(f"torch.onnx.export failed for this model: {' '.join(str(e).split())[:300]}") from None
+            raise DitqError(f"torch.onnx.export failed for this model: {one_line(e, 300)}") from None
 
 
 class VaeDecode(nn.Module):
@@ -112,7 +112,7 @@ def export_vae_decoder(vae: nn.Module, path: Path, *, channels: int, size: int, 
                 output_names=["images"], dynamic_shapes=({0: batch},), external_data=True, optimize=True,
             )  # fmt: skip
         except Exception as e:
-            raise DitqError(f"torch.onnx.export failed for the VAE decoder: {' '.join(str(e).split())[:300]}") from None
+            raise DitqError(f"torch.onnx.export failed for the VAE decoder: {one_line(e, 300)}") from None
 
 
 def _module_path(node: onnx.NodeProto) -> str | None:

@@ -241,7 +241,7 @@ def bench(
     from ditq.exporter.reference import quantize_model
     from ditq.exporter.trace import example_inputs, export_float
     from ditq.graphs.lower_ort import kernel_counts
-    from ditq.models import load_model, pipeline_info
+    from ditq.models import load_model
 
     if runs < 1 or batch < 1:
         raise DitqError("--runs and --batch must be at least 1")
@@ -249,8 +249,7 @@ def bench(
     variants = [replace(v, config=v.config.with_auto_group(loaded.model)) if v.config else v for v in variants]
     config = dict(loaded.model.config)
     tokens = (config["sample_size"] // config["patch_size"]) ** 2
-    pipe = pipeline_info(loaded.source)
-    if quality and pipe.get("judge") != "digits":
+    if quality and loaded.pipeline.get("judge") != "digits":
         raise DitqError(f"--quality needs a model with a judge (digits); {model_spec} has none")
     tmp = None
     if work_dir is None:
@@ -279,7 +278,7 @@ def bench(
             else:
                 qdit = quantize_model(loaded.model, v.config.recipe(), progress=False, target=v.target)
                 kernels[v.name] = kernel_counts(qdit.plans)
-                res = export(qdit, d, source=loaded.source, progress=False)
+                res = export(qdit, d, source=loaded.source, pipeline=loaded.pipeline, progress=False)
                 paths[v.name] = res.model_path
                 del qdit
                 gc.collect()
@@ -318,7 +317,7 @@ def bench(
 
         qual: dict[str, tuple[float, float]] = {}
         if quality:
-            qual = _quality(paths, config, pipe, quality, quality_steps, quality_seed, progress)
+            qual = _quality(paths, config, loaded.pipeline, quality, quality_steps, quality_seed, progress)
 
         y_float = np.load(outputs["float"]).astype(np.float64)
         base_t = float(np.median(times["float"]))

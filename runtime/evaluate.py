@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
 from ditq.runtime.metrics import DigitJudge, FeatureFn, fid
-from ditq.runtime.samplers import NoiseSchedule, seeded_noise
+from ditq.runtime.samplers import seeded_noise
 
 _CONFIG_RE = re.compile(r"^w([2-8])a([2-8]|16|fp)(?:g(\d+|ch))?$")
 _ROBUQ_RE = re.compile(r"^w1\.58a([1-8])(h?)(m?)$")  # RobuQ: ternary, A bits, +Hadamard, +mixed precision
@@ -253,7 +253,7 @@ def evaluate(
     from ditq.exporter.export import export
     from ditq.exporter.reference import quantize_model
     from ditq.exporter.trace import TorchDiT
-    from ditq.models import load_model, pipeline_info
+    from ditq.models import load_model
     from ditq.runtime.generate import ExportedDiT
 
     configs = configs or parse_configs("fp,w8a8,w6a8,w4a8,w4a16", group_size)
@@ -263,7 +263,7 @@ def evaluate(
     loaded = load_model(model_spec)
     mcfg = dict(loaded.model.config)
     c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
-    pipe = pipeline_info(loaded.source)
+    pipe, schedule = loaded.pipeline, loaded.schedule
     if pipe.get("space") != "pixel":
         raise DitqError(f"{model_spec}: samples latents and has no VAE decoder here; ditq eval judges images")
     is_digits = (c, size, ncls) == (1, 8, 10)
@@ -284,7 +284,7 @@ def evaluate(
     labels = np.arange(num_samples, dtype=np.int64) % ncls
 
     # float reference of the first denoising step (the sampler's first timestep), on seed set 0
-    first_t = int(NoiseSchedule.linear().timesteps(steps)[-1])
+    first_t = int(schedule.plan(steps, sampler)[0][0])
     probe = min(num_samples, 64)
     x_probe = seeded_noise(seeds[0], probe, c, size)
     t_probe, y_probe = np.full(probe, first_t, np.int64), labels[:probe]
@@ -308,7 +308,8 @@ def evaluate(
                 from ditq.calib.robuq import mixed_recipe
 
                 bar.set_postfix_str(f"{conf.name}: activation sensitivity + bit allocation")
-                mixed = mixed_recipe(loaded.model, conf.abits, rotate=conf.rotate, clip_denoised=bool(pipe.get("clip_denoised")))
+                mixed = mixed_recipe(loaded.model, conf.abits, rotate=conf.rotate, clip_denoised=bool(pipe.get("clip_denoised")),
+                                     schedule=schedule)  # fmt: skip
                 recipe, allocations[conf.name] = mixed.recipe, mixed.bits_per_unit
             else:
                 recipe = conf.recipe(symmetric, method if conf.wbits or conf.recipe_file else None)
@@ -328,9 +329,10 @@ def evaluate(
 
                     bar.set_postfix_str("record held-out layer inputs")
                     names = [n for n, m in loaded.model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, torch_nn.Linear)]
-                    held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), clip_denoised=bool(pipe.get("clip_denoised")), progress=False)
+                    held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), schedule=schedule,
+                                                  clip_denoised=bool(pipe.get("clip_denoised")), progress=False)  # fmt: skip
                 lerr = _layer_error(qdit, held_out)
-            res = export(qdit, exports_dir / conf.name.replace("@", "-"), source=loaded.source, progress=False)
+            res = export(qdit, exports_dir / conf.name.replace("@", "-"), source=loaded.source, pipeline=pipe, progress=False)
             del qdit
             model = ExportedDiT.open(res.out_dir, provider=provider)
             sqnr = _sqnr(float_out, model.fn(x_probe, t_probe, y_probe))

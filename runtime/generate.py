@@ -6,20 +6,19 @@ The model file describes itself: ``ditq.model_config`` gives the channels, size 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, shown
 from ditq.exporter import MODEL_FILE
-from ditq.options import echo
+from ditq.options import int_list
 from ditq.runtime.samplers import sample, seeded_noise
 from ditq.runtime.schedule import SchedulerSpec
 from ditq.runtime.session import OrtDiT, run_session
-from ditq.untrusted import PIPELINE, check_dit_config, check_fields, inside, parse_json_object
+from ditq.untrusted import check_dit_config, inside, parse_json_object, pipeline_schedule, read_pipeline
 
 # One run's samples (float32: the model-space array, and the decoded images when a VAE decodes them)
 # must fit in this many bytes: 1 GiB is 4M digits (8x8) or 65,536 DiT latents (4x32x32).
@@ -46,6 +45,21 @@ def resolve_model_file(path: str | Path) -> Path:
     return p
 
 
+def check_output_channels(file: Path, shape: list, config: dict[str, Any]) -> None:
+    """Refuse a graph whose output ``shape`` (as ONNX Runtime reports it) is ``[batch, channels, h, w]``
+    with ``channels`` other than what ``config`` states: its ``out_channels`` (``in_channels`` when null),
+    which must be ``C`` (the prediction) or ``2C`` (and the learned variance) for ``C = in_channels``. A
+    shape known only when the model runs (a named dimension, another or unknown rank) is left to the
+    sampler's own check of every output."""
+    c = config["in_channels"]
+    want = config["out_channels"] or c
+    if want not in (c, 2 * c):
+        raise DitqError(f"{file}: ditq.model_config: out_channels {want} is neither in_channels {c} nor twice it")
+    if len(shape) == 4 and isinstance(shape[1], int) and shape[1] != want:
+        raise DitqError(f"{file}: the graph's output has shape {shown(str(shape), quote=False)}; "
+                        f"ditq.model_config says [batch, {want}, h, w]")  # fmt: skip
+
+
 @dataclass
 class ExportedDiT:
     """An exported DiT opened in ONNX Runtime, with what its metadata says about it."""
@@ -65,21 +79,16 @@ class ExportedDiT:
         where = f"{file}: ditq.model_config"
         config = check_dit_config(parse_json_object(meta["ditq.model_config"], where), where)
         where = f"{file}: ditq.pipeline"
-        pipeline = check_fields(parse_json_object(meta.get("ditq.pipeline", "{}"), where), PIPELINE, where)
-        if pipeline["vae"] is not None:  # refused here, before any sampling, if it leads out of the folder
+        pipeline = read_pipeline(parse_json_object(meta.get("ditq.pipeline", "{}"), where), where)
+        if pipeline["vae"] is not None:  # refused here, before any sampling, if it links out of the folder
             inside(file.parent, pipeline["vae"], f"{where}.vae")
+        check_output_channels(file, fn.session.get_outputs()[0].shape, config)
         return cls(fn, file, config, pipeline)
 
     @property
     def schedule(self) -> SchedulerSpec:
-        """The sampling spec ``ditq export`` recorded (validated there); DiT's when none is recorded."""
-        cfg = self.pipeline.get("schedule")
-        if not cfg:
-            return SchedulerSpec()
-        try:
-            return SchedulerSpec.from_dict(cfg)
-        except DitqError as e:
-            raise DitqError(f"{self.path}: corrupt ditq.pipeline schedule: {e}") from None
+        """The sampling spec ``ditq export`` recorded (checked by :meth:`open`); DiT's when none is recorded."""
+        return pipeline_schedule(self.pipeline)
 
     @property
     def has_decoder(self) -> bool:
@@ -181,16 +190,8 @@ def generate(
 
 
 def parse_classes(text: str | None, num_classes: int) -> list[int]:
-    """``"0,1,7"`` or ``"all"``/None (every class)."""
+    """``"0,1,7"`` (:func:`~ditq.options.int_list` over the model's classes ``0..num_classes-1``) or
+    ``"all"``/None (every class)."""
     if text is None or text.strip().lower() == "all":
         return list(range(num_classes))
-    try:
-        classes = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise DitqError(f"--classes: expected comma-separated integers, got {echo(text)}") from None
-    if not classes:
-        raise DitqError("--classes is empty")
-    bad = next((c for c in classes if not 0 <= c < num_classes), None)
-    if bad is not None:
-        raise DitqError(f"--classes: class {echo(str(bad), quote=False)} is out of range: this model has classes 0..{num_classes - 1}")
-    return classes
+    return int_list(text, "--classes", 0, num_classes - 1)

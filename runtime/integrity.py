@@ -15,15 +15,17 @@ model itself is still read and checked):
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
-from ditq.exporter.export import META_RECIPE, RECIPE_FILE
-from ditq.manifest import MANIFEST_FILE, ManifestError, read_manifest, verify_files
+from ditq.errors import DitqError
+from ditq.exporter import META_RECIPE
+from ditq.manifest import MANIFEST_FILE, RECIPE_FILE, ManifestError, read_manifest, verify_files
+from ditq.recipe import MAX_RECIPE_BYTES
+from ditq.untrusted import NOT_JSON, JsonError, inside, parse_json, read_json
 
 MANIFEST_CHECK = "manifest.json: every listed file's size and SHA-256"
 RECIPE_CHECK = "recipe.json equals the recipe the model carries"
-MAX_RECIPE_BYTES = 16 << 20
 
 
 def folder_checks(model_file: Path, meta: dict[str, str]) -> list[tuple[str, bool, str]]:
@@ -40,7 +42,11 @@ def _manifest_check(model_file: Path) -> tuple[str, bool, str]:
     except OSError as e:
         return MANIFEST_CHECK, False, f"cannot read {MANIFEST_FILE} ({e.strerror or e})"
     files = manifest["files"]
-    needed = [model_file.name] + [p.name for p in (folder / (model_file.name + ".data"),) if p.exists()]
+    try:
+        data = inside(folder, model_file.name + ".data", "the model's external data", plain=True)
+    except DitqError as e:
+        return MANIFEST_CHECK, False, str(e)
+    needed = [model_file.name] + ([data.name] if os.path.lexists(data) else [])
     problems = [f"{n} is not listed" for n in needed if n not in files]
     try:
         problems += verify_files(folder, manifest)
@@ -52,23 +58,22 @@ def _manifest_check(model_file: Path) -> tuple[str, bool, str]:
 
 
 def _recipe_check(folder: Path, meta: dict[str, str]) -> tuple[str, bool, str]:
-    path = folder / RECIPE_FILE
     if META_RECIPE not in meta:
         return RECIPE_CHECK, False, "the model carries no ditq.recipe metadata"
+    try:  # inside the folder (no link out of it), a regular file (never a FIFO), bounded
+        on_disk = read_json(inside(folder, RECIPE_FILE, RECIPE_FILE, plain=True), RECIPE_FILE, max_bytes=MAX_RECIPE_BYTES)
+    except JsonError as e:
+        if e.kind == "missing":
+            return RECIPE_CHECK, False, f"no {RECIPE_FILE}"
+        if e.kind in NOT_JSON:
+            return RECIPE_CHECK, False, f"{RECIPE_FILE} is not JSON ({e.reason})"
+        return RECIPE_CHECK, False, str(e)  # not a regular file, unreadable, too large, not an object
+    except DitqError as e:  # a symbolic link out of the folder
+        return RECIPE_CHECK, False, str(e)
     try:
-        if path.stat().st_size > MAX_RECIPE_BYTES:
-            return RECIPE_CHECK, False, f"{RECIPE_FILE} is larger than {MAX_RECIPE_BYTES} bytes"
-        on_disk = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        return RECIPE_CHECK, False, f"no {RECIPE_FILE}"
-    except OSError as e:
-        return RECIPE_CHECK, False, f"cannot read {RECIPE_FILE} ({e.strerror or e})"
-    except (ValueError, RecursionError):
-        return RECIPE_CHECK, False, f"{RECIPE_FILE} is not JSON"
-    try:
-        carried = json.loads(meta[META_RECIPE])
-    except (ValueError, RecursionError):
-        return RECIPE_CHECK, False, "the model's ditq.recipe metadata is not JSON"
+        carried = parse_json(meta[META_RECIPE], META_RECIPE, max_bytes=MAX_RECIPE_BYTES)
+    except JsonError as e:
+        return RECIPE_CHECK, False, f"the model's {META_RECIPE} metadata is not JSON ({e.reason})"
     if on_disk != carried:
         return RECIPE_CHECK, False, f"{RECIPE_FILE} differs from the recipe in the model's metadata"
     return RECIPE_CHECK, True, ""

@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, one_line
 from ditq.weights import read_tensors
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
@@ -135,7 +135,7 @@ def inception_features(weights: str | Path, batch_size: int = 50) -> FeatureFn:
     try:
         net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     except RuntimeError as e:  # load_state_dict(strict=True): missing, unexpected or reshaped tensors
-        raise DitqError(f"{weights}: not the weights of pytorch-fid's Inception network ({' '.join(str(e).split())[:200]})") from None
+        raise DitqError(f"{weights}: not the weights of pytorch-fid's Inception network ({one_line(e, 200)})") from None
 
     def extract(images: np.ndarray) -> np.ndarray:
         out = []

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.runtime.schedule import NoiseSchedule, SchedulerSpec  # noqa: F401  (NoiseSchedule: re-exported)
+from ditq.runtime.schedule import SchedulerSpec
 
 ModelFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 METHODS = ("ddim", "ddpm")
@@ -105,7 +105,7 @@ def sample(
         t = int(ts[i])
         out = _guided(model, x.astype(np.float32), t, labels, cfg, null_class).astype(np.float64)
         if out.shape[1] not in (c, 2 * c):
-            raise ValueError(f"model output has {out.shape[1]} channels; expected {c} or {2 * c} for {c} input channels")
+            raise DitqError(f"the model's output has {out.shape[1]} channels; expected {c} or {2 * c} for {c} input channels")
         abar = float(abar_all[t])
         abar_prev = float(abar_all[prev[i]]) if prev[i] >= 0 else final
         x0, eps = spec.predict(x, out[:, :c], abar)
@@ -139,7 +139,8 @@ def _ddpm_step(spec: SchedulerSpec, x, x0, abar: float, abar_prev: float, v, t: 
     kind = spec.variance_type or ("learned_range" if v is not None else "fixed_small")
     if kind == "learned_range":  # v in [-1, 1] between log(posterior variance) and log(beta)
         if v is None:
-            raise ValueError("variance_type learned_range needs a model that outputs variance channels")
+            raise DitqError("the schedule's variance_type learned_range needs a model that outputs variance channels "
+                            f"(twice the {x.shape[1]} input channels); this one outputs {x.shape[1]}")
         frac = (v + 1) / 2
         std = np.exp(0.5 * (frac * np.log(beta) + (1 - frac) * np.log(post_var)))
     elif kind == "fixed_large":

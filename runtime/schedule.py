@@ -48,7 +48,6 @@ A previous timestep below 0 is the end: ``abar_prev = 1`` (DDIM with ``set_alpha
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields
 from functools import cached_property
@@ -56,7 +55,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, shown
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -93,15 +92,6 @@ _ONLY_AT: dict[str, tuple[Any, str]] = {
     "use_dynamic_shifting": (False, "timestep shifting belongs to flow-matching models"),
 }
 _MAX_TIMESTEPS = 100_000
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """A config value as JSON spells it, cut to about ``limit`` characters."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def dit_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
@@ -184,7 +174,7 @@ class SchedulerSpec:
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> DitqError:
-            return DitqError(f"{name}={_show(getattr(self, name))} is not supported ({why})")
+            return DitqError(f"{name}={shown(getattr(self, name), 60, as_json=True)} is not supported ({why})")
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -288,11 +278,11 @@ class SchedulerSpec:
         """The record :meth:`to_dict` wrote; absent fields take DiT's defaults (records of ditq 0.1 hold only
         the four beta fields)."""
         if not isinstance(d, Mapping):
-            raise DitqError(f"the schedule record is not a JSON object: {_show(d)}")
+            raise DitqError(f"the schedule record is not a JSON object: {shown(d, 60, as_json=True)}")
         names = {f.name for f in fields(cls)}
         unknown = [k for k in d if k not in names]
         if unknown:
-            raise DitqError(f"unknown schedule field {unknown[0]}={_show(d[unknown[0]])} (written by a newer ditq?)")
+            raise DitqError(f"unknown schedule field {shown(unknown[0], 60, quote=False)}={shown(d[unknown[0]], 60, as_json=True)} (written by a newer ditq?)")
         d = dict(d)
         if isinstance(d.get("trained_betas"), list):
             d["trained_betas"] = tuple(d["trained_betas"])
@@ -307,19 +297,19 @@ class SchedulerSpec:
         variance channels (``variance_type: learned_range`` needs them)."""
         name = cfg.get("_class_name")
         if not isinstance(name, str) or name not in CLASS_DEFAULTS:
-            raise DitqError(f"{where}: scheduler class {_show(name)} is not supported; ditq reads configs of "
+            raise DitqError(f"{where}: scheduler class {shown(name, 60, as_json=True)} is not supported; ditq reads configs of "
                             f"{', '.join(CLASS_DEFAULTS)}")  # fmt: skip
         values = dict(CLASS_DEFAULTS[name])
         for key, value in cfg.items():
             if key.startswith("_") or key in SOLVER_ONLY.get(name, ()):  # _class_name, _diffusers_version, ...
                 continue
             if key not in values:
-                raise DitqError(f"{where}: unknown scheduler setting {key[:60]}={_show(value)} for {name}: "
+                raise DitqError(f"{where}: unknown scheduler setting {shown(key, 60, quote=False)}={shown(value, 60, as_json=True)} for {name}: "
                                 "ditq cannot tell how it changes sampling")  # fmt: skip
             values[key] = value
         for key, (ok, why) in _ONLY_AT.items():
             if key in values and values[key] != ok:
-                raise DitqError(f"{where}: {key}={_show(values[key])} is not supported ({why})")
+                raise DitqError(f"{where}: {key}={shown(values[key], 60, as_json=True)} is not supported ({why})")
         if isinstance(values["trained_betas"], list):
             values["trained_betas"] = tuple(values["trained_betas"])
         if values["timestep_spacing"] == "dit":

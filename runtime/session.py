@@ -15,19 +15,18 @@ optimization level and profiling only), so a deployer sets the recorded entries 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, one_line, shown
+from ditq.exporter import ACCURACY_LEVEL, EXACT_QDQ_CONFIG, META_SESSION_CONFIG
+from ditq.untrusted import parse_json_object
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-META_SESSION_CONFIG = "ditq.session_config"  # metadata key: JSON object of the session config entries the model needs
-ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
-# what a weight DequantizeLinear -> MatMul states: fp32 activations in the fused kernel
-EXACT_QDQ_CONFIG = {ACCURACY_LEVEL: "0"}
+# the entries (and their values) a model may record: ONNX Runtime's accuracy levels 0 (fp32) .. 4 (int8)
+ALLOWED_SESSION_CONFIG = {ACCURACY_LEVEL: ("0", "1", "2", "3", "4")}
 
 
 def _ort():
@@ -40,16 +39,19 @@ def _ort():
 
 def recorded_session_config(meta: Mapping[str, str], where: str = "model") -> dict[str, str] | None:
     """The session config entries a model's metadata records (:data:`META_SESSION_CONFIG`); None when it
-    records none."""
+    records none. The entries reach ONNX Runtime, so only :data:`ALLOWED_SESSION_CONFIG` is accepted:
+    anything else (another key, another value, JSON that is not an object) is one :class:`DitqError`."""
     text = meta.get(META_SESSION_CONFIG)
     if text is None:
         return None
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DitqError(f"{where}: corrupt {META_SESSION_CONFIG} metadata ({e})") from None
-    if not isinstance(config, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
-        raise DitqError(f"{where}: {META_SESSION_CONFIG} must map config keys to string values, got {text[:100]!r}")
+    what = f"{where}: {META_SESSION_CONFIG}"
+    config = parse_json_object(text, what)
+    for key, value in config.items():
+        if key not in ALLOWED_SESSION_CONFIG:
+            raise DitqError(f"{what}: {shown(key, 60)} is not a config entry ditq applies (only {ACCURACY_LEVEL})")
+        if not isinstance(value, str) or value not in ALLOWED_SESSION_CONFIG[key]:
+            raise DitqError(f"{what}: {key} must be one of {', '.join(map(repr, ALLOWED_SESSION_CONFIG[key]))}, "
+                            f"got {shown(value)}")  # fmt: skip
     return config
 
 
@@ -63,7 +65,7 @@ def model_session_config(model: str | Path | bytes) -> dict[str, str]:
     try:
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
     except (DecodeError, OSError, ValueError) as e:
-        raise DitqError(f"{where}: not a readable ONNX model ({' '.join(str(e).split())[:200]})") from None
+        raise DitqError(f"{where}: not a readable ONNX model ({one_line(e, 200)})") from None
     return applied_session_config({p.key: p.value for p in proto.metadata_props}, where)
 
 
@@ -108,7 +110,7 @@ def create_session(
     try:
         return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=providers)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        raise DitqError(f"{where}: ONNX Runtime cannot load the model ({' '.join(str(e).split())[:300]})") from None
+        raise DitqError(f"{where}: ONNX Runtime cannot load the model ({one_line(e, 300)})") from None
 
 
 def _run_options():
@@ -119,9 +121,8 @@ def _run_options():
 
 
 def _failure(where: str, e: Exception) -> DitqError:
-    text = " ".join(str(e).split()).removeprefix("[ONNXRuntimeError] : ")
-    if len(text) > 300:  # ORT's messages carry C++ source paths and signatures: keep the start and the cause
-        text = f"{text[:140]} ... {text[-140:]}"
+    # ORT's messages carry C++ source paths and signatures: one_line keeps the start and the cause
+    text = one_line(str(e).lstrip().removeprefix("[ONNXRuntimeError] : "), 300)
     return DitqError(f"{where}: ONNX Runtime failed while running the model ({text})")
 
 

@@ -22,9 +22,12 @@ Three kinds of evidence, all of which must hold (exit 0), else exit 1:
      about the quantization error itself: ``SQNR(ort, ref) >= SQNR(ref, float)``. And the ONNX model must
      be exactly as accurate as the reference: ``|SQNR(ort, float) - SQNR(ref, float)| <= 1 dB``.
 
-Also reported: ``SQNR(float, ref)``, the error the quantization itself causes. The folder is checked
-too (:mod:`ditq.runtime.integrity`): the manifest's sizes and SHA-256, and recipe.json against the
-model's recipe; a missing or malformed manifest is a failed check (exit 1), not bad input.
+Also reported: ``SQNR(float, ref)``, the error the quantization itself causes. A folder export (a
+folder, or a model file with a ``manifest.json`` next to it) is checked too
+(:mod:`ditq.runtime.integrity`): the manifest's sizes and SHA-256, and recipe.json against the recipe
+the model carries; a missing or malformed manifest is a failed check (exit 1), not bad input. A lone
+model file has no folder to check. The report names the recipe validated (``--recipe``'s file, or the
+one the model carries).
 
 The session that is validated applies the ONNX Runtime config entries the model records
 (``ditq.session_config``, see :mod:`ditq.runtime.session`). The same cases also run in a *default*
@@ -34,7 +37,6 @@ next to it; validation fails when that session misses the bound and the model re
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,10 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, one_line, shown
 from ditq.runtime.generate import resolve_model_file
-from ditq.exporter import TARGETS
-from ditq.options import echo
+from ditq.exporter import EXACT_QDQ_CONFIG, TARGETS
 from ditq.untrusted import check_source, parse_json
 
 FP32_FLOOR_DB = 80.0
@@ -88,6 +89,7 @@ class ValidationReport:
     cases: list[CaseResult] = field(default_factory=list)
     seconds: float = 0.0
     session_config: dict[str, str] | None = None  # what the model records; None: nothing
+    recipe_file: str | None = None  # the recipe validated: this file (--recipe); None: the model's ditq.recipe
 
     @property
     def passed(self) -> bool:
@@ -104,11 +106,13 @@ class ValidationReport:
             "checks": [asdict(c) for c in self.checks],
             "cases": [{k: clean(v) for k, v in asdict(c).items()} for c in self.cases],
             "recipe": self.recipe,
+            "recipe_file": self.recipe_file,
             "session_config": self.session_config,
         }
 
     def table(self) -> str:
-        lines = [f"ditq validate {self.model}", "", "checks"]
+        lines = [f"ditq validate {self.model}", "recipe validated: " + (f"{self.recipe_file} (--recipe)" if self.recipe_file
+                 else "the one the model carries (ditq.recipe metadata)"), "", "checks"]  # fmt: skip
         for c in self.checks:
             lines.append(f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}" + (f": {c.detail}" if c.detail else ""))
         lines += ["", "outputs (SQNR in dB; ort=ONNX Runtime, ref=PyTorch reference, float=unquantized model;",
@@ -142,7 +146,7 @@ def load_proto(path: Path):
     try:
         proto = onnx.load(str(path))
     except (DecodeError, OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-        raise DitqError(f"{path}: not a readable ONNX model ({' '.join(str(e).split())[:200]})") from None
+        raise DitqError(f"{path}: not a readable ONNX model ({one_line(e, 200)})") from None
     if not proto.HasField("graph") or not proto.graph.node:  # protobuf parses many byte strings as an empty model
         raise DitqError(f"{path}: not an ONNX model (no graph)")
     return proto
@@ -167,14 +171,17 @@ def within_bound(ort_out: np.ndarray, ref: np.ndarray, flt: np.ndarray, bound_db
 
 def default_session_check(cases: list[CaseResult], recorded: dict[str, str] | None, applied: dict[str, str]) -> Check:
     """Passes when a session without config entries meets every case's bound, or when the model records
-    the (non-empty) configuration that the validated session applied."""
+    :data:`~ditq.runtime.session.EXACT_QDQ_CONFIG`, the configuration that runs its weight
+    ``DequantizeLinear -> MatMul`` exactly (any other recorded config does not excuse the default session)."""
     worst = min(cases, key=lambda c: c.sqnr_default_vs_ref_db - c.bound_db)
     ok = all(c.default_passed for c in cases)
+    needed = recorded is not None and all(recorded.get(k) == v for k, v in EXACT_QDQ_CONFIG.items())
     detail = f"worst case {_db(worst.sqnr_default_vs_ref_db)} dB against a bound of {worst.bound_db:.1f} dB"
     if not ok:
-        detail += (f"; the model records the config it needs: {_config(recorded)}" if recorded
+        detail += (f"; the model records the config it needs: {_config(recorded)}" if needed
+                   else f"; the model records {_config(recorded) or '{}'}, not {_config(EXACT_QDQ_CONFIG)}" if recorded is not None
                    else "; the model records no config that meets it" + (f" (validated with {_config(applied)})" if applied else ""))  # fmt: skip
-    return Check("default ONNX Runtime session within the bound, or the config it needs recorded", ok or bool(recorded), detail)
+    return Check("default ONNX Runtime session within the bound, or the config it needs recorded", ok or needed, detail)
 
 
 def validate(
@@ -198,6 +205,7 @@ def validate(
     from ditq.exporter.trace import INPUT_NAMES, example_inputs
     from ditq.graphs import checks
     from ditq.graphs.tensors import ROLE_ACT_QUANT
+    from ditq.manifest import MANIFEST_FILE
     from ditq.models import load_from_source, load_model
     from ditq.recipe import Recipe
     from ditq.runtime.integrity import folder_checks
@@ -215,7 +223,7 @@ def validate(
         raise DitqError(f"{path} carries no ditq recipe; pass --recipe")
     target = meta.get(META_TARGET, "qdq")
     if target not in TARGETS:
-        raise DitqError(f"{path}: ditq.target must be one of {', '.join(TARGETS)}, got {echo(target)}")
+        raise DitqError(f"{path}: ditq.target must be one of {', '.join(TARGETS)}, got {shown(target)}")
     if model_spec is not None:
         loaded = load_model(model_spec, image_size=image_size)
     elif META_SOURCE in meta:
@@ -224,8 +232,10 @@ def validate(
     else:
         raise DitqError(f"{path} carries no model source; pass --model")
 
-    report = ValidationReport(str(model_path), recipe.to_dict())
-    report.checks += [Check(*c) for c in folder_checks(path, meta)]  # the folder is ditq's, as written
+    report = ValidationReport(str(model_path), recipe.to_dict(), recipe_file=None if recipe_path is None else str(recipe_path))
+    if Path(model_path).is_dir() or (path.parent / MANIFEST_FILE).exists() or (path.parent / MANIFEST_FILE).is_symlink():
+        # a folder export: the folder is ditq's, as written (a lone .onnx file has no manifest to check)
+        report.checks += [Check(*c) for c in folder_checks(path, meta)]
     steps = tqdm(total=4 + len(CASES), desc="validate", unit="step", disable=not progress)
     gptq = recipe.method == "gptq"
     plans = resolve_plans(loaded.model, recipe, target)
@@ -246,7 +256,7 @@ def validate(
         onnx.checker.check_model(str(path), full_check=True)
         report.checks.append(Check("onnx checker (full shape inference)", True))
     except Exception as e:  # checker raises ValidationError / InferenceError
-        report.checks.append(Check("onnx checker (full shape inference)", False, " ".join(str(e).split())[:300]))
+        report.checks.append(Check("onnx checker (full shape inference)", False, one_line(e, 300)))
     for name, fails, covered in (
         ("quantized weights: type, block size, shapes, code range", weight_fails, len(qd.plans)),
         *(

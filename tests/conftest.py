@@ -1,12 +1,17 @@
-"""Shared fixtures: a tiny DiT (seconds to export) and ORT helpers."""
+"""Shared fixtures and helpers: a tiny DiT (seconds to export) and its saved folders, the command line run
+in-process, the one-line refusal every bad input must give, and ORT helpers."""
 
 from __future__ import annotations
+
+import os
+import threading
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from ditq.cli import main
 from ditq.models import build_dit, dit_config
 
 TINY = dict(hidden=64, depth=2, heads=2, sample_size=8, num_classes=10)
@@ -22,6 +27,47 @@ def tiny_dit():
     return build_dit(tiny_config(), seed=0)
 
 
+@pytest.fixture
+def tiny_folder(tmp_path, tiny_dit):
+    """The tiny DiT saved as a diffusers folder in the test's own ``tmp_path`` (``dit/``), as a string."""
+    tiny_dit.save_pretrained(tmp_path / "dit")
+    return str(tmp_path / "dit")
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """The tiny DiT (hidden 64, 2 blocks) saved once per test module as a diffusers folder; read-only."""
+    folder = tmp_path_factory.mktemp("tiny") / "dit"
+    build_dit(tiny_config(), seed=0).save_pretrained(folder)
+    return folder
+
+
+def run(argv, capsys):
+    """``ditq --quiet argv`` in this process: (exit code, stdout, stderr)."""
+    code = main(["--quiet", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+MAX_REFUSAL = 600  # characters of a refusal: a path or two (tmp paths are ~100) and values cut to ~100
+
+
+def assert_one_line_refusal(code: int, err: str, *needles: str) -> None:
+    """Bad input: exit 2 and exactly one line on stderr, ``ditq: error: ...`` (no traceback, at most
+    :data:`MAX_REFUSAL` characters), holding every needle."""
+    assert code == 2, (code, err[:2000])
+    assert err.startswith("ditq: error: ") and err.endswith("\n") and err.count("\n") == 1, err[:2000]
+    assert "Traceback" not in err and len(err) <= MAX_REFUSAL, err[:2000]
+    for n in needles:
+        assert n in err, err
+
+
+def assert_no_output(tmp_path) -> None:
+    """Nothing written under ``tmp_path``: no ``out`` folder and no staging folder (``.NAME.partial-...``)."""
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
 def make_model(graph: onnx.GraphProto, opset: int = 21) -> onnx.ModelProto:
     """A model at IR 10 (ONNX Runtime 1.31 reads IR <= 13; onnx 1.23 writes 14 by default)."""
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=10)
@@ -32,3 +78,29 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs=None) 
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     return sess.run(outputs, feeds)
+
+
+def returns_within(seconds: float, fifo, fn, *args):
+    """``fn(*args)``, which must return within ``seconds`` although ``fifo`` (a named pipe) has no writer.
+    A call still blocked on the pipe then is released (a writer opens and closes it) and the test fails."""
+    box = {}
+
+    def call():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # re-raised in the test's thread
+            box["error"] = e
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader opens, then reads EOF
+        except OSError:
+            pass
+        t.join(seconds)
+        pytest.fail(f"{getattr(fn, '__name__', fn)} blocked on the named pipe {fifo}")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -7,72 +7,58 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ditq.cli import main
 from ditq.recipe import Recipe
-
-
-def run(argv, capsys):
-    code = main(["--quiet", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tiny_dit):
-    tiny_dit.save_pretrained(tmp_path / "dit")
-    return str(tmp_path / "dit")
-
-
-def assert_refused(code, err, tmp_path, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ditq: error: "), err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+from tests.conftest import assert_no_output, assert_one_line_refusal, run
 
 
 def test_missing_model(tmp_path, capsys):
     code, _, err = run(["export", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, tmp_path, "missing.pt", "neither a built-in model")
+    assert_one_line_refusal(code, err, "missing.pt", "neither a built-in model")
+    assert_no_output(tmp_path)
 
 
 def test_corrupt_checkpoint(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\x01\x02not a safetensors file")
     code, _, err = run(["export", "--model", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, tmp_path, "bad.safetensors", "corrupt")
+    assert_one_line_refusal(code, err, "bad.safetensors", "corrupt")
+    assert_no_output(tmp_path)
 
 
 def test_unsupported_architecture(tmp_path, capsys):
     save_file({"encoder.weight": torch.zeros(3, 3)}, str(tmp_path / "vit.safetensors"))
     code, _, err = run(["export", "--model", str(tmp_path / "vit.safetensors"), "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, tmp_path, "unsupported architecture")
+    assert_one_line_refusal(code, err, "unsupported architecture")
+    assert_no_output(tmp_path)
 
 
 def test_group_size_that_does_not_divide(tmp_path, capsys, tiny_folder):
     code, _, err = run(["export", "--model", tiny_folder, "--group-size", "48", "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, tmp_path, "group size 48", "layer 'transformer_blocks.0.")
+    assert_one_line_refusal(code, err, "group size 48", "layer 'transformer_blocks.0.")
+    assert_no_output(tmp_path)
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--wbits", "9", "wbits"), ("--wbits", "1", "wbits"), ("--abits", "9", "abits"), ("--abits", "0", "abits"), ("--wbits", "1.5", "1.58")])
 def test_impossible_bit_widths(tmp_path, capsys, tiny_folder, flag, value, needle):
     code, _, err = run(["export", "--model", tiny_folder, flag, value, "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, tmp_path, needle)
+    assert_one_line_refusal(code, err, needle)
+    assert_no_output(tmp_path)
 
 
 def test_bad_recipe(tmp_path, capsys, tiny_folder):
     (tmp_path / "r.json").write_text('{"format": "ditq-recipe", "default": {"wbits": 4, "group_size": 3.5}}')
     code, _, err = run(["export", "--model", tiny_folder, "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, tmp_path, "r.json", "group_size")
+    assert_one_line_refusal(code, err, "r.json", "group_size")
+    assert_no_output(tmp_path)
 
 
 def test_validate_bad_input(tmp_path, capsys):
     code, _, err = run(["validate", str(tmp_path / "nothing")], capsys)
-    assert_refused(code, err, tmp_path, "no exported model")
+    assert_one_line_refusal(code, err, "no exported model")
+    assert_no_output(tmp_path)
     (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 50)
     code, _, err = run(["validate", str(tmp_path / "junk.onnx")], capsys)
-    assert_refused(code, err, tmp_path, "junk.onnx")
+    assert_one_line_refusal(code, err, "junk.onnx")
+    assert_no_output(tmp_path)
 
 
 def test_export_validate_recipe_round_trip(tmp_path, capsys, tiny_folder):
@@ -108,7 +94,7 @@ def test_cuda_provider_unavailable_is_one_line(tmp_path, capsys, tiny_folder):
     out = tmp_path / "m"
     assert run(["export", "--model", tiny_folder, "--wbits", "8", "--abits", "8", "--group-size", "32", "--out", str(out)], capsys)[0] == 0
     code, _, err = run(["sample", str(out), "--provider", "cuda", "--steps", "2", "--out", str(tmp_path / "x.npy")], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA is not available" in err
+    assert_one_line_refusal(code, err, "CUDA is not available")
     assert not (tmp_path / "x.npy").exists()
 
 

@@ -19,24 +19,10 @@ from ditq import cli
 from ditq.cli import main
 from ditq.errors import DitqError
 from ditq.models import BUILTIN_PIPELINE, build_dit, dit_config
+from tests.conftest import assert_one_line_refusal, run
 
 # A digits-shaped DiT (1 channel, 8x8, 10 classes) small enough to export in seconds.
 DIGITS_LIKE = dit_config(32, 1, 2, patch=2, in_channels=1, out_channels=1, sample_size=8, num_classes=10)
-
-
-def run(argv, capsys):
-    code = main(["--quiet", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ditq: error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @contextlib.contextmanager
@@ -103,24 +89,26 @@ def test_hostile_model_inputs_match_the_export(exported):
         ("--cfg", "inf", "argument --cfg: expected a finite number in [0, 100], got 'inf'"),
         ("--cfg", "-inf", "argument --cfg"),
         ("--cfg", "1e999", "argument --cfg"),
-        ("--classes", "99999999999999999999999", "--classes: class 99999999999999999999999 is out of range: this model has classes 0..9"),
-        ("--classes", "-1", "--classes: class -1 is out of range"),
-        ("--classes", "10", "--classes: class 10 is out of range"),
+        ("--classes", "99999999999999999999999", "--classes: expected integers in 0..9, got '99999999999999999999999'"),
+        ("--classes", "-1", "--classes: expected integers in 0..9, got '-1'"),
+        ("--classes", "10", "--classes: expected integers in 0..9, got '10'"),
+        ("--classes", "1,x", "--classes: expected comma-separated integers in 0..9, got '1,x'"),
+        ("--classes", ",", "--classes is empty"),
     ],
 )  # fmt: skip
 def test_sample_refuses_bad_values(tmp_path, capsys, exported, flag, value, needle):
     out = tmp_path / "grid.png"
     code, _, err = run(["sample", str(exported), "--steps", "2", flag, value, "--out", str(out)], capsys)
-    assert_one_line(code, err, needle)
+    assert_one_line_refusal(code, err, needle)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_echoed_values_are_cut_to_a_sane_length(tmp_path, capsys, exported):
     code, _, err = run(["sample", str(exported), "--steps", "7" * 100_000, "--out", str(tmp_path / "x.npy")], capsys)
-    assert_one_line(code, err, "argument --steps", "(100000 characters)")
+    assert_one_line_refusal(code, err, "argument --steps", "(100000 characters)")
     assert len(err) < 300
     code, _, err = run(["sample", str(exported), "--classes", "x" * 100_000, "--out", str(tmp_path / "x.npy")], capsys)
-    assert_one_line(code, err, "--classes")
+    assert_one_line_refusal(code, err, "--classes")
     assert len(err) < 300 and list(tmp_path.iterdir()) == []
 
 
@@ -129,10 +117,10 @@ def test_sample_counts_beyond_the_memory_budget_are_refused_before_any_work(tmp_
     x 10^5 samples would be 6.6M x 68 pixels. Both stop at once (before: hours of sampling)."""
     with within(20):
         code, _, err = run(["sample", str(exported), "--per-class", "1000000", "--out", str(tmp_path / "x.npy")], capsys)
-    assert_one_line(code, err, "10000000 samples of 1x8x8 would take 2.38 GiB, over the limit of 1 GiB")
+    assert_one_line_refusal(code, err, "10000000 samples of 1x8x8 would take 2.38 GiB, over the limit of 1 GiB")
     with within(20):
         code, _, err = run(["sample", str(exported), "--classes", "0", "--per-class", "100000", "--out", str(tmp_path / "g.png")], capsys)
-    assert_one_line(code, err, "a grid of 1 x 100000 images would be 6600002 x 68 pixels")
+    assert_one_line_refusal(code, err, "a grid of 1 x 100000 images would be 6600002 x 68 pixels")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -165,7 +153,7 @@ def test_nan_output_stops_sampling_and_the_judge_never_scores_it(tmp_path, capsy
     for cfg in ("1", "1.5"):
         code, out, err = run(["sample", str(model), "--classes", "0", "--per-class", "2", "--steps", "3", "--cfg", cfg,
                               "--out", str(tmp_path / "g.png")], capsys)  # fmt: skip
-        assert_one_line(code, err, "sampling stopped at timestep 999: the model's output holds NaN or Inf values")
+        assert_one_line_refusal(code, err, "sampling stopped at timestep 999: the model's output holds NaN or Inf values")
         assert "judge" not in out and not (tmp_path / "g.png").exists()
 
 
@@ -216,7 +204,7 @@ def test_onnx_runtime_failure_while_running_is_one_line(tmp_path, capfd, exporte
     model = hostile_model(tmp_path / "huge", exported, [helper.make_node("ConstantOfShape", ["shape"], ["out"])], [shape])
     code = main(["--quiet", "sample", str(model), "--classes", "0", "--per-class", "1", "--steps", "2", "--out", str(tmp_path / "x.npy")])
     _, err = capfd.readouterr()
-    assert_one_line(code, err, f"{model / 'model.onnx'}: ONNX Runtime failed while running the model", "allocate")
+    assert_one_line_refusal(code, err, f"{model / 'model.onnx'}: ONNX Runtime failed while running the model", "allocate")
     assert len(err) < 500 and not (tmp_path / "x.npy").exists()
 
 
@@ -226,6 +214,52 @@ def test_run_session_failure_is_a_ditq_error(exported):
     fn = OrtDiT(exported / "model.onnx")
     with pytest.raises(DitqError, match="ONNX Runtime failed while running the model"):
         fn(np.zeros((1, 3, 8, 8), np.float32), np.zeros(1, np.int64), np.zeros(1, np.int64))  # 3 channels, not 1
+
+
+def concat_model(folder, exported, copies: int, shape):
+    """A hostile model whose output is ``copies`` copies of its input along the channels, its graph
+    output declared with ``shape``."""
+    model = hostile_model(folder, exported, [helper.make_node("Concat", ["sample"] * copies, ["out"], axis=1)], [])
+    proto = onnx.load(model / "model.onnx")
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("out", TensorProto.FLOAT, shape))
+    onnx.save(proto, model / "model.onnx")
+    return model
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_a_static_output_the_config_does_not_state_is_refused_on_open(tmp_path, capsys, exported, copies):
+    """``ditq.model_config`` says 1 channel in and out. A graph that declares 2 output channels (which the
+    sampler would read as learned variance) or 3 is refused when opened, naming the file. Before: 2
+    channels sampled with exit 0; 3 were a ValueError traceback after the first model call."""
+    model = concat_model(tmp_path / "m", exported, copies, ["B", copies, 8, 8])
+    out = tmp_path / "x.npy"
+    code, _, err = run(["sample", str(model), "--classes", "0", "--per-class", "1", "--steps", "2", "--out", str(out)], capsys)
+    assert_one_line_refusal(code, err, f"{model / 'model.onnx'}: the graph's output has shape ['B', {copies}, 8, 8]; "
+                                       "ditq.model_config says [batch, 1, h, w]")  # fmt: skip
+    assert not out.exists()
+
+
+def test_an_output_open_cannot_read_stops_the_sampler_in_one_line(tmp_path, capsys, exported):
+    """An output declared ``[?, 3, 64]``, reshaped to 3 channels of 8x8 by nothing: the sampler's own check
+    of the model's output. Before: a ValueError traceback."""
+    model = hostile_model(tmp_path / "m", exported, [
+        helper.make_node("Concat", ["sample"] * 3, ["c"], axis=1), helper.make_node("Reshape", ["c", "shape"], ["out"])],
+        [numpy_helper.from_array(np.array([-1, 3, 64], np.int64), "shape")])  # fmt: skip
+    out = tmp_path / "x.npy"
+    code, _, err = run(["sample", str(model), "--classes", "0", "--per-class", "1", "--steps", "2", "--out", str(out)], capsys)
+    assert_one_line_refusal(code, err, "the model's output has 3 channels; expected 1 or 2 for 1 input channels")
+    assert not out.exists()
+
+
+def test_learned_range_variance_without_variance_channels_is_one_error():
+    """A schedule recording ``variance_type: learned_range`` for a model with no variance channels.
+    Before: a ValueError (a traceback from ``ditq sample --sampler ddpm``)."""
+    from ditq.runtime.samplers import sample, seeded_noise
+    from ditq.runtime.schedule import SchedulerSpec
+
+    with pytest.raises(DitqError, match="variance_type learned_range needs a model that outputs variance channels"):
+        sample(lambda x, t, y: np.zeros_like(x), seeded_noise(0, 2, 1, 4), np.array([0, 1]), steps=2, method="ddpm",
+               schedule=SchedulerSpec(variance_type="learned_range"))  # fmt: skip
 
 
 # ---------------------------------------------------------------- the other commands: refused before any work
@@ -274,7 +308,7 @@ def test_numeric_options_are_refused_before_the_command_runs(tmp_path, capsys, m
         monkeypatch.setattr(cli, name, lambda args: pytest.fail("the command ran with a bad value"))
     monkeypatch.chdir(tmp_path)
     code, _, err = run(argv, capsys)
-    assert_one_line(code, err, needle)
+    assert_one_line_refusal(code, err, needle)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -290,13 +324,13 @@ def test_seed_lists_are_checked(tmp_path, capsys, monkeypatch, argv, needle):
     monkeypatch.setattr(fitness, "ParallelFitness", lambda *a, **k: pytest.fail("evaluated with a bad seed"))
     monkeypatch.chdir(tmp_path)
     code, _, err = run(argv, capsys)
-    assert_one_line(code, err, needle)
+    assert_one_line_refusal(code, err, needle)
 
 
 def test_parser_errors_are_one_line(capsys):
     for argv in (["sample"], ["no-such-command"], ["recipe", "--unknown"], ["qat", "--out", "o", "--abits", "9"]):
         code, out, err = run(argv, capsys)
-        assert_one_line(code, err)
+        assert_one_line_refusal(code, err)
         assert out == "" and "usage" not in err
 
 
@@ -325,7 +359,7 @@ def check_outcome(code, err, out_file):
     if code == 0:
         assert out_file.exists()
     else:
-        assert_one_line(code, err)
+        assert_one_line_refusal(code, err)
         assert not out_file.exists()
 
 

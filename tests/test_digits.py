@@ -88,7 +88,7 @@ def test_sample_is_seeded(digits_w4a8, tmp_path):
 @pytest.mark.parametrize(
     "args,msg",
     [
-        (["--classes", "3,12"], "class 12 is out of range"),
+        (["--classes", "3,12"], "--classes: expected integers in 0..9, got '12'"),
         (["--classes", "a,b"], "comma-separated integers"),
         (["--out", "grid.jpg"], "expected a .png grid or a .npy"),
         (["--per-class", "0"], "argument --per-class: expected an integer in 1.."),

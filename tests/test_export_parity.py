@@ -7,8 +7,8 @@ import onnx
 import pytest
 
 import ditq
-from ditq.exporter.export import DATA_FILE, MANIFEST_FILE, MODEL_FILE, RECIPE_FILE
-from ditq.models import file_sha256
+from ditq.exporter.export import DATA_FILE, MODEL_FILE
+from ditq.manifest import MANIFEST_FILE, RECIPE_FILE, file_sha256
 from ditq.recipe import Recipe
 from ditq.runtime.integrity import MANIFEST_CHECK
 

@@ -26,52 +26,26 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file, save_file
 
-from ditq.cli import main
 from ditq.errors import DitqError
 from ditq.models import load_model, load_vae
 from ditq.recipe import Recipe
-from tests.conftest import tiny_config
+from tests.conftest import assert_no_output, assert_one_line_refusal, run, tiny_config
 from tests.test_loaders import to_original_layout
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
-def run(argv, capsys):
-    code = main(["--quiet", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_refused(code, err, *needles):
-    """Exit 2 with exactly one line on stderr, ``ditq: error: ...``, holding every needle."""
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ditq: error: "), err
-    assert "Traceback" not in err and len(lines[0]) < 600, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def saved_dit(tmp_path_factory):
-    """A tiny DiT (hidden 64, 2 blocks) as a diffusers folder, with its state dict as saved."""
-    from ditq.models import build_dit
-
-    folder = tmp_path_factory.mktemp("saved") / "dit"
-    build_dit(tiny_config(), seed=0).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
-def dit_copy(tmp_path, saved_dit):
+def dit_copy(tmp_path, tiny_source):
     folder = tmp_path / "dit"
-    shutil.copytree(saved_dit, folder)
+    shutil.copytree(tiny_source, folder)
     return folder
 
 
 def export_refused(tmp_path, capsys, model, *needles, extra=()):
     code, _, err = run(["export", "--model", str(model), "--out", str(tmp_path / "out"), *extra], capsys)
-    assert_refused(code, err, *needles)
-    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    assert_one_line_refusal(code, err, *needles)
+    assert_no_output(tmp_path)
 
 
 # ------------------------------------------------------------------------ weights that do not fit (2)
@@ -132,9 +106,9 @@ def test_fewer_layers_in_the_config_than_in_the_checkpoint(tmp_path, capsys, dit
     export_refused(tmp_path, capsys, dit_copy, "num_layers 1", "hold 2 blocks")
 
 
-def test_loaded_weights_are_the_saved_ones_exactly(saved_dit):
-    saved = load_file(str(saved_dit / WEIGHTS))
-    model = load_model(str(saved_dit)).model
+def test_loaded_weights_are_the_saved_ones_exactly(tiny_source):
+    saved = load_file(str(tiny_source / WEIGHTS))
+    model = load_model(str(tiny_source)).model
     state = model.state_dict()
     assert set(state) == set(saved) and all(torch.equal(state[k], saved[k]) for k in saved)
 
@@ -241,6 +215,7 @@ BIG = "1" * 5000
         ("{BASE, " + '"norm_eps": -Infinity}', ["norm_eps must be a finite number"]),
         ("{BASE, " + '"norm_eps": 1e999}', ["norm_eps must be a finite number"]),
         ("{BASE, " + '"num_attention_heads": 0}', ["num_attention_heads must be"]),
+        ("{BASE, " + '"attention_head_dim": 1}', ["= 2 is not a multiple of 4"]),
         ("{BASE, " + '"attention_head_dim": [32]}', ["attention_head_dim must be", "got a JSON array"]),
         ("{BASE, " + '"norm_type": "layer_norm"}', ["norm_type must be one of"]),
         ("{BASE, " + '"num_embeds_ada_norm": null}', ["num_embeds_ada_norm must be"]),
@@ -286,11 +261,11 @@ BAD_NUMBERS = st.one_of(
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_any_config_value_that_does_not_fit_is_one_line(tmp_path, capsys, saved_dit, data):
+def test_any_config_value_that_does_not_fit_is_one_line(tmp_path, capsys, tiny_source, data):
     folder = tmp_path / "dit"
     if not folder.exists():
-        shutil.copytree(saved_dit, folder)
-    base = json.loads((saved_dit / "config.json").read_text())
+        shutil.copytree(tiny_source, folder)
+    base = json.loads((tiny_source / "config.json").read_text())
     if data.draw(st.booleans()):
         field = data.draw(st.sampled_from(SHAPE_FIELDS))
         value = data.draw(JSON_VALUES.filter(lambda v: not (type(v) is type(base[field]) and v == base[field])))
@@ -303,10 +278,10 @@ def test_any_config_value_that_does_not_fit_is_one_line(tmp_path, capsys, saved_
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=JSON_VALUES.filter(lambda v: not isinstance(v, dict)))
-def test_any_config_that_is_not_an_object_is_one_line(tmp_path, capsys, saved_dit, value):
+def test_any_config_that_is_not_an_object_is_one_line(tmp_path, capsys, tiny_source, value):
     folder = tmp_path / "dit"
     if not folder.exists():
-        shutil.copytree(saved_dit, folder)
+        shutil.copytree(tiny_source, folder)
     (folder / "config.json").write_text(json.dumps(value))
     export_refused(tmp_path, capsys, folder, "expected a JSON object")
 
@@ -338,7 +313,7 @@ def test_pickle_payloads_are_refused_naming_the_global(tmp_path, capsys, tiny_di
         target = model = tmp_path / "evil.pt"
         torch.save({"model": {**sd, "x": evil}} if layout == "pt-nested" else {**sd, "x": evil}, target)
     code, _, err = run(["export", "--model", str(model), "--num-heads", "2", "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, str(target), "refused to load", "system", "nothing in the file was run")
+    assert_one_line_refusal(code, err, str(target), "refused to load", "system", "nothing in the file was run")
     assert "weights_only" not in err and "trusted source" not in err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -358,7 +333,7 @@ def test_an_opcode_the_unpickler_refuses_is_one_line(tmp_path, capsys):
     with open(path, "wb") as f:
         pickle.dump({"x": Payload("true")}, f, protocol=4)  # STACK_GLOBAL
     code, _, err = run(["export", "--model", str(path), "--out", str(tmp_path / "out")], capsys)
-    assert_refused(code, err, "refused to load", "opcode")
+    assert_one_line_refusal(code, err, "refused to load", "opcode")
     assert "weights_only" not in err
 
 
@@ -470,7 +445,7 @@ def test_sample_never_opens_a_file_outside_the_model_folder(tmp_path, capsys, op
     (folder / "loop.onnx").symlink_to("loop.onnx")
     opened.clear()  # what making the files opened
     code, _, err = _sample(folder, tmp_path / "grid.png", capsys)
-    assert_refused(code, err, "ditq.pipeline", "vae")
+    assert_one_line_refusal(code, err, "ditq.pipeline", "vae")
     assert str(outside.resolve()) not in opened and not (tmp_path / "grid.png").exists()
 
 
@@ -480,7 +455,7 @@ def test_a_model_file_that_links_out_of_its_folder_is_refused(tmp_path, capsys, 
     (tmp_path / "m" / "model.onnx").symlink_to(tmp_path / "donor" / "model.onnx")
     opened.clear()
     code, _, err = _sample(tmp_path / "m", tmp_path / "grid.npy", capsys)
-    assert_refused(code, err, "symbolic link")
+    assert_one_line_refusal(code, err, "symbolic link")
     assert str((tmp_path / "donor" / "model.onnx").resolve()) not in opened
 
 
@@ -510,7 +485,7 @@ DEEP = "[" * 20000 + "]" * 20000
 def test_sample_with_tampered_metadata_is_one_line(tmp_path, capsys, key, value, needle):
     folder = fake_export(tmp_path / "m", **{key: value})
     code, _, err = _sample(folder, tmp_path / "grid.npy", capsys)
-    assert_refused(code, err, key, needle)
+    assert_one_line_refusal(code, err, key, needle)
     assert not (tmp_path / "grid.npy").exists()
 
 
@@ -533,7 +508,7 @@ def test_validate_with_a_tampered_source_is_one_line(tmp_path, capsys, value, ne
     folder = fake_export(tmp_path / "m", **{"ditq.source": value})
     before = sorted(p.name for p in folder.iterdir())
     code, _, err = run(["validate", str(folder)], capsys)
-    assert_refused(code, err, "ditq.source", needle)
+    assert_one_line_refusal(code, err, "ditq.source", needle)
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
@@ -541,7 +516,7 @@ def test_validate_with_a_tampered_source_is_one_line(tmp_path, capsys, value, ne
 def test_validate_with_a_tampered_target_is_one_line(tmp_path, capsys, value):
     folder = fake_export(tmp_path / "m", **{"ditq.target": value})
     code, _, err = run(["validate", str(folder)], capsys)
-    assert_refused(code, err, "ditq.target must be one of qdq, ort")
+    assert_one_line_refusal(code, err, "ditq.target must be one of qdq, ort")
 
 
 @pytest.mark.parametrize("data,needle", [(b"", "empty file (0 bytes), not an ONNX model"), (b"\xf8\x07\x01", "not an ONNX model")])
@@ -549,7 +524,16 @@ def test_an_empty_or_foreign_onnx_file_says_so(tmp_path, capsys, data, needle):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.onnx").write_bytes(data)  # b"\xf8\x07\x01": one unknown protobuf field, parses
     code, _, err = run(["validate", str(tmp_path / "m")], capsys)
-    assert_refused(code, err, needle)
+    assert_one_line_refusal(code, err, needle)
     if not data:
         code, _, err = _sample(tmp_path / "m", tmp_path / "grid.npy", capsys)
-        assert_refused(code, err, needle)
+        assert_one_line_refusal(code, err, needle)
+
+
+def test_a_recipe_file_over_16_mib_is_refused_unparsed(tmp_path, capsys):
+    """Valid JSON (a recipe padded with spaces) but larger than any recipe: refused by its size."""
+    p = tmp_path / "r.json"
+    p.write_text(Recipe.qdit(4, 8, 32).to_json() + " " * (16 << 20))
+    code, _, err = run(["recipe", "--recipe", str(p), "--out", str(tmp_path / "o.json")], capsys)
+    assert_one_line_refusal(code, err, str(p), f"more than the {16 << 20} bytes allowed")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["r.json"]

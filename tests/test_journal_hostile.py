@@ -26,6 +26,7 @@ from ditq.calib.journal import Journal, evaluation_record, genome_key
 from ditq.calib.search import SearchConfig, evolve, genome_cost, parse_budget
 from ditq.cli import main
 from ditq.errors import DitqError
+from tests.conftest import assert_one_line_refusal
 from tests.test_search import GENES, A, W, _fitness
 
 SETTINGS = {"search": {"population": 4, "seed": 0}, "budget": 1.5}
@@ -132,7 +133,7 @@ def test_search_with_a_non_object_header_journal_is_one_line_and_exit_2(tmp_path
     code = main(["--quiet", "search", "--model", "digits", "--abits", "4", "--population", "2", "--generations", "1",
                  "--journal", str(p), "--out", str(tmp_path / "best.json")])  # fmt: skip
     err = capfd.readouterr().err
-    assert code == 2 and err.startswith("ditq: error: ") and err.count("\n") == 1, err
+    assert_one_line_refusal(code, err)
     assert p.read_bytes() == before and not (tmp_path / "best.json").exists()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from ditq.cli import main
 from ditq.models import build_dit
 from ditq.recipe import Recipe
 from ditq.runtime.integrity import MANIFEST_CHECK, RECIPE_CHECK, folder_checks
-from tests.conftest import tiny_config
+from tests.conftest import returns_within, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,54 @@ def test_validate_fails_with_the_named_check(m, capsys, tamper):
     report = json.loads((m.parent / "v.json").read_text())
     assert [c["name"] for c in report["checks"] if not c["passed"]] == [failing]
     assert all(c["passed"] for c in report["cases"])
+
+
+# ------------------------------------------------------------------- files that are not what they claim
+def test_a_named_pipe_for_recipe_json_fails_its_check_without_blocking(m, meta):
+    (m / "recipe.json").unlink()
+    os.mkfifo(m / "recipe.json")
+    got = {name: (passed, detail) for name, passed, detail in returns_within(10, m / "recipe.json", folder_checks, m / "model.onnx", meta)}
+    assert got[RECIPE_CHECK][0] is False and "not a regular file" in got[RECIPE_CHECK][1], got[RECIPE_CHECK]
+
+
+def test_a_recipe_json_linking_out_of_the_folder_is_not_read(m, meta):
+    """The file outside holds exactly the model's recipe: a check that followed the link would pass."""
+    outside = m.parent / "elsewhere.json"
+    shutil.move(m / "recipe.json", outside)
+    (m / "recipe.json").symlink_to(outside)
+    got = results(m, meta)
+    assert got[RECIPE_CHECK][0] is False and "symbolic link out of" in got[RECIPE_CHECK][1], got[RECIPE_CHECK]
+
+
+def test_external_data_linking_out_of_the_folder_fails_the_manifest_check_naming_the_link(m, meta):
+    (m.parent / "elsewhere.data").write_bytes(b"x")
+    (m / "model.onnx.data").symlink_to(m.parent / "elsewhere.data")
+    got = results(m, meta)
+    assert got[MANIFEST_CHECK][0] is False and "symbolic link out of" in got[MANIFEST_CHECK][1], got[MANIFEST_CHECK]
+
+
+def test_a_lone_model_file_has_no_folder_checks_and_the_report_names_the_recipe(export_dir, tmp_path, capsys):
+    """``ditq validate X.onnx --recipe r.json`` on a model file with no manifest next to it: there is no
+    export folder to check (before: the manifest and recipe.json checks failed, so it could never pass),
+    and the report says which recipe was validated. A folder stays checked when its manifest is gone."""
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(export_dir / "model.onnx", lone / "x.onnx")
+    recipe = tmp_path / "r.json"
+    shutil.copy(export_dir / "recipe.json", recipe)
+    code = main(["--quiet", "validate", str(lone / "x.onnx"), "--recipe", str(recipe), "--json", str(tmp_path / "v.json")])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    assert f"recipe validated: {recipe} (--recipe)" in out
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["recipe_file"] == str(recipe)
+    assert not {MANIFEST_CHECK, RECIPE_CHECK} & {c["name"] for c in report["checks"]}
+
+    folder = tmp_path / "m"
+    shutil.copytree(export_dir, folder)
+    (folder / "manifest.json").unlink()
+    code = main(["--quiet", "validate", str(folder), "--json", str(tmp_path / "v.json")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "recipe validated: the one the model carries" in out, out + err
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert [c["name"] for c in report["checks"] if not c["passed"]] == [MANIFEST_CHECK] and report["recipe_file"] is None

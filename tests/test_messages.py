@@ -21,17 +21,6 @@ ACT_LAYERS = 6 * TINY["depth"]
 ACT_QUANTIZERS = 4 * TINY["depth"]
 
 
-@pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory):
-    from ditq.models import build_dit
-
-    from tests.conftest import tiny_config
-
-    folder = tmp_path_factory.mktemp("tiny") / "dit"
-    build_dit(tiny_config(), seed=0).save_pretrained(folder)
-    return folder
-
-
 def _export(source, out, abits, target="qdq"):
     loaded = ditq.load_model(str(source))
     qdit = ditq.quantize(loaded.model, Recipe.qdit(4, abits, 64), target=target)

@@ -8,7 +8,8 @@ import pytest
 from ditq.calib.robuq import SENSITIVITY_TRAJECTORIES, block_units, sensitivity_inputs
 from ditq.cli import main
 from ditq.recipe import Recipe
-from ditq.runtime.samplers import NoiseSchedule
+from ditq.runtime.schedule import NoiseSchedule
+from tests.conftest import assert_one_line_refusal, run
 
 BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")
 
@@ -49,10 +50,9 @@ def test_recipe_mixed_on_digits_still_works(tmp_path, capsys):
 
 
 def test_recipe_mixed_without_a_model_is_one_line(capsys):
-    code = main(["--quiet", "recipe", "--wbits", "1.58", "--abits", "4", "--mixed"])
-    out, err = capsys.readouterr()
-    assert code == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and err.startswith("ditq: error: ") and "--model" in err
+    code, out, err = run(["recipe", "--wbits", "1.58", "--abits", "4", "--mixed"], capsys)
+    assert out == ""
+    assert_one_line_refusal(code, err, "--model")
 
 
 def test_sensitivity_inputs_are_the_models_own_sampling_inputs(tiny_dit):

@@ -8,19 +8,7 @@ import pytest
 from onnx import TensorProto
 
 import ditq
-from ditq.cli import main
-
-
-def run(argv, capsys):
-    code = main(["--quiet", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def tiny_folder(tmp_path, tiny_dit):
-    tiny_dit.save_pretrained(tmp_path / "dit")
-    return str(tmp_path / "dit")
+from tests.conftest import assert_one_line_refusal, run
 
 
 def written(folder):
@@ -36,10 +24,7 @@ def written(folder):
 def test_explicit_opset_21_with_2bit_codes_is_refused_naming_25(tmp_path, capsys, tiny_folder):
     out = tmp_path / "out"
     code, _, err = run(["export", "--model", tiny_folder, "--wbits", "2", "--abits", "8", "--opset", "21", "--out", str(out)], capsys)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ditq: error: "), err
-    assert "opset 21" in lines[0] and "opset 25" in lines[0], lines[0]
+    assert_one_line_refusal(code, err, "opset 21", "opset 25")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging folder left either
 
@@ -63,3 +48,35 @@ def test_explicit_opset_25_holds_2bit_codes_and_validates(tmp_path, capsys, tiny
     report = ditq.validate(out)
     assert report.passed, report.table()
 
+
+
+@pytest.mark.parametrize("opset", ["99", "26", "28", "20", "9" * 5000], ids=["99", "26", "28", "20", "5000 digits"])
+def test_an_opset_outside_21_to_25_is_refused_before_anything_is_written(tmp_path, capsys, opset):
+    """25 is the highest opset ditq is tested at (ONNX Runtime 1.31 refuses 27, which onnx 1.23 defines).
+    Before: ``--opset 99`` exported with exit 0 and wrote opset 99 into the model and the manifest."""
+    out = tmp_path / "out"
+    code, _, err = run(["export", "--model", "digits", "--opset", opset, "--out", str(out)], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ditq: error: argument --opset: expected an integer in 21..25, got "), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_library_refuses_an_opset_above_what_onnx_runtime_loads(tmp_path, tiny_dit):
+    import onnxruntime as ort
+    from onnx import helper
+
+    from ditq.errors import DitqError
+    from ditq.exporter import MAX_OPSET
+    from ditq.recipe import Recipe
+
+    relu = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    model = helper.make_model(relu, opset_imports=[helper.make_opsetid("", MAX_OPSET)], ir_version=10)
+    ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # the highest allowed loads
+    assert MAX_OPSET <= onnx.defs.onnx_opset_version()
+    qdit = ditq.quantize(tiny_dit, Recipe.qdit(4, 8, 64))
+    for opset in (MAX_OPSET + 1, 99):
+        with pytest.raises(DitqError, match=f"opset {opset} is above 25, the highest ditq writes"):
+            ditq.export(qdit, tmp_path / "out", source={"kind": "builtin", "name": "digits"}, opset=opset, progress=False)
+    assert list(tmp_path.iterdir()) == []

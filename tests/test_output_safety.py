@@ -16,29 +16,14 @@ from pathlib import Path
 import pytest
 
 import ditq
-from ditq.cli import main
 from ditq.errors import DitqError
 from ditq.files import check_out_dir
 from ditq.manifest import write_manifest
-from ditq.models import build_dit
 from ditq.recipe import Recipe
-from tests.conftest import tiny_config
+from tests.conftest import assert_one_line_refusal, returns_within, run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_ARGS = ["--wbits", "4", "--abits", "8", "--group-size", "32"]
-
-
-def run(argv, capsys):
-    code = main(["--quiet", *argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(code, err, *needles):
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("ditq: error: "), (code, err)
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -52,16 +37,9 @@ def hidden(parent: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model") / "dit"
-    build_dit(tiny_config(), seed=0).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def old_export(tmp_path_factory, model_dir) -> Path:
+def old_export(tmp_path_factory, tiny_source) -> Path:
     """A real W4A8 export of the tiny DiT (copied by the tests that replace or tamper with one)."""
-    loaded = ditq.load_model(str(model_dir))
+    loaded = ditq.load_model(str(tiny_source))
     out = tmp_path_factory.mktemp("old") / "m"
     ditq.export(ditq.quantize(loaded.model, Recipe.qdit(4, 8, 32)), out, source=loaded.source)
     return out
@@ -78,35 +56,35 @@ def fake_output(folder: Path, **files: bytes) -> Path:
 
 # ------------------------------------------------------------------------------- data loss (item 1)
 @pytest.mark.parametrize("force", [False, True])
-def test_a_folder_ditq_did_not_write_is_refused_and_kept(tmp_path, capsys, model_dir, force):
+def test_a_folder_ditq_did_not_write_is_refused_and_kept(tmp_path, capsys, tiny_source, force):
     d = tmp_path / "d"
     d.mkdir()
     (d / "notes.txt").write_text("x\n")
     before = snapshot(tmp_path)
-    code, _, err = run(["export", "--model", str(model_dir), *EXPORT_ARGS, "--out", str(d), *(["--force"] if force else [])], capsys)
-    assert_one_line(code, err, "did not write")
+    code, _, err = run(["export", "--model", str(tiny_source), *EXPORT_ARGS, "--out", str(d), *(["--force"] if force else [])], capsys)
+    assert_one_line_refusal(code, err, "did not write")
     assert snapshot(tmp_path) == before and hidden(tmp_path) == []
 
 
 @pytest.mark.parametrize("where", ["the model folder", "inside it", "its parent"])
 @pytest.mark.parametrize("force", [False, True])
-def test_out_at_the_input_model_is_refused_and_the_checkpoint_kept(tmp_path, capsys, model_dir, where, force):
+def test_out_at_the_input_model_is_refused_and_the_checkpoint_kept(tmp_path, capsys, tiny_source, where, force):
     """The input here even carries a ditq manifest (as a ``ditq qat`` output does), so only the
     input-model rule stands between it and the export, with or without --force."""
     model = tmp_path / "models" / "dit"
-    shutil.copytree(model_dir, model)
+    shutil.copytree(tiny_source, model)
     write_manifest(model, {"kind": "qat"})
     out = {"the model folder": model, "inside it": model / "onnx", "its parent": model.parent}[where]
     before = snapshot(tmp_path)
     code, _, err = run(["export", "--model", str(model), *EXPORT_ARGS, "--out", str(out), *(["--force"] if force else [])], capsys)
-    assert_one_line(code, err, "input model")
+    assert_one_line_refusal(code, err, "input model")
     assert snapshot(tmp_path) == before
     assert hidden(tmp_path) == hidden(tmp_path / "models") == hidden(model) == []
 
 
 @pytest.mark.parametrize("out", [".", "..", "./"])
 @pytest.mark.parametrize("cwd_empty", [True, False])
-def test_out_dot_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, model_dir, out, cwd_empty):
+def test_out_dot_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_source, out, cwd_empty):
     """Even an empty current folder, which the ownership rule alone would let ditq replace."""
     work = tmp_path / "parent" / "work"
     work.mkdir(parents=True)
@@ -114,20 +92,20 @@ def test_out_dot_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, m
         (work / "notes.txt").write_text("x\n")
     monkeypatch.chdir(work)
     before = snapshot(tmp_path)
-    code, _, err = run(["export", "--model", str(model_dir), *EXPORT_ARGS, "--out", out], capsys)
-    assert_one_line(code, err, "current folder")
+    code, _, err = run(["export", "--model", str(tiny_source), *EXPORT_ARGS, "--out", out], capsys)
+    assert_one_line_refusal(code, err, "current folder")
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["parent"]
     assert sorted(os.listdir(tmp_path / "parent")) == ["work"] and hidden(work) == []
 
 
-def test_a_previous_export_is_replaced_with_its_reports(tmp_path, old_export, model_dir):
+def test_a_previous_export_is_replaced_with_its_reports(tmp_path, old_export, tiny_source):
     """An export over an earlier one, which ``ditq validate --json`` and ``ditq sample --out`` wrote
     into (as ``make demo`` does), replaces it; parents that do not exist yet are made."""
     out = tmp_path / "new" / "sub" / "m"
     shutil.copytree(old_export, out)
     (out / "validation.json").write_text('{"passed": true}\n')
     (out / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    loaded = ditq.load_model(str(model_dir))
+    loaded = ditq.load_model(str(tiny_source))
     ditq.export(ditq.quantize(loaded.model, Recipe.qdit(8, 8, 32)), out, source=loaded.source)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(os.listdir(out)) == sorted([*manifest["files"], "manifest.json"])
@@ -135,15 +113,15 @@ def test_a_previous_export_is_replaced_with_its_reports(tmp_path, old_export, mo
     assert hidden(out.parent) == []
 
 
-def test_force_replaces_a_changed_ditq_output_only(tmp_path, capsys, old_export, model_dir):
+def test_force_replaces_a_changed_ditq_output_only(tmp_path, capsys, old_export, tiny_source):
     out = tmp_path / "m"
     shutil.copytree(old_export, out)
     (out / "notes.txt").write_text("mine\n")
     before = snapshot(tmp_path)
-    code, _, err = run(["export", "--model", str(model_dir), *EXPORT_ARGS, "--out", str(out)], capsys)
-    assert_one_line(code, err, "changed since ditq wrote it", "notes.txt", "--force")
+    code, _, err = run(["export", "--model", str(tiny_source), *EXPORT_ARGS, "--out", str(out)], capsys)
+    assert_one_line_refusal(code, err, "changed since ditq wrote it", "notes.txt", "--force")
     assert snapshot(tmp_path) == before
-    code, _, _ = run(["export", "--model", str(model_dir), *EXPORT_ARGS, "--out", str(out), "--force"], capsys)
+    code, _, _ = run(["export", "--model", str(tiny_source), *EXPORT_ARGS, "--out", str(out), "--force"], capsys)
     assert code == 0 and not (out / "notes.txt").exists() and hidden(tmp_path) == []
 
 
@@ -217,8 +195,25 @@ def test_qat_and_train_digits_write_manifests_under_the_same_rule(tmp_path):
         run_qat("digits", Recipe.robuq(4), BUILTIN["digits"], cfg, progress=False, force=True)
 
 
+def test_a_named_pipe_named_like_a_lock_neither_blocks_the_next_write_nor_is_removed(tmp_path):
+    """The recovery of killed writes reads every lock of the target: a named pipe there has no writer."""
+    from ditq.files import staged_dir
+    from ditq.manifest import OURS, folder_status
+
+    fifo = tmp_path / ".m.ditq-999999-0000abcd"  # the name of a lock of a process that is gone
+    os.mkfifo(fifo)
+
+    def write():
+        with staged_dir(tmp_path / "m") as stage:
+            (stage / "a.json").write_text("{}")
+            write_manifest(stage, {"kind": "test"})
+
+    returns_within(10, fifo, write)
+    assert folder_status(tmp_path / "m") == (OURS, "") and fifo.is_fifo() and hidden(tmp_path) == [fifo.name]
+
+
 # --------------------------------------------------------------------------- output paths (item 6)
-def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, capsys, model_dir):
+def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, capsys, tiny_source):
     (tmp_path / "file.txt").write_text("x\n")
     before = snapshot(tmp_path)
     for out, needle in (
@@ -226,13 +221,13 @@ def test_output_paths_that_cannot_be_written_are_one_line(tmp_path, capsys, mode
         (tmp_path / "file.txt" / "m", "is a file, not a folder"),
         (tmp_path / "file.txt" / "missing" / "m", "is a file, not a folder"),
     ):
-        code, _, err = run(["export", "--model", str(model_dir), *EXPORT_ARGS, "--out", str(out)], capsys)
-        assert_one_line(code, err, needle)
+        code, _, err = run(["export", "--model", str(tiny_source), *EXPORT_ARGS, "--out", str(out)], capsys)
+        assert_one_line_refusal(code, err, needle)
     # files written atomically (reports, recipes, samples): a folder or a file in the way
     (tmp_path / "dir.json").mkdir()
     for out, needle in ((tmp_path / "dir.json", "is a folder"), (tmp_path / "file.txt" / "r.json", "cannot write")):
         code, _, err = run(["recipe", "--wbits", "4", "--group-size", "32", "--out", str(out)], capsys)
-        assert_one_line(code, err, needle)
+        assert_one_line_refusal(code, err, needle)
     assert snapshot(tmp_path) == before and hidden(tmp_path) == []
 
 
@@ -266,18 +261,18 @@ print(json.dumps(results))
 """
 
 
-def test_a_read_only_folder_is_one_line(tmp_path, model_dir):
+def test_a_read_only_folder_is_one_line(tmp_path, tiny_source):
     runner = _read_only_runner(tmp_path)
     if runner is None:
         pytest.skip("needs a non-root user, or root allowed to mount a tmpfs in a private mount namespace")
     argvs = []
     for out in (tmp_path / "ro" / "m", tmp_path / "ro" / "missing" / "m"):
-        argvs.append(["--quiet", "export", "--model", str(model_dir), *EXPORT_ARGS, "--out", str(out)])
+        argvs.append(["--quiet", "export", "--model", str(tiny_source), *EXPORT_ARGS, "--out", str(out)])
         argvs.append(["--quiet", "recipe", "--wbits", "4", "--group-size", "32", "--out", str(out.parent / "r.json")])
     r = runner([sys.executable, "-c", MAIN_SCRIPT, json.dumps(argvs)])
     assert r.returncode == 0, r.stderr[-2000:]
     for (code, err), needle in zip(json.loads(r.stdout), ["read-only", "cannot write"] * 2):
-        assert_one_line(code, err, needle)
+        assert_one_line_refusal(code, err, needle)
     (tmp_path / "ro").chmod(0o755)
     assert os.listdir(tmp_path / "ro") == []
 
@@ -320,13 +315,13 @@ print(json.dumps({"rc": rc, "stderr": err.getvalue(), "files": files, "top": sor
 """
 
 
-def test_a_disk_that_fills_while_the_model_is_saved(tmp_path, old_export, model_dir):
+def test_a_disk_that_fills_while_the_model_is_saved(tmp_path, old_export, tiny_source):
     """A real export in a subprocess whose disk fills just as model.onnx is written: a 16 MB tmpfs that
     another file fills up (root, in a private mount namespace), else a file-size limit (RLIMIT_FSIZE).
     One line, exit 2, the old export as it was, nothing left next to it."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    argv = ["--quiet", "export", "--model", str(model_dir), "--wbits", "8", "--abits", "8", "--group-size", "32",
+    argv = ["--quiet", "export", "--model", str(tiny_source), "--wbits", "8", "--abits", "8", "--group-size", "32",
             "--out", str(disk / "m")]  # fmt: skip
     tmpfs = os.geteuid() == 0 and shutil.which("unshare") is not None
     if tmpfs:
@@ -338,7 +333,7 @@ def test_a_disk_that_fills_while_the_model_is_saved(tmp_path, old_export, model_
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert_one_line(res["rc"], res["stderr"], str(disk / "m"))
+    assert_one_line_refusal(res["rc"], res["stderr"], str(disk / "m"))
     assert any(e in res["stderr"] for e in (os.strerror(errno.ENOSPC), os.strerror(errno.EFBIG))), res["stderr"]
     assert {k: bytes.fromhex(v) for k, v in res["files"].items()} == {f"m/{k}": v for k, v in snapshot(old_export).items()}
     assert res["top"] == ["m"]

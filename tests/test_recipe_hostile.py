@@ -26,9 +26,7 @@ from ditq.errors import DitqError
 from ditq.models import build_dit
 from ditq.patterns import MAX_MATCH_CHARS, NamePattern
 from ditq.recipe import Recipe
-from tests.conftest import tiny_config
-
-MAX_MESSAGE = 600  # a message names a path (tmp paths are ~100 characters) and echoes values cut to ~100
+from tests.conftest import assert_one_line_refusal, tiny_config
 
 
 @lru_cache(maxsize=1)
@@ -42,12 +40,6 @@ def cli(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
     return code, err.getvalue()
-
-
-def assert_one_line_error(code: int, err: str) -> None:
-    assert code == 2, err
-    assert err.startswith("ditq: error: ") and err.endswith("\n") and err.count("\n") == 1, err[:2000]
-    assert len(err) <= MAX_MESSAGE, err[:2000]
 
 
 # ------------------------------------------------------------------------------------- catastrophic patterns
@@ -125,7 +117,7 @@ def test_compile_failure_through_the_cli_is_exactly_one_line_on_stderr(tmp_path,
     p.write_text(json.dumps({"format": "ditq-recipe", "rules": [{"match": "re:(?=x)", "wbits": 8}]}))
     code = main(["recipe", "--recipe", str(p), "--out", str(tmp_path / "o.json")])
     err = capfd.readouterr().err
-    assert_one_line_error(code, err)
+    assert_one_line_refusal(code, err)
     assert "invalid perl operator" in err and not (tmp_path / "o.json").exists()
 
 
@@ -181,7 +173,7 @@ def test_hostile_recipe_file_is_one_line_and_exit_2_with_nothing_written(tmp_pat
     p = tmp_path / "recipe.json"
     p.write_bytes(HOSTILE_FILES[name])
     out = tmp_path / "out.json"
-    assert_one_line_error(*cli(["recipe", "--recipe", str(p), "--out", str(out)]))
+    assert_one_line_refusal(*cli(["recipe", "--recipe", str(p), "--out", str(out)]))
     assert sorted(x.name for x in tmp_path.iterdir()) == ["recipe.json"]
 
 
@@ -189,7 +181,7 @@ def test_hostile_recipe_file_is_one_line_and_exit_2_with_nothing_written(tmp_pat
 def test_export_with_a_hostile_recipe_file_is_one_line_and_exit_2(tmp_path, name):
     p = tmp_path / "recipe.json"
     p.write_bytes(HOSTILE_FILES[name])
-    assert_one_line_error(*cli(["export", "--model", "digits", "--recipe", str(p), "--out", str(tmp_path / "m")]))
+    assert_one_line_refusal(*cli(["export", "--model", "digits", "--recipe", str(p), "--out", str(tmp_path / "m")]))
     assert sorted(x.name for x in tmp_path.iterdir()) == ["recipe.json"]
 
 
@@ -222,7 +214,7 @@ def _cli_on_file(data: bytes) -> None:
         if code == 0:
             assert Recipe.load(out) == Recipe.load(p)
         else:
-            assert_one_line_error(code, err)
+            assert_one_line_refusal(code, err)
             assert not out.exists()
 
 

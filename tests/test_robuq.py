@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ditq.calib.robuq import allocate_bits, hadamard, rotate, rotation_block, uniform_cost
+from ditq.calib.robuq import allocate_bits, hadamard, rotate, uniform_cost
+from ditq.recipe import rotation_block
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64])

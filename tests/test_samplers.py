@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ditq.runtime.samplers import NoiseSchedule, sample, seeded_noise
+from ditq.runtime.samplers import sample, seeded_noise
+from ditq.runtime.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule.linear()
 ABAR = SCHED.alphas_cumprod

@@ -28,7 +28,7 @@ from ditq.models import build_dit, pipeline_info
 from ditq.runtime.samplers import sample, seeded_noise
 from ditq.runtime.schedule import SchedulerSpec
 
-from .conftest import tiny_config
+from .conftest import assert_one_line_refusal, run, tiny_config
 
 SCHEDULE_RTOL = 1e-6  # see the module docstring
 STEP_REL = 2e-7
@@ -267,10 +267,9 @@ def test_unsupported_scheduler_settings_are_refused_at_export(tmp_path, capsys, 
     folder = _pipeline_folder(tmp_path, {**_saved_config("DDIMScheduler"), **change})
     out = tmp_path / "outs" / "m"
     capsys.readouterr()
-    assert main(["--quiet", "export", "--model", str(folder), "--wbits", "8", "--abits", "16", "--group-size", "32",
-                 "--out", str(out)]) == 2  # fmt: skip
-    err = capsys.readouterr().err
-    assert err.startswith("ditq: error: ") and err.count("\n") == 1 and named in err, err
+    code, _, err = run(["export", "--model", str(folder), "--wbits", "8", "--abits", "16", "--group-size", "32",
+                        "--out", str(out)], capsys)  # fmt: skip
+    assert_one_line_refusal(code, err, named)
     assert not (tmp_path / "outs").exists()
 
 

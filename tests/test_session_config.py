@@ -33,17 +33,6 @@ def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
     return float(10 * np.log10(np.sum(ref**2) / np.sum((ref - test) ** 2)))
 
 
-@pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory):
-    from ditq.models import build_dit
-
-    from tests.conftest import tiny_config
-
-    folder = tmp_path_factory.mktemp("tiny") / "dit"
-    build_dit(tiny_config(), seed=0).save_pretrained(folder)
-    return folder
-
-
 def _export(source, out, abits, target):
     loaded = ditq.load_model(str(source))
     qdit = ditq.quantize(loaded.model, Recipe.qdit(4, abits, 64), target=target)
@@ -135,3 +124,73 @@ def test_ort_target_needs_no_session_config(tiny_source, tmp_path):
     assert report.passed, report.table()
     for case in report.cases:
         assert case.sqnr_default_vs_ref_db == case.sqnr_ort_vs_ref_db and case.default_passed
+
+
+# ---------------------------------------------------------------- tampered ditq.session_config metadata
+
+TAMPERED_SESSION_CONFIGS = {  # metadata value -> what the one-line refusal says
+    '{"session.qdq_matmulnbits_accuracy_level": ' + "9" * 5000 + "}": "an integer with too many digits",
+    "[" * 100_000 + "]" * 100_000: "nested",
+    '{"a": ' + "[" * 40 + "]" * 40 + "}": "nested",
+    "[]": "expected a JSON object",
+    '{"session.qdq_matmulnbits_accuracy_level": 0}': "must be one of '0', '1', '2', '3', '4', got 0",
+    '{"session.qdq_matmulnbits_accuracy_level": "5"}': "got '5'",
+    '{"session.intra_op.allow_spinning": "0"}': "'session.intra_op.allow_spinning' is not a config entry ditq applies",
+    '{"session.qdq_matmulnbits_accuracy_level": "0", "session.use_env_allocators": "1"}': "is not a config entry",
+}
+
+
+def _with_session_config(src, dst, value: str):
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    entry = next(p for p in model.metadata_props if p.key == KEY)
+    entry.value = value
+    onnx.save(model, str(dst / "model.onnx"))
+    return dst
+
+
+@pytest.mark.parametrize("value", list(TAMPERED_SESSION_CONFIGS), ids=range(len(TAMPERED_SESSION_CONFIGS)))
+def test_sample_refuses_a_tampered_session_config_in_one_line(w4a16, tmp_path, capsys, value):
+    """Only the accuracy-level entry, with a level 0..4, reaches ONNX Runtime. Before: a 5000-digit
+    integer or deep nesting was a ValueError/RecursionError traceback, and any other entries were applied."""
+    m = _with_session_config(w4a16[0], tmp_path / "m", value)
+    out = tmp_path / "x.npy"
+    code = main(["--quiet", "sample", str(m), "--classes", "0", "--per-class", "1", "--steps", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"ditq: error: {m / 'model.onnx'}: {KEY}: ") and TAMPERED_SESSION_CONFIGS[value] in lines[0], lines[0]
+    assert len(lines[0]) < 300 and not out.exists()
+
+
+@pytest.mark.parametrize("level", ["0", "1", "2", "3", "4"])
+def test_each_accuracy_level_is_accepted_as_recorded(level):
+    from ditq.runtime.session import recorded_session_config
+
+    recorded = recorded_session_config({KEY: json.dumps({"session.qdq_matmulnbits_accuracy_level": level})}, "m.onnx")
+    assert recorded == {"session.qdq_matmulnbits_accuracy_level": level}
+    assert recorded_session_config({KEY: "{}"}, "m.onnx") == {} and recorded_session_config({}, "m.onnx") is None
+
+
+def _case(default_passed: bool):
+    from ditq.runtime.validate import CaseResult
+
+    return CaseResult(batch=1, timesteps=[999], classes=[0], sqnr_ort_vs_ref_db=130.0, max_abs_ort_vs_ref=1e-6,
+                      sqnr_ref_vs_float_db=30.0, sqnr_ort_vs_float_db=30.0, bound_db=FP32_BOUND_DB, passed=True,
+                      sqnr_default_vs_ref_db=47.0 if not default_passed else 130.0, default_passed=default_passed)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "recorded,passes",
+    [(NEEDED, True), ({"session.qdq_matmulnbits_accuracy_level": "4"}, False),
+     ({"session.qdq_matmulnbits_accuracy_level": "1"}, False), ({}, False), (None, False)],
+)  # fmt: skip
+def test_a_failing_default_session_is_excused_only_by_recording_level_0(recorded, passes):
+    """Before: any non-empty recorded config passed the check, even level 4, the default that fails."""
+    from ditq.runtime.validate import default_session_check
+
+    check = default_session_check([_case(True), _case(False)], recorded, NEEDED)
+    assert check.passed is passes, check
+    if not passes and recorded is not None:
+        assert "not session.qdq_matmulnbits_accuracy_level=0" in check.detail, check.detail
+    assert default_session_check([_case(True)], recorded, NEEDED).passed  # a default session that meets the bound
