@@ -40,13 +40,14 @@ bench: setup
 train-digits: setup
 	$(BIN)/ditq train-digits --checkpoint $(OUT)/train-digits.pt
 
-# The fast lane (the README's command): every package, without the tests marked slow (full-size
-# exports, wheel installs, searches killed and resumed). `make test-all` (CI) runs everything.
+# The fast lane (the README's command): every package, without the tests marked slow (DiT-S/2 exports,
+# the wheel install, real exports and searches killed and resumed), on every core (pytest-xdist).
+# `make test-all` (CI) runs everything.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 test-all: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 clean:
 	rm -rf $(OUT) .pytest_cache

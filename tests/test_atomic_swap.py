@@ -208,6 +208,7 @@ def test_random_kills_of_repeated_replacement(tmp_path, versions, exchange):
         assert version_of(out, versions) == "new" and leftovers(out) == [], where
 
 
+@pytest.mark.slow  # real exports killed at random moments: about 20 s
 def test_a_killed_export_leaves_the_old_or_the_new_export(tmp_path):
     """A real ``ditq export`` over an earlier one, killed at a random moment once it has begun writing
     (its staging folder exists), then exported again."""

@@ -48,6 +48,7 @@ def test_variants_take_the_auto_group_size(tiny_dit):
     assert w4.recipe() == parse_configs("w4a8", 64)[0].recipe()
 
 
+@pytest.mark.slow  # builds and times six variants in subprocesses: about 25 s
 def test_bench_on_a_tiny_dit(tmp_path, tiny_dit):
     folder = tmp_path / "tiny"
     tiny_dit.save_pretrained(folder)

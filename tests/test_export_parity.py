@@ -18,6 +18,7 @@ def dit_s():
     return ditq.load_model("dit-s-2")
 
 
+@pytest.mark.slow  # DiT-S/2 exports validated: about 30 s each (the tiny-model exports validate in the fast lane)
 @pytest.mark.parametrize("wbits,abits,group", [(8, 8, 64), (6, 8, 64), (4, 8, 64), (4, None, 128)])
 def test_preset_parity(tmp_path, wbits, abits, group):
     loaded = ditq.load_model("dit-s-2")  # fresh: validation swaps the reference into its model
@@ -42,6 +43,7 @@ def test_preset_parity(tmp_path, wbits, abits, group):
     assert json.loads(meta["ditq.source"]) == loaded.source and "ditq.version" in meta
 
 
+@pytest.mark.slow  # DiT-S/2 float and W4 exports: about 20 s
 def test_w4_file_is_small(tmp_path, dit_s):
     """4-bit codes + an fp32 scale and a 4-bit zero point per 128 weights: ~4.28/32 = 0.134 of fp32."""
     qdit = ditq.quantize(dit_s.model, Recipe.qdit(4, 8, 128))
@@ -50,6 +52,7 @@ def test_w4_file_is_small(tmp_path, dit_s):
     assert res.file_bytes / float_bytes < 0.16
 
 
+@pytest.mark.slow  # DiT-S/2 export and validation: about 30 s (tampered tiny exports failing validate stay in the fast lane)
 def test_validate_fails_on_a_tampered_model(tmp_path, dit_s):
     qdit = ditq.quantize(dit_s.model, Recipe.qdit(4, 8, 64))
     ditq.export(qdit, tmp_path / "m", source=dit_s.source)
@@ -66,6 +69,7 @@ def test_validate_fails_on_a_tampered_model(tmp_path, dit_s):
     assert failed == [MANIFEST_CHECK, "stored codes and scales equal the reference's"]  # the edit changed model.onnx's hash
 
 
+@pytest.mark.slow  # DiT-S/2 export and validation: about 30 s
 def test_validate_fails_on_a_wrong_activation_step(tmp_path, dit_s):
     """A graph that quantizes activations to 7 bits where the recipe says 8: the code check and the
     output accuracy criterion must both catch it (the weight checks can't: the weights are right)."""
@@ -93,6 +97,7 @@ def test_reexport_does_not_grow_the_data_file(tmp_path, tiny_dit):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no staging folders left behind
 
 
+@pytest.mark.slow  # about 15 s; test_atomic_swap's kills between swap steps stay in the fast lane
 def test_crash_leaves_the_old_export_intact(tmp_path, tiny_dit, monkeypatch):
     qdit = ditq.quantize(tiny_dit, Recipe.qdit(4, 8, 16))
     ditq.export(qdit, tmp_path / "m")

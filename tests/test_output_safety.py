@@ -315,6 +315,7 @@ print(json.dumps({"rc": rc, "stderr": err.getvalue(), "files": files, "top": sor
 """
 
 
+@pytest.mark.slow  # a real export in a subprocess on a full file system: about 10 s
 def test_a_disk_that_fills_while_the_model_is_saved(tmp_path, old_export, tiny_source):
     """A real export in a subprocess whose disk fills just as model.onnx is written: a 16 MB tmpfs that
     another file fills up (root, in a private mount namespace), else a file-size limit (RLIMIT_FSIZE).

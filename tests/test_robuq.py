@@ -150,6 +150,7 @@ def test_robuq_export_validates(tmp_path, tiny_dit, target):
     assert report.passed, report.table()
 
 
+@pytest.mark.slow  # exports the digits DiT twice: about 25 s; the tiny RobuQ exports stay in the fast lane
 def test_robuq_file_is_small(tmp_path):
     """The shipped digits model at W1.58 (RobuQ coverage) is at most 0.09x its float export."""
     loaded = ditq.load_model("digits")

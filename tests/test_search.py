@@ -107,6 +107,7 @@ def test_infeasible_budget_is_a_clear_error(tmp_path):
         _run(tmp_path, "j.jsonl", cfg, _evaluate([]), budget=1.0)
 
 
+@pytest.mark.slow  # a real digits search killed and resumed: about 45 s; the synthetic kill tests of test_journal_hostile stay in the fast lane
 def test_cli_search_killed_mid_generation_resumes_to_the_same_recipe(tmp_path):
     """`ditq search` on digits (tiny settings), SIGKILLed with its workers after the first child of
     generation 1 is journaled, then rerun: no finished evaluation is redone, and the recipe equals an

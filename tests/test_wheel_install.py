@@ -16,6 +16,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "ditq", "calib", "exporter", "graphs", "runtime")
 
@@ -48,6 +50,7 @@ def _installed_env(tmp_path: Path) -> tuple[Path, Path]:
     return python, purelib
 
 
+@pytest.mark.slow  # builds and installs a wheel into a fresh venv: about 20-90 s
 def test_wheel_install_samples_and_evaluates_digits_with_the_shipped_judge(tmp_path):
     python, purelib = _installed_env(tmp_path)
     run_dir = tmp_path / "run"  # outside the repository: the working directory adds nothing importable
