@@ -195,8 +195,6 @@ class Int:
     nullable: bool = False
 
     def check(self, value: Any, field: str, where: str) -> Any:
-        if value is None and self.nullable:
-            return None
         if type(value) is not int or not self.lo <= value <= self.hi:
             raise _bad(where, field, f"an integer in {self.lo}..{self.hi}" + (" or null" if self.nullable else ""), value)
         return value
@@ -213,8 +211,6 @@ class Float:
     nullable: bool = False
 
     def check(self, value: Any, field: str, where: str) -> Any:
-        if value is None and self.nullable:
-            return None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if ok:
             value = float(value) if isinstance(value, float) or abs(value) < 10**308 else math.inf
@@ -257,8 +253,6 @@ class Text:
     nullable: bool = False
 
     def check(self, value: Any, field: str, where: str) -> Any:
-        if value is None and self.nullable:
-            return None
         if not isinstance(value, str) or not 0 < len(value) <= self.max_len or "\x00" in value:
             raise _bad(where, field, f"a string of 1..{self.max_len} characters", value)
         return value
@@ -281,14 +275,13 @@ class Pair:
 
 @dataclass(frozen=True)
 class Object:
-    """A JSON object (``null`` too when ``nullable``); its own fields are checked by whoever reads it."""
+    """A JSON object (``null`` too when ``nullable``: :func:`check_fields` lets ``null`` through for every
+    field type that has the flag); its own fields are checked by whoever reads it."""
 
     default: Any = None
     nullable: bool = True
 
     def check(self, value: Any, field: str, where: str) -> Any:
-        if value is None and self.nullable:
-            return None
         if not isinstance(value, dict):
             raise _bad(where, field, "a JSON object", value)
         return value
@@ -323,6 +316,8 @@ def check_fields(obj: Any, schema: dict[str, Any], where: str, *, required: tupl
             if name in required:
                 raise DitqError(f"{where}: {name} is missing")
             out[name] = spec.default
+        elif obj[name] is None and getattr(spec, "nullable", False):  # every field type's ``null`` rule
+            out[name] = None
         else:
             out[name] = spec.check(obj[name], name, where)
     return out
