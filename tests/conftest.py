@@ -4,6 +4,7 @@ in-process, the one-line refusal every bad input must give, and ORT helpers."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -104,3 +105,11 @@ def returns_within(seconds: float, fifo, fn, *args):
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def digits_search_argv(journal, out, *, generations: int, mutations: int) -> list[str]:
+    """A `ditq search` on digits in a subprocess, small enough to run (and be killed) in a test."""
+    return [sys.executable, "-m", "ditq.cli", "--quiet", "search", "--model", "digits", "--abits", "4",
+            "--population", "4", "--generations", str(generations), "--top-k", "2", "--crossovers", "2",
+            "--mutations", str(mutations), "--num-samples", "20", "--fitness-steps", "3", "--workers", "2",
+            "--journal", str(journal), "--out", str(out)]  # fmt: skip

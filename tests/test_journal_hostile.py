@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from ditq.calib.journal import Journal, evaluation_record, genome_key
 from ditq.calib.search import SearchConfig, evolve, genome_cost, parse_budget
 from ditq.cli import main
 from ditq.errors import DitqError
-from tests.conftest import assert_one_line_refusal
+from tests.conftest import assert_one_line_refusal, digits_search_argv
 from tests.test_search import GENES, A, W, _fitness
 
 SETTINGS = {"search": {"population": 4, "seed": 0}, "budget": 1.5}
@@ -343,10 +342,7 @@ def test_cli_search_killed_at_random_points_resumes_to_the_same_recipe(tmp_path)
     and the journal holds each evaluation once."""
 
     def argv(journal, out):
-        return [sys.executable, "-m", "ditq.cli", "--quiet", "search", "--model", "digits", "--abits", "4",
-                "--population", "4", "--generations", "2", "--top-k", "2", "--crossovers", "2", "--mutations", "1",
-                "--num-samples", "20", "--fitness-steps", "3", "--workers", "2",
-                "--journal", str(journal), "--out", str(out)]  # fmt: skip
+        return digits_search_argv(journal, out, generations=2, mutations=1)
 
     straight = subprocess.run(argv(tmp_path / "a.jsonl", tmp_path / "a.json"), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr

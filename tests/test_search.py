@@ -8,6 +8,7 @@ import pytest
 
 from ditq.calib.search import Gene, Journal, SearchConfig, evolve, gene_cost, genome_cost, genome_key, parse_budget
 from ditq.errors import DitqError
+from tests.conftest import digits_search_argv
 
 GENES = [Gene(f"transformer_blocks.{i}.{n}", (f"l{i}{n}",), k, k, tuple(s for s in (32, 64, 128, 192, 288) if k % s == 0))
          for i in range(3) for n, k in (("qkv", 192), ("fc2", 768))]  # fmt: skip
@@ -115,14 +116,10 @@ def test_cli_search_killed_mid_generation_resumes_to_the_same_recipe(tmp_path):
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     def argv(journal, out):
-        return [sys.executable, "-m", "ditq.cli", "--quiet", "search", "--model", "digits", "--abits", "4",
-                "--population", "4", "--generations", "3", "--top-k", "2", "--crossovers", "2", "--mutations", "2",
-                "--num-samples", "20", "--fitness-steps", "3", "--workers", "2",
-                "--journal", str(journal), "--out", str(out)]  # fmt: skip
+        return digits_search_argv(journal, out, generations=3, mutations=2)
 
     straight = subprocess.run(argv(tmp_path / "a.jsonl", tmp_path / "a.json"), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
