@@ -5,7 +5,7 @@ timesteps of every trajectory the input of each covered linear is captured with 
 random subset of its tokens kept. The set is cached on disk as safetensors (one tensor per layer,
 ``[rows, K]`` float32) with its settings in the metadata, so a second run with the same settings reads
 it instead of sampling again. The trajectories follow the model's own sampling: its noise schedule,
-timesteps and prediction type (a :class:`~ditq.runtime.schedule.SchedulerSpec`, part of the cache's
+timesteps and prediction type (a :class:`~ditq.schedule.SchedulerSpec`, part of the cache's
 key), so a ``v_prediction`` or otherwise non-default pipeline is calibrated on the inputs it really
 sees. The same trajectories give the model's own inputs ``(x_t, t, labels)``
 (:func:`record_model_inputs`), on which RobuQ measures activation sensitivity.
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ditq.errors import DitqError
 from ditq.files import atomic_path
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from ditq.calib.robuq import quantize_ternary, rotate
 from ditq.manifest import PIPELINE_FILE, RECIPE_FILE, write_manifest
 from ditq.models import source_paths
 from ditq.recipe import LayerPlan, Recipe
-from ditq.runtime.schedule import NoiseSchedule
+from ditq.schedule import NoiseSchedule
 
 if TYPE_CHECKING:
     from ditq.models import LoadedModel

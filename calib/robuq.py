@@ -27,7 +27,7 @@ import torch
 from ditq.calib.calibration import CalibConfig, record_model_inputs
 from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
 from ditq.recipe import Recipe, rotation_block
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 
 
 def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:

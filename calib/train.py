@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ditq.errors import DitqError, one_line
 from ditq.files import atomic_path
-from ditq.runtime.schedule import NoiseSchedule
+from ditq.schedule import NoiseSchedule
 
 
 @dataclass(frozen=True)

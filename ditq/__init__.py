@@ -41,7 +41,7 @@ def export(qdit, out_dir, *, source: dict | None = None, **kwargs):
 
 
 def validate(model_path, **kwargs):
-    """See :func:`ditq.runtime.validate.validate`."""
-    from ditq.runtime.validate import validate as _validate
+    """See :func:`ditq.workflows.validate.validate`."""
+    from ditq.workflows.validate import validate as _validate
 
     return _validate(model_path, progress=kwargs.pop("progress", False), **kwargs)

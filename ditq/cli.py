@@ -143,7 +143,7 @@ def _calibration(args, loaded, recipe):
 
 
 def cmd_validate(args) -> int:
-    from ditq.runtime.validate import validate
+    from ditq.workflows.validate import validate
 
     report = validate(
         args.path, model_spec=args.model, recipe_path=args.recipe, image_size=args.image_size,
@@ -218,7 +218,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ditq.runtime.evaluate import evaluate, parse_configs
+    from ditq.workflows.evaluate import evaluate, parse_configs
 
     seeds = int_list(args.seeds, "--seeds", 0, SEED_MAX)
     features = real = None
@@ -244,7 +244,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ditq.runtime.bench import bench, check_goals, parse_variants
+    from ditq.workflows.bench import bench, check_goals, parse_variants
 
     report = bench(
         args.model, parse_variants(args.variants, args.group_size), batch=args.batch, runs=args.runs,
@@ -326,7 +326,7 @@ def cmd_search(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from ditq.calib.fitness import FitnessConfig, ParallelFitness
+    from ditq.workflows.fitness import FitnessConfig, ParallelFitness
     from ditq.calib.search import (
         Journal, SearchConfig, evolve, fitness_of, genes_of, genome_cost, genome_recipe, parse_budget, settings_dict,
     )  # fmt: skip
@@ -391,9 +391,9 @@ def cmd_search(args) -> int:
 
 def cmd_fitness(args) -> int:
     """The search's fitness of whole configurations on several seed sets: can it tell them apart?"""
-    from ditq.calib.fitness import FitnessConfig, ParallelFitness
+    from ditq.workflows.fitness import FitnessConfig, ParallelFitness
     from ditq.models import load_model
-    from ditq.runtime.evaluate import parse_configs
+    from ditq.workflows.evaluate import parse_configs
 
     configs = parse_configs(args.configs, args.group_size)
     named = {c.name: c.recipe(args.symmetric) for c in configs}
@@ -438,7 +438,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ditq.exporter import DEFAULT_OPSET, INT2_OPSET, MAX_OPSET, TARGETS
+    from ditq.fileformat import DEFAULT_OPSET, INT2_OPSET, MAX_OPSET, TARGETS
 
     parser = OneLineParser(prog="ditq", description="Quantize Diffusion Transformers into low-bit ONNX models and run them with ONNX Runtime.")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -17,7 +17,7 @@ from ditq.errors import DitqError, one_line, shown
 from ditq.manifest import PIPELINE_FILE, file_sha256
 from ditq.untrusted import VAE_CONFIG, VAE_DECODER_FILE, check_dit_config, check_fields, pipeline_schedule, read_json, read_pipeline
 from ditq.weights import diffusers_weight_files, load_weights, read_pickle, read_safetensors, read_weight_files, tensor_names
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 
 # The DiT paper's configurations: hidden size, depth, heads (patch 2, 4 latent channels, learned sigma,
 # 1000 classes, 32x32 latents for 256x256 images).

@@ -30,7 +30,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ditq.errors import DitqError, one_line, shown
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 
 MAX_JSON_BYTES = 1 << 20  # a config or metadata entry; real ones are under 2 kB
 MAX_JSON_DEPTH = 32  # nesting levels of objects and arrays; real configs use 2

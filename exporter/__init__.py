@@ -1,26 +1,2 @@
-"""Torch -> ONNX: tracing, the PyTorch reference modules, and the export pipeline.
-
-The constants below are importable without torch (the CLI builds its parser from them)."""
-
-TARGETS = ("qdq", "ort")  # portable QDQ graph | ONNX Runtime low-bit kernels (ditq.graphs.lower_ort)
-DEFAULT_OPSET = 21  # blocked QuantizeLinear/DequantizeLinear and int4/uint4 (ONNX opset 21)
-INT2_OPSET, INT2_IR = 25, 13  # the first opset / IR version with INT2/UINT2 tensors (2-bit weight codes)
-# The highest opset an export may be written at: the highest ditq's exports are tested at (21 and 25,
-# traced and validated). ONNX Runtime has no API that says which opsets it loads; 1.31 loads up to 26
-# and refuses 27 (onnx 1.23 defines 28), so a higher opset would write a model no session can open.
-MAX_OPSET = 25
-MODEL_FILE = "model.onnx"  # the graph inside an exported folder
-
-# metadata_props keys of an exported model (what ``ditq validate`` and ``ditq sample`` read back)
-META_RECIPE = "ditq.recipe"
-META_SOURCE = "ditq.source"
-META_VERSION = "ditq.version"
-META_TARGET = "ditq.target"
-META_CONFIG = "ditq.model_config"
-META_PIPELINE = "ditq.pipeline"  # how to sample: {"space": "pixel"|"latent", "clip_denoised": bool, ...}
-META_SESSION_CONFIG = "ditq.session_config"  # JSON object of the session config entries the model needs
-
-# the ONNX Runtime session config entry a ``qdq`` model records (ditq.runtime.session applies it)
-ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
-# what a weight DequantizeLinear -> MatMul states: fp32 activations in the fused kernel
-EXACT_QDQ_CONFIG = {ACCURACY_LEVEL: "0"}
+"""Torch -> ONNX: tracing through a model-family adapter, the PyTorch reference modules, and the export
+workflow's graph building. The file contract it writes is :mod:`ditq.fileformat`."""

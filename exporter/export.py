@@ -26,7 +26,7 @@ from onnx.external_data_helper import load_external_data_for_model
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.exporter import (
+from ditq.fileformat import (
     DEFAULT_OPSET, EXACT_QDQ_CONFIG, INT2_IR, INT2_OPSET, MAX_OPSET, META_CONFIG, META_PIPELINE, META_RECIPE,
     META_SESSION_CONFIG, META_SOURCE, META_TARGET, META_VERSION, MODEL_FILE, TARGETS,
 )  # fmt: skip

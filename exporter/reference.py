@@ -129,7 +129,7 @@ class QuantizedDiT:
 def resolve_plans(model: nn.Module, recipe: Recipe, target: str = "qdq") -> dict[str, LayerPlan]:
     """The layer plans of ``recipe`` on ``model``, as target ``target`` computes them."""
     from ditq.errors import DitqError
-    from ditq.exporter import TARGETS
+    from ditq.fileformat import TARGETS
 
     if target not in TARGETS:
         raise DitqError(f"unknown target {target!r}; choose from {list(TARGETS)}")

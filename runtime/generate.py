@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 
 from ditq.errors import DitqError, shown
-from ditq.exporter import MODEL_FILE
+from ditq.fileformat import MODEL_FILE
 from ditq.options import int_list
 from ditq.runtime.samplers import sample, seeded_noise
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 from ditq.runtime.session import OrtDiT, run_session
 from ditq.untrusted import check_dit_config, inside, parse_json_object, pipeline_schedule, read_pipeline
 

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from ditq.errors import DitqError
-from ditq.exporter import META_RECIPE
+from ditq.fileformat import META_RECIPE
 from ditq.manifest import MANIFEST_FILE, RECIPE_FILE, ManifestError, read_manifest, verify_files
 from ditq.recipe import MAX_RECIPE_BYTES
 from ditq.untrusted import NOT_JSON, JsonError, inside, parse_json, read_json

@@ -7,7 +7,7 @@ ONNX Runtime session (:class:`ditq.runtime.session.OrtDiT`), or a PyTorch model 
 three, and their trajectories can be compared step by step.
 
 The schedule, the timesteps, the prediction type and clipping come from a
-:class:`~ditq.runtime.schedule.SchedulerSpec` (its module docstring has the formulas). Without one the
+:class:`~ditq.schedule.SchedulerSpec` (its module docstring has the formulas). Without one the
 conventions are DiT's (``diffusion/gaussian_diffusion.py``): a 1000-step linear beta schedule; sampling
 with ``S`` steps respaces the process onto ``S`` of the original timesteps (the model still sees the
 original timestep numbers); learned sigma interpolates, in log space, between the respaced process's
@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 
 ModelFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 METHODS = ("ddim", "ddpm")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ditq.errors import DitqError, one_line, shown
-from ditq.exporter import ACCURACY_LEVEL, EXACT_QDQ_CONFIG, META_SESSION_CONFIG
+from ditq.fileformat import ACCURACY_LEVEL, EXACT_QDQ_CONFIG, META_SESSION_CONFIG
 from ditq.untrusted import parse_json_object
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

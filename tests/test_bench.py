@@ -9,8 +9,8 @@ import pytest
 
 from ditq.cli import main
 from ditq.errors import DitqError
-from ditq.runtime.bench import BenchReport, BenchRow, check_goals, parse_variants
-from ditq.runtime.evaluate import parse_configs
+from ditq.workflows.bench import BenchReport, BenchRow, check_goals, parse_variants
+from ditq.workflows.evaluate import parse_configs
 
 
 def test_parse_variants():

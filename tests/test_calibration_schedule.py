@@ -168,7 +168,7 @@ def pixel_v_folder(tmp_path_factory):
     """``(pipeline folder, model folder)``: a digits-shaped pixel model whose ditq_pipeline.json records the
     v_prediction schedule of the pipeline's scheduler config (with clip_sample), as a model ``ditq qat``
     wrote from such a pipeline would."""
-    from ditq.runtime.schedule import SchedulerSpec
+    from ditq.schedule import SchedulerSpec
 
     digits_like = dit_config(64, 2, 2, in_channels=1, out_channels=1, sample_size=8, num_classes=10)
     folder = _pipeline_folder(tmp_path_factory.mktemp("pixel") / "pipe", {**V_SCHED, "clip_sample": True}, digits_like)
@@ -179,8 +179,8 @@ def pixel_v_folder(tmp_path_factory):
 
 
 def test_fitness_float_samples_follow_the_models_scheduler(pixel_v_folder):
-    from ditq.calib import fitness
-    from ditq.calib.fitness import FitnessConfig, ParallelFitness
+    from ditq.workflows import fitness
+    from ditq.workflows.fitness import FitnessConfig, ParallelFitness
 
     ref_folder, model_dir = pixel_v_folder
     cfg = FitnessConfig(num_samples=4, steps=5, cfg=1.5, seed=7)
@@ -199,7 +199,7 @@ def test_fitness_float_samples_follow_the_models_scheduler(pixel_v_folder):
 def test_eval_probes_the_float_model_at_the_schedules_first_timestep(pixel_v_folder, monkeypatch):
     """``ditq eval``'s float probe (its SQNR reference) runs at the first timestep the sampler evaluates."""
     import ditq.exporter.trace as trace
-    from ditq.runtime.evaluate import evaluate, parse_configs
+    from ditq.workflows.evaluate import evaluate, parse_configs
 
     ref_folder, model_dir = pixel_v_folder
     from diffusers import DDIMScheduler

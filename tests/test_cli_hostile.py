@@ -255,7 +255,7 @@ def test_learned_range_variance_without_variance_channels_is_one_error():
     """A schedule recording ``variance_type: learned_range`` for a model with no variance channels.
     Before: a ValueError (a traceback from ``ditq sample --sampler ddpm``)."""
     from ditq.runtime.samplers import sample, seeded_noise
-    from ditq.runtime.schedule import SchedulerSpec
+    from ditq.schedule import SchedulerSpec
 
     with pytest.raises(DitqError, match="variance_type learned_range needs a model that outputs variance channels"):
         sample(lambda x, t, y: np.zeros_like(x), seeded_noise(0, 2, 1, 4), np.array([0, 1]), steps=2, method="ddpm",
@@ -317,8 +317,8 @@ def test_numeric_options_are_refused_before_the_command_runs(tmp_path, capsys, m
     (["fitness", "--configs", "w4a8", "--seeds", "1,99999999999999999999"], "--seeds: expected integers in 0..4294967295"),
 ])  # fmt: skip
 def test_seed_lists_are_checked(tmp_path, capsys, monkeypatch, argv, needle):
-    from ditq.calib import fitness
-    from ditq.runtime import evaluate
+    from ditq.workflows import fitness
+    from ditq.workflows import evaluate
 
     monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: pytest.fail("evaluated with a bad seed"))
     monkeypatch.setattr(fitness, "ParallelFitness", lambda *a, **k: pytest.fail("evaluated with a bad seed"))
@@ -396,7 +396,7 @@ def test_property_recipe_options(tmp_path, capsys, option, value):
        value=VALUES)  # fmt: skip
 def test_property_eval_options(tmp_path, capsys, monkeypatch, option, value):
     """``evaluate`` replaced by a stub that checks what reaches it: every accepted value is in range."""
-    from ditq.runtime import evaluate
+    from ditq.workflows import evaluate
 
     class Report:
         def table(self):

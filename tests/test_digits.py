@@ -141,7 +141,7 @@ def test_eval_bad_config_is_one_line(capsys):
 def test_eval_takes_any_feature_extractor():
     """The Frechet distance runs in the space it is given: raw pixels here, against a user's real set."""
     from ditq.calib.digits import load_split, to_unit_range
-    from ditq.runtime.evaluate import evaluate, parse_configs
+    from ditq.workflows.evaluate import evaluate, parse_configs
 
     calls = []
 

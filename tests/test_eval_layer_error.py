@@ -14,7 +14,7 @@ import torch
 
 from ditq.exporter.reference import quantize_model
 from ditq.recipe import Recipe
-from ditq.runtime.evaluate import _layer_error
+from ditq.workflows.evaluate import _layer_error
 
 LAYERS = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.ff.net.2")  # K = 64 and K = 256
 

@@ -73,7 +73,7 @@ def test_gptq_recipe_on_a_dit_lowers_layer_error_and_exports_valid(tiny_dit, tmp
     from ditq.calib.numerics import sqnr_db
     from ditq.exporter.trace import TorchDiT, example_inputs
     from ditq.runtime.session import OrtDiT
-    from ditq.runtime.validate import validate
+    from ditq.workflows.validate import validate
 
     recipe = Recipe.qdit(3, 8, 16)
     plans = recipe.resolve(tiny_dit)

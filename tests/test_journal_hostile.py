@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ditq.calib import fitness
+from ditq.workflows import fitness
 from ditq.calib.journal import Journal, evaluation_record, genome_key
 from ditq.calib.search import SearchConfig, evolve, genome_cost, parse_budget
 from ditq.cli import main

@@ -8,7 +8,7 @@ import pytest
 from ditq.calib.robuq import SENSITIVITY_TRAJECTORIES, block_units, sensitivity_inputs
 from ditq.cli import main
 from ditq.recipe import Recipe
-from ditq.runtime.schedule import NoiseSchedule
+from ditq.schedule import NoiseSchedule
 from tests.conftest import assert_one_line_refusal, run
 
 BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2")

@@ -67,7 +67,7 @@ def test_the_library_refuses_an_opset_above_what_onnx_runtime_loads(tmp_path, ti
     from onnx import helper
 
     from ditq.errors import DitqError
-    from ditq.exporter import MAX_OPSET
+    from ditq.fileformat import MAX_OPSET
     from ditq.recipe import Recipe
 
     relu = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ditq.cli import main
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 
 from .conftest import tiny_config
 

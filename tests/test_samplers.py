@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ditq.runtime.samplers import sample, seeded_noise
-from ditq.runtime.schedule import NoiseSchedule
+from ditq.schedule import NoiseSchedule
 
 SCHED = NoiseSchedule.linear()
 ABAR = SCHED.alphas_cumprod

@@ -26,7 +26,7 @@ import torch
 from ditq.cli import main
 from ditq.models import build_dit, pipeline_info
 from ditq.runtime.samplers import sample, seeded_noise
-from ditq.runtime.schedule import SchedulerSpec
+from ditq.schedule import SchedulerSpec
 
 from .conftest import assert_one_line_refusal, run, tiny_config
 

@@ -173,7 +173,7 @@ def test_each_accuracy_level_is_accepted_as_recorded(level):
 
 
 def _case(default_passed: bool):
-    from ditq.runtime.validate import CaseResult
+    from ditq.workflows.validate import CaseResult
 
     return CaseResult(batch=1, timesteps=[999], classes=[0], sqnr_ort_vs_ref_db=130.0, max_abs_ort_vs_ref=1e-6,
                       sqnr_ref_vs_float_db=30.0, sqnr_ort_vs_float_db=30.0, bound_db=FP32_BOUND_DB, passed=True,
@@ -187,7 +187,7 @@ def _case(default_passed: bool):
 )  # fmt: skip
 def test_a_failing_default_session_is_excused_only_by_recording_level_0(recorded, passes):
     """Before: any non-empty recorded config passed the check, even level 4, the default that fails."""
-    from ditq.runtime.validate import default_session_check
+    from ditq.workflows.validate import default_session_check
 
     check = default_session_check([_case(True), _case(False)], recorded, NEEDED)
     assert check.passed is passes, check

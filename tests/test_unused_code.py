@@ -38,7 +38,7 @@ def unused_imports(path: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["ditq/models.py", "runtime/generate.py", "runtime/validate.py", "runtime/schedule.py", "runtime/samplers.py",
+    ["ditq/models.py", "runtime/generate.py", "ditq/workflows/validate.py", "ditq/schedule.py", "runtime/samplers.py",
      "calib/robuq.py", "ditq/errors.py", "ditq/options.py", "ditq/untrusted.py", "ditq/weights.py", "calib/qat.py"],
 )  # fmt: skip
 def test_a_module_imports_only_what_it_uses(module):
@@ -50,7 +50,7 @@ def test_a_module_imports_only_what_it_uses(module):
     [("ditq.calib.robuq", "MAX_ROTATION"), ("ditq.runtime.samplers", "NoiseSchedule"), ("ditq.models", "_read_json")],
 )  # fmt: skip
 def test_a_name_has_one_home(module, name):
-    """``MAX_ROTATION`` lives in ditq.recipe, ``NoiseSchedule`` in ditq.runtime.schedule, JSON is read by
+    """``MAX_ROTATION`` lives in ditq.recipe, ``NoiseSchedule`` in ditq.schedule, JSON is read by
     ditq.untrusted.read_json: no second name for them elsewhere."""
     import importlib
 

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ditq.errors import DitqError
-from ditq.runtime.evaluate import EvalConfig, parse_config
+from ditq.workflows.evaluate import EvalConfig, parse_config
 
 ORT_BASELINES = ("ort-int8", "ort-int4")  # ONNX Runtime's own quantizers on the float export
 ORT_INT4_BLOCK = 128
@@ -53,7 +53,7 @@ class Variant:
 
 def parse_variants(text: str, group_size: int | None) -> list[Variant]:
     """``"float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq,w1.58a4h,recipe.json"``: the baselines, or any
-    configuration ``ditq eval --configs`` reads (:func:`~ditq.runtime.evaluate.parse_config`), exported
+    configuration ``ditq eval --configs`` reads (:func:`~ditq.workflows.evaluate.parse_config`), exported
     for target ``ort`` unless it says ``@qdq``. ``float`` is always measured (first)."""
     out = [Variant("float", "float")]
     for raw in [v.strip() for v in text.split(",") if v.strip()]:  # case kept: a recipe path

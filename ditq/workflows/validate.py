@@ -47,7 +47,7 @@ import numpy as np
 
 from ditq.errors import DitqError, one_line, shown
 from ditq.runtime.generate import resolve_model_file
-from ditq.exporter import EXACT_QDQ_CONFIG, TARGETS
+from ditq.fileformat import EXACT_QDQ_CONFIG, TARGETS
 from ditq.untrusted import check_source, parse_json
 
 FP32_FLOOR_DB = 80.0
