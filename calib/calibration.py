@@ -21,8 +21,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ditq.adapters import adapter_for
 from ditq.errors import DitqError
 from ditq.files import atomic_path
+from ditq.runtime.samplers import sample, seeded_noise
 from ditq.schedule import SchedulerSpec
 
 
@@ -44,23 +46,22 @@ def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, sche
     ``before_call(kept, x, t, y)`` sees its inputs (numpy, the guided batch: conditional rows, then the
     null class); ``kept`` is true at ``cfg.timesteps_per_sample`` of the schedule's timesteps, spread
     over the trajectory."""
-    from ditq.exporter.trace import TorchDiT
-    from ditq.runtime.samplers import sample, seeded_noise
-
+    adapter = adapter_for(model)
     mcfg = dict(model.config)
-    c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
+    shape, cond = adapter.sample_shape(mcfg), adapter.conditioning(mcfg)
     spec = schedule or SchedulerSpec()
     use, _ = spec.plan(cfg.steps, "ddim")  # descending, the timesteps the sampler evaluates the model at
     keep_t = set(use[np.linspace(0, len(use) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
-    torch_fn = TorchDiT(model)
+    torch_fn = adapter.torch_callable(model)
 
     def model_fn(x, t, y):
         before_call(int(t[0]) in keep_t, x, t, y)
         return torch_fn(x, t, y)
 
-    labels = np.arange(cfg.num_samples) % ncls
+    labels = np.arange(cfg.num_samples) % cond.num_classes
+    c, size, _ = shape  # seeded_noise draws square samples of c channels
     sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, schedule=spec, steps=cfg.steps,
-           cfg=cfg.cfg, null_class=ncls, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+           cfg=cfg.cfg, null_class=cond.null_label, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
 
 
 def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, schedule: SchedulerSpec | None = None,

@@ -1,4 +1,5 @@
-"""Quantization numerics: choose qparams, quantize, dequantize, fake-quantize, pack.
+"""Quantization numerics: choose qparams, quantize, dequantize, fake-quantize, weight codes (round to
+nearest, ternary), pack.
 
 Every tensor is grouped along its **last** axis (the input-channel axis of a linear's ``[N, K]`` weight,
 the channel axis of a ``[..., K]`` activation) in groups of ``group_size`` consecutive elements; one scale
@@ -130,6 +131,17 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = 
     scale, zero = choose_qparams(w, bits, group_size, symmetric)
     codes = quantize(w, scale, zero, bits, symmetric)
     return QuantizedTensor(codes.to(torch.int16), scale, zero.to(torch.int16), bits, group_size, symmetric)
+
+
+def quantize_ternary(w: torch.Tensor, group_size: int) -> QuantizedTensor:
+    """Ternary codes of a ``[N, K]`` weight (W1.58, BitNet b1.58): per row and group of ``group_size``,
+    ``s = mean|w|``, ``q = clamp(round(w / s), -1, 1)`` (2-bit symmetric codes, zero point 0: the
+    symmetric 2-bit grid above is exactly {-1, 0, 1}), ``w ~ q * s``."""
+    w = w.detach().float()
+    wg = _grouped(w, group_size)
+    scale = torch.clamp(wg.abs().mean(-1), min=EPS)
+    codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)), -1, 1).reshape(w.shape)
+    return QuantizedTensor(codes.to(torch.int16), scale, torch.zeros_like(scale, dtype=torch.int16), 2, group_size, True)
 
 
 def sqnr_db(reference: torch.Tensor | np.ndarray, test: torch.Tensor | np.ndarray) -> float:

@@ -1,14 +1,7 @@
-"""RobuQ's pieces: ternary weights, block Hadamard rotation, and activation-only mixed precision.
+"""RobuQ's activation-only mixed precision. Its other two pieces are parts of the quantized linear
+(:mod:`ditq.calib.qlinear`): ternary weights (:func:`ditq.calib.numerics.quantize_ternary`) and the block
+Hadamard rotation (:mod:`ditq.calib.hadamard`).
 
-- **Ternary weights** (W1.58, BitNet b1.58): one scale per output channel, the mean absolute weight
-  ``s = mean|w|``, and codes ``q = clamp(round(w / s), -1, 1)``; ``w ~ q * s``. Stored as 2-bit signed
-  codes (ONNX INT2 at opset 25; the symmetric 2-bit grid of :mod:`ditq.calib.numerics` is exactly {-1, 0, 1}).
-- **Hadamard rotation**: ``y = x W^T = (x H)(W H)^T`` for an orthonormal ``H`` (``H H^T = I``). ``H`` is
-  block diagonal with Sylvester Hadamard blocks of size ``b``, the largest power of two dividing the
-  width ``K`` (at most :data:`~ditq.recipe.MAX_ROTATION`), normalised by ``1/sqrt(b)``; the normalised Sylvester matrix
-  is symmetric, so ``H^T = H``. Weights are rotated offline, activations online in the graph, before
-  their per-token quantization: the rotation spreads outlier channels over the block, so each token's
-  values are closer to Gaussian and a uniform 2-4 bit grid loses less.
 - **Mixed activation bits**: per-layer sensitivities ``cost[layer][bits]`` (output error with only that
   layer's input at ``bits``, measured on the model's own inputs along its float sampling trajectories)
   and an average-bit budget; :func:`allocate_bits` chooses one width per layer by dynamic programming so
@@ -18,48 +11,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
+from ditq.adapters import adapter_for
 from ditq.calib.calibration import CalibConfig, record_model_inputs
-from ditq.calib.numerics import EPS, QuantizedTensor, _grouped
-from ditq.recipe import Recipe, rotation_block
+from ditq.calib.qlinear import QuantLinear, plan_weight, swap_module
+from ditq.recipe import LayerPlan, LayerQuant, Recipe
 from ditq.schedule import SchedulerSpec
-
-
-def hadamard(n: int, dtype=torch.float32) -> torch.Tensor:
-    """The normalised Sylvester Hadamard matrix of size ``n`` (a power of two): symmetric, orthonormal."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard size {n} is not a power of two")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(dtype)
-
-
-def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
-    """``x H`` along the last axis, ``H`` block diagonal with normalised Hadamard blocks of ``block``."""
-    k = x.shape[-1]
-    if k % block:
-        raise ValueError(f"rotation block {block} does not divide the width {k}")
-    h = hadamard(block, x.dtype).to(x.device)
-    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
-
-
-_rotate = rotate  # for functions whose ``rotate`` argument is a flag
-
-
-def quantize_ternary(w: torch.Tensor, group_size: int) -> QuantizedTensor:
-    """Ternary codes of a ``[N, K]`` weight: per row and group of ``group_size``, ``s = mean|w|``,
-    ``q = clamp(round(w / s), -1, 1)`` (2-bit symmetric codes, zero point 0)."""
-    w = w.detach().float()
-    wg = _grouped(w, group_size)
-    scale = torch.clamp(wg.abs().mean(-1), min=EPS)
-    codes = torch.clamp(torch.round(wg / scale.unsqueeze(-1)), -1, 1).reshape(w.shape)
-    return QuantizedTensor(codes.to(torch.int16), scale, torch.zeros_like(scale, dtype=torch.int16), 2, group_size, True)
 
 
 def allocate_bits(
@@ -98,28 +60,13 @@ def uniform_cost(cost: Mapping[str, Mapping[int, float]], bits: int) -> float:
     return sum(float(c[bits]) for c in cost.values())
 
 
-def sensitivity_table(layers: Sequence[str], options: Sequence[int], measure) -> dict[str, dict[int, float]]:
-    """``measure(layer, bits) -> error`` for every layer and bit width."""
-    return {n: {b: float(measure(n, b)) for b in options} for n in layers}
-
-
 # ------------------------------------------------------------------------- sensitivity of a real model
 def block_units(model) -> dict[str, tuple[str, ...]]:
-    """The activation quantizers of RobuQ's block linears, by unit: q/k/v share one input (one unit of
-    three layers), then the attention output, fc1 and fc2 of every block."""
-    import torch.nn as nn
-
-    names = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    units: dict[str, tuple[str, ...]] = {}
-    i = 0
-    while f"transformer_blocks.{i}.attn1.to_q" in names:
-        p = f"transformer_blocks.{i}."
-        units[p + "attn1.qkv"] = tuple(p + f"attn1.to_{c}" for c in "qkv")
-        units[p + "attn1.to_out.0"] = (p + "attn1.to_out.0",)
-        units[p + "ff.net.0.proj"] = (p + "ff.net.0.proj",)
-        units[p + "ff.net.2"] = (p + "ff.net.2",)
-        i += 1
-    return units
+    """The activation quantizers of RobuQ's block linears, by unit: the input groups of the model family's
+    coverage (:meth:`ditq.adapters.Coverage.groups`; DiT: q/k/v share one input, one unit of three
+    layers, then the attention output, fc1 and fc2 of every block)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return adapter_for(model).coverage.groups(names)
 
 
 # the trajectories sensitivity inputs are drawn from: 8 samples x 8 timesteps (x 2 rows with guidance)
@@ -138,16 +85,18 @@ def sensitivity_inputs(model, *, clip_denoised: bool, schedule: SchedulerSpec | 
     return x[idx], t[idx], y[idx]
 
 
+def activation_plan(name: str, linear: torch.nn.Linear, bits: int, rotate: bool) -> LayerPlan:
+    """The plan of a block linear with only its input quantized: ``bits`` per token, asymmetric min-max
+    (as RobuQ's recipe quantizes these inputs), after the Hadamard rotation when ``rotate``; float weights."""
+    quant = LayerQuant(wbits=None, abits=bits, group_size=None, symmetric=False, rotate=rotate)
+    return LayerPlan(name, "linear", linear.in_features, linear.out_features, quant)
+
+
 def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bool = False) -> dict[str, dict[int, float]]:
     """Relative output error ``|f_u,b(x) - f(x)|^2 / |f(x)|^2`` with only unit ``u``'s input activation
-    quantized to ``b`` bits (per token, after the rotation when ``rotate``; weights float: activation-only
-    sensitivity). A rotated layer computes ``Q(x H)(W H)^T = (Q(x H) H) W^T``, so a forward pre-hook that
-    replaces ``x`` with ``rotate(Q(rotate(x)))`` measures it on the float weights."""
-    from tqdm.auto import tqdm
-
-    from ditq.calib.numerics import fake_quantize
-
-    named = dict(model.named_modules())
+    quantized to ``b`` bits (:func:`activation_plan`; weights float: activation-only sensitivity). Each
+    member of ``u`` is swapped for the :class:`~ditq.calib.qlinear.QuantLinear` of its float weight under
+    that plan, ``Q(x H)(W H)^T + b`` (``H = I`` unrotated), for one forward, then swapped back."""
     x, t, y = inputs
     with torch.no_grad():
         ref = model(x, timestep=t, class_labels=y).sample
@@ -156,21 +105,16 @@ def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bo
         units = block_units(model)
         for unit, members in tqdm(list(units.items()), desc="activation sensitivity", unit="unit", disable=not progress):
             out[unit] = {}
+            floats = {m: model.get_submodule(m) for m in members}
             for bits in options:
-                def hook(_mod, args, bits=bits):
-                    a = args[0]
-                    k = a.shape[-1]
-                    b = rotation_block(k) if rotate else None
-                    a = _rotate(a, b) if b else a
-                    a = fake_quantize(a, bits, k)
-                    return (_rotate(a, b) if b else a,)  # H H = I: back to the float weights' basis
-
-                handles = [named[m].register_forward_pre_hook(hook) for m in members]
+                for m, lin in floats.items():
+                    plan = activation_plan(m, lin, bits, rotate)
+                    swap_module(model, m, QuantLinear(plan_weight(lin.weight.detach().float(), plan), lin.bias, plan))
                 try:
                     o = model(x, timestep=t, class_labels=y).sample
                 finally:
-                    for h in handles:
-                        h.remove()
+                    for m, lin in floats.items():
+                        swap_module(model, m, lin)
                 out[unit][bits] = float(((o - ref).double() ** 2).sum()) / norm
     return out
 
@@ -200,9 +144,11 @@ class MixedRecipe:
 
 def mixed_recipe(model, avg_bits: int, *, rotate: bool = True, clip_denoised: bool = False,
                  schedule: SchedulerSpec | None = None, progress: bool = False) -> MixedRecipe:  # fmt: skip
-    """``Recipe.robuq(avg_bits, rotate)`` with mixed activation bits for ``model``: sensitivities measured
-    on the model's own sampling inputs (:func:`sensitivity_inputs`), bits allocated by
-    :func:`mixed_activation_bits` to average exactly ``avg_bits`` over the block linears."""
+    """``Recipe.robuq(coverage, avg_bits, rotate)`` (``model``'s family coverage) with mixed activation
+    bits for ``model``: sensitivities measured on the model's own sampling inputs
+    (:func:`sensitivity_inputs`), bits allocated by :func:`mixed_activation_bits` to average exactly
+    ``avg_bits`` over the block linears."""
     inputs = sensitivity_inputs(model, clip_denoised=clip_denoised, schedule=schedule)
     per_module, table, per_unit = mixed_activation_bits(model, avg_bits, rotate=rotate, inputs=inputs, progress=progress)
-    return MixedRecipe(Recipe.robuq(avg_bits, rotate=rotate, act_bits=per_module), per_unit, table)
+    recipe = Recipe.robuq(adapter_for(model).coverage, avg_bits, rotate=rotate, act_bits=per_module)
+    return MixedRecipe(recipe, per_unit, table)

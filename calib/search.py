@@ -1,7 +1,8 @@
 """Q-DiT's evolutionary search over per-layer group sizes, crash-safe and resumable.
 
-Genome: one group size per *gene*; a gene is one quantized linear of a block, with ``to_q``, ``to_k`` and
-``to_v`` together (they read one activation, as Q-DiT's fused ``qkv``), so 4 genes per block. A gene's
+Genome: one group size per *gene*; a gene is one input group of a block's activation-quantized linears
+(the model family's :class:`~ditq.adapters.Coverage`: DiT's ``to_q``, ``to_k`` and ``to_v`` together, as
+they read one activation, Q-DiT's fused ``qkv``; then ``to_out.0``, fc1, fc2: 4 genes per block). A gene's
 size applies to the weight rows and the input activation alike. The choices of a gene are the sizes of
 the search space that divide its input width.
 
@@ -28,17 +29,17 @@ with a null fitness, and ranks after every other genome: it is never taken again
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ditq.adapters import Coverage
 from ditq.calib.journal import Journal, evaluation_record, fitness_of, genome_key
 from ditq.errors import DitqError, shown
+from ditq.recipe import Rule
 
 QDIT_SPACE = (32, 64, 128, 192, 288)
-_GENE_LAYERS = (("attn1.to_qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")), ("attn1.to_out.0", ("attn1.to_out.0",)),
-                ("ff.net.0.proj", ("ff.net.0.proj",)), ("ff.net.2", ("ff.net.2",)))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,24 +51,20 @@ class Gene:
     choices: tuple[int, ...]
 
 
-def genes_of(plans: dict, space: Iterable[int] = QDIT_SPACE) -> list[Gene]:
-    """The genes of a resolved recipe's activation-quantized block linears."""
+def genes_of(plans: dict, coverage: Coverage, space: Iterable[int] = QDIT_SPACE) -> list[Gene]:
+    """The genes of a resolved recipe's activation-quantized block linears: ``coverage``'s input groups
+    (:meth:`~ditq.adapters.Coverage.groups`) whose members all quantize their input."""
     space = sorted(set(int(s) for s in space))
     if not space or space[0] < 1:
         raise DitqError(f"search space must be positive group sizes, got {space}")
-    blocks = sorted({int(n.split(".")[1]) for n, p in plans.items() if n.startswith("transformer_blocks.") and p.abits})
     genes = []
-    for b in blocks:
-        for gname, suffixes in _GENE_LAYERS:
-            layers = tuple(f"transformer_blocks.{b}.{s}" for s in suffixes)
-            ps = [plans.get(n) for n in layers]
-            if any(p is None or p.abits is None for p in ps):
-                continue
-            k = ps[0].in_features
-            choices = tuple(s for s in space if k % s == 0)
-            if not choices:
-                raise DitqError(f"no group size of the search space {space} divides the width {k} of {layers[0]!r}")
-            genes.append(Gene(f"transformer_blocks.{b}.{gname}", layers, k, sum(p.out_features for p in ps), choices))
+    for gname, layers in coverage.groups(n for n, p in plans.items() if p.abits).items():
+        ps = [plans[n] for n in layers]
+        k = ps[0].in_features
+        choices = tuple(s for s in space if k % s == 0)
+        if not choices:
+            raise DitqError(f"no group size of the search space {space} divides the width {k} of {layers[0]!r}")
+        genes.append(Gene(gname, layers, k, sum(p.out_features for p in ps), choices))
     if not genes:
         raise DitqError("the recipe quantizes no block activations: nothing to search")
     return genes
@@ -99,10 +96,6 @@ def parse_budget(text: str, genes: list[Gene], wbits: int, abits: int) -> float:
 
 def genome_recipe(base, genes: list[Gene], genome: tuple[int, ...]):
     """``base`` with one rule per searched layer setting its group size."""
-    from dataclasses import replace
-
-    from ditq.recipe import Rule
-
     rules = tuple(Rule(layer, {"group_size": int(g)}) for ge, g in zip(genes, genome) for layer in ge.layers)
     return replace(base, rules=tuple(base.rules) + rules)
 

@@ -1,47 +1,224 @@
 """ditq: Diffusion Transformers to deployable low-bit ONNX models, run with ONNX Runtime.
 
-Python API (the CLI is a thin layer over these)::
+Python API (the CLI is a thin layer over the same workflows; every function takes typed arguments and
+raises :class:`DitqError`, one line, on bad input)::
 
     import ditq
-    loaded = ditq.load_model("dit-s-2")                       # preset, diffusers folder or DiT checkpoint
-    recipe = ditq.Recipe.qdit(wbits=4, abits=8, group_size=64)
-    qdit = ditq.quantize(loaded.model, recipe)                # integer weights + PyTorch reference
-    ditq.export(qdit, "out/dit-s-w4a8", source=loaded.source) # model.onnx + recipe.json + manifest.json
-    report = ditq.validate("out/dit-s-w4a8")                  # ONNX Runtime vs the reference
-    assert report.passed
+    loaded = ditq.load_model("digits")                        # built-in, preset, diffusers folder or DiT checkpoint
+    recipe = ditq.build_recipe(ditq.RecipeOptions(wbits=4, abits=8, group_size=64, method="gptq"), loaded).recipe
+    inputs = ditq.calibrate(loaded, recipe, ditq.CalibrationOptions(num_samples=16))   # GPTQ's calibration
+    qdit = ditq.quantize(loaded.model, recipe, calibration=inputs)   # integer weights + PyTorch reference
+    ditq.export(qdit, "out/digits-w4a8", source=loaded.source)       # model.onnx + recipe.json + manifest.json
+    assert ditq.validate("out/digits-w4a8").passed                   # ONNX Runtime vs the reference
+    ditq.sample("out/digits-w4a8", "grid.png", classes=[0, 1, 2])    # ONNX Runtime alone
+
+    # the same in one call, as `ditq export` does it
+    ditq.export_model("digits", ditq.RecipeOptions(wbits=4, abits=8, method="gptq"), "out/digits-w4a8", force=True)
+    # `ditq eval`, `ditq bench`, `ditq search`, `ditq qat`
+    report = ditq.evaluate("digits", "fp,w4a8", num_samples=100, steps=20)
+    bench = ditq.bench("digits", "float,w4a8", runs=3)
+    found = ditq.search("digits", ditq.SearchOptions(abits=4, search=ditq.SearchConfig(population=4, generations=1)),
+                        "search.jsonl")                              # found.recipe, found.ranking
+    ditq.qat("digits", ditq.QATOptions(abits=4, steps=100), "out/digits-qat")
+
+Importing ``ditq`` imports no torch: each function, and each options class (``ditq.RecipeOptions``, ...),
+imports its workflow (:mod:`ditq.workflows`) when first used.
 """
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
 from ditq.errors import DitqError
 from ditq.recipe import LayerQuant, Recipe, Rule
 
-__all__ = ["DitqError", "LayerQuant", "Recipe", "Rule", "load_model", "quantize", "export", "validate"]
+if TYPE_CHECKING:
+    from ditq.calib.train import TrainConfig
+    from ditq.workflows.export import CalibrationOptions, RecipeOptions
+    from ditq.workflows.fitness import FitnessConfig
+    from ditq.workflows.qat import QATOptions
+    from ditq.workflows.search import SearchOptions
+
+# typed options, imported from their workflow on first use (``ditq.RecipeOptions``)
+_LAZY = {
+    "RecipeOptions": "ditq.workflows.export", "CalibrationOptions": "ditq.workflows.export",
+    "SearchOptions": "ditq.workflows.search", "SearchConfig": "ditq.calib.search", "FitnessConfig": "ditq.workflows.fitness",
+    "QATOptions": "ditq.workflows.qat", "TrainConfig": "ditq.calib.train", "EvalConfig": "ditq.workflows.evaluate",
+}  # fmt: skip
+
+__all__ = [
+    "DitqError", "LayerQuant", "Recipe", "Rule", *_LAZY, "load_model", "build_recipe", "calibrate", "quantize", "export",
+    "export_model", "validate", "sample", "evaluate", "bench", "search", "compare_fitness", "qat", "train_digits",
+]  # fmt: skip
 
 
-def load_model(spec: str, **kwargs):
-    """See :func:`ditq.models.load_model`."""
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ditq' has no attribute {name!r}")
+
+
+def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_heads: int | None = None):
+    """A :class:`~ditq.models.LoadedModel`: see :func:`ditq.models.load_model`."""
     from ditq.models import load_model as _load
 
-    return _load(spec, **kwargs)
+    return _load(spec, image_size=image_size, seed=seed, num_heads=num_heads)
 
 
-def quantize(model, recipe: Recipe, progress: bool = False, target: str = "qdq"):
-    """See :func:`ditq.exporter.reference.quantize_model`."""
+def build_recipe(options: RecipeOptions, model=None, *, progress: bool = False):
+    """The recipe ``options`` describe (``.recipe``; ``.bits_per_unit`` for mixed precision), on ``model``
+    (a ``LoadedModel`` or a spec; None: no model, ``group_size="auto"`` means 128): see
+    :func:`ditq.workflows.export.build_recipe`."""
+    from ditq.workflows.export import build_recipe as _build
+
+    return _build(options, _loaded(model) if model is not None else None, progress=progress)
+
+
+def calibrate(model, recipe: Recipe, options: CalibrationOptions | None = None, *, progress: bool = False):
+    """GPTQ's calibration inputs (layer name -> ``[rows, K]`` tensor) of every linear ``recipe`` covers on
+    ``model`` (a ``LoadedModel`` or a spec), recorded along its own float sampling trajectories, for
+    :func:`quantize`'s ``calibration``: see :func:`ditq.workflows.export.calibrate`."""
+    from ditq.workflows.export import CalibrationOptions, calibrate as _calibrate
+
+    return _calibrate(_loaded(model), recipe, options or CalibrationOptions(), progress=progress)
+
+
+def quantize(model, recipe: Recipe, *, calibration: dict | None = None, target: str = "qdq", progress: bool = False):
+    """Quantize every weight ``recipe`` covers on ``model`` (an ``nn.Module``) for ``target``: round to
+    nearest, or GPTQ (``recipe.method == "gptq"``) on ``calibration`` (from :func:`calibrate`). A
+    :class:`~ditq.exporter.reference.QuantizedDiT`: see :func:`ditq.exporter.reference.quantize_model`."""
     from ditq.exporter.reference import quantize_model
 
-    return quantize_model(model, recipe, progress=progress, target=target)
+    return quantize_model(model, recipe, progress=progress, calibration=calibration, target=target)
 
 
-def export(qdit, out_dir, *, source: dict | None = None, **kwargs):
-    """See :func:`ditq.exporter.export.export`."""
+def export(qdit, out_dir: str | Path, *, source: dict | None = None, pipeline=None, opset: int | None = None,
+           external_data_bytes: int = 256 << 20, force: bool = False, progress: bool = False):  # fmt: skip
+    """Write ``qdit`` (from :func:`quantize`) as a model folder: see :func:`ditq.exporter.export.export`
+    (``external_data_bytes``: weights above this size go to ``model.onnx.data``)."""
     from ditq.exporter.export import export as _export
 
-    return _export(qdit, out_dir, source=source or {"kind": "api"}, progress=kwargs.pop("progress", False), **kwargs)
+    return _export(qdit, out_dir, source=source or {"kind": "api"}, pipeline=pipeline, opset=opset,
+                   external_data_bytes=external_data_bytes, progress=progress, force=force)  # fmt: skip
 
 
-def validate(model_path, **kwargs):
-    """See :func:`ditq.workflows.validate.validate`."""
+def export_model(model, recipe: RecipeOptions | Recipe, out: str | Path, *, target: str = "qdq", opset: int | None = None,
+                 calibration: CalibrationOptions | None = None, force: bool = False, progress: bool = False):  # fmt: skip
+    """``ditq export``: load (``model``: a ``LoadedModel`` or a spec) -> recipe -> calibrate (GPTQ) ->
+    quantize -> export to ``out``: see :func:`ditq.workflows.export.export_model`."""
+    from ditq.workflows.export import CalibrationOptions, export_model as _export_model
+
+    return _export_model(model, recipe, out, target=target, opset=opset, calibration=calibration or CalibrationOptions(),
+                         force=force, progress=progress)  # fmt: skip
+
+
+def validate(model_path: str | Path, *, model_spec: str | None = None, recipe_path: str | Path | None = None,
+             image_size: int | None = None, provider: str = "cpu", progress: bool = False):  # fmt: skip
+    """``ditq validate``: see :func:`ditq.workflows.validate.validate`."""
     from ditq.workflows.validate import validate as _validate
 
-    return _validate(model_path, progress=kwargs.pop("progress", False), **kwargs)
+    return _validate(model_path, model_spec=model_spec, recipe_path=recipe_path, image_size=image_size, provider=provider,
+                     progress=progress)  # fmt: skip
+
+
+def sample(model_path: str | Path, out: str | Path, *, classes: str | Sequence[int] | None = None, per_class: int = 8,
+           seed: int = 0, steps: int = 50, cfg: float = 1.5, sampler: str = "ddim", batch_size: int = 256,
+           provider: str = "cpu", progress: bool = False):  # fmt: skip
+    """``ditq sample`` (ONNX Runtime alone): see :func:`ditq.workflows.sample.sample_to_file`."""
+    from ditq.workflows.sample import sample_to_file
+
+    return sample_to_file(model_path, out, classes=classes, per_class=per_class, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
+                          batch_size=batch_size, provider=provider, progress=progress)  # fmt: skip
+
+
+def evaluate(model: str = "digits", configs: str | Sequence = "fp,w8a8,w6a8,w4a8,w4a16", *, num_samples: int = 500,
+             steps: int = 50, cfg: float = 1.5, sampler: str = "ddim", seeds: Sequence[int] = (0,), group_size: int | None = 64,
+             symmetric: bool = False, method: str | None = None, calibration: CalibrationOptions | None = None,
+             provider: str = "cpu", exports_dir: str | Path | None = None, grid_path: str | Path | None = None,
+             layer_error: bool = False, progress: bool = False):  # fmt: skip
+    """``ditq eval``: ``configs`` (``"fp,w4a8,w4a4g32"`` or a list of ``ditq.EvalConfig``) of ``model``
+    exported, sampled with ONNX Runtime and judged; GPTQ configurations are calibrated as ``calibration``
+    says. An :class:`~ditq.workflows.evaluate.EvalReport`: see :func:`ditq.workflows.evaluate.evaluate`."""
+    from functools import partial
+
+    from ditq.options import MAX_CFG, MAX_SAMPLES, MAX_STEPS, SEED_MAX, check_float, check_int
+    from ditq.workflows.evaluate import evaluate as _evaluate, parse_configs
+    from ditq.workflows.export import CalibrationOptions, calibrate as _calibrate
+
+    check_int(num_samples, "num_samples", 2, MAX_SAMPLES)
+    check_int(steps, "steps", 1, MAX_STEPS)
+    check_float(cfg, "cfg", 0.0, MAX_CFG)
+    seeds = [check_int(s, "seeds", 0, SEED_MAX) for s in seeds]
+    confs = parse_configs(configs, group_size) if isinstance(configs, str) else list(configs)
+    calib_fn = partial(_calibrate, options=calibration or CalibrationOptions(), progress=progress)
+    return _evaluate(model, confs, num_samples=num_samples, steps=steps, cfg=cfg, sampler=sampler, seeds=seeds,
+                     group_size=group_size, symmetric=symmetric, method=method, provider=provider, exports_dir=exports_dir,
+                     grid_path=grid_path, calib_fn=calib_fn, layer_error=layer_error, progress=progress)  # fmt: skip
+
+
+def bench(model: str = "digits", variants: str | Sequence = "float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq", *,
+          group_size: int | str | None = "auto", batch: int = 1, runs: int = 10, threads: int | None = None,
+          provider: str = "cpu", work_dir: str | Path | None = None, quality: int = 0, quality_steps: int = 50,
+          profile: bool = False, image_size: int | None = None, progress: bool = False):  # fmt: skip
+    """``ditq bench``: latency, size, peak memory and error of ``variants`` (``"float,ort-int8,w4a8"`` or a
+    list of :class:`~ditq.workflows.bench.Variant`) against float ONNX Runtime. A
+    :class:`~ditq.workflows.bench.BenchReport`: see :func:`ditq.workflows.bench.bench`."""
+    from ditq.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, check_int
+    from ditq.workflows.bench import bench as _bench, parse_variants
+
+    check_int(batch, "batch", 1, MAX_BATCH)
+    check_int(runs, "runs", 1, 10_000)
+    check_int(quality, "quality", 0, MAX_SAMPLES)
+    check_int(quality_steps, "quality_steps", 1, MAX_STEPS)
+    if threads is not None:
+        check_int(threads, "threads", 1, 1024)
+    chosen = parse_variants(variants, group_size) if isinstance(variants, str) else list(variants)
+    return _bench(model, chosen, batch=batch, runs=runs, threads=threads, provider=provider, work_dir=work_dir, quality=quality,
+                  quality_steps=quality_steps, profile=profile, image_size=image_size, progress=progress)  # fmt: skip
+
+
+def search(model: str, options: SearchOptions, journal: str | Path, *, progress: bool = False):
+    """``ditq search``: Q-DiT's group-size search on ``model``, journaled (and resumed from) ``journal``; a
+    :class:`~ditq.workflows.search.SearchOutcome` (``.recipe``, ``.ranking``): see :mod:`ditq.workflows.search`."""
+    from ditq.workflows.search import search as _search
+
+    return _search(model, options, journal, progress=progress)
+
+
+def compare_fitness(model: str, configs: str | Sequence, *, seeds: Sequence[int] = (1, 2, 3), group_size: int | None = 64,
+                    symmetric: bool = False, fitness: FitnessConfig | None = None, workers: int = 2):  # fmt: skip
+    """``ditq fitness``: the search's fitness of whole ``configs`` on each seed set (``.consistent``: the
+    same ranking on every one): see :func:`ditq.workflows.search.compare_fitness`."""
+    from ditq.workflows.evaluate import parse_configs
+    from ditq.workflows.fitness import FitnessConfig
+    from ditq.workflows.search import compare_fitness as _compare
+
+    confs = parse_configs(configs, group_size) if isinstance(configs, str) else list(configs)
+    return _compare(model, confs, seeds=list(seeds), symmetric=symmetric, fitness=fitness or FitnessConfig(), workers=workers)
+
+
+def qat(model: str, options: QATOptions, out: str | Path, *, checkpoint: str | Path | None = None, force: bool = False,
+        progress: bool = False):  # fmt: skip
+    """``ditq qat``: RobuQ quantization-aware training of a digits ``model``, written to the folder ``out``:
+    see :func:`ditq.workflows.qat.qat`."""
+    from ditq.workflows.qat import qat as _qat
+
+    return _qat(model, options, out, checkpoint=checkpoint, force=force, progress=progress)
+
+
+def train_digits(out: str | Path | None = None, config: TrainConfig | None = None, *, checkpoint: str | Path | None = None, judge_only: bool = False,
+                 force: bool = False, progress: bool = False):  # fmt: skip
+    """``ditq train-digits``: the digit judge and the digits DiT (``config``: a ``ditq.TrainConfig``; default
+    6000 steps) from scratch: see :func:`ditq.workflows.train.train_digits`."""
+    from ditq.calib.train import TrainConfig
+    from ditq.workflows.train import train_digits as _train
+
+    return _train(out, config or TrainConfig(steps=6000), checkpoint=checkpoint, judge_only=judge_only, force=force,
+                  progress=progress)  # fmt: skip
+
+
+def _loaded(model):
+    """A ``LoadedModel`` as it is, or the one a spec names."""
+    return load_model(model) if isinstance(model, str) else model

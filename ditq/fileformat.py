@@ -19,6 +19,8 @@ META_TARGET = "ditq.target"
 META_CONFIG = "ditq.model_config"
 META_PIPELINE = "ditq.pipeline"  # how to sample: {"space": "pixel"|"latent", "clip_denoised": bool, ...}
 META_SESSION_CONFIG = "ditq.session_config"  # JSON object of the session config entries the model needs
+# JSON object, layer -> the effective plan its kernel computes (ditq.graphs.plan_record): what validate checks
+META_PLANS = "ditq.plans"
 
 # the ONNX Runtime session config entry a ``qdq`` model records (ditq.runtime.session applies it)
 ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"

@@ -42,7 +42,6 @@ from ditq.untrusted import NOT_JSON, JsonError, inside, parse_json, read_regular
 
 MANIFEST_FILE = "manifest.json"
 RECIPE_FILE = "recipe.json"  # the recipe a folder was made with (an export, a QAT output)
-PIPELINE_FILE = "ditq_pipeline.json"  # how to sample a diffusers folder ditq wrote (read by ditq.models.pipeline_info)
 TOOL = "ditq"
 REPORT_SUFFIXES = (".json", ".png", ".npy")  # what ditq's reports and samples are written as
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest lists a handful of files: a few KB

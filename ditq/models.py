@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ditq.adapters import adapter_for, supported
 from ditq.errors import DitqError, one_line, shown
-from ditq.manifest import PIPELINE_FILE, file_sha256
-from ditq.untrusted import VAE_CONFIG, VAE_DECODER_FILE, check_dit_config, check_fields, pipeline_schedule, read_json, read_pipeline
+from ditq.manifest import file_sha256
+from ditq.pipeline import VAE_DECODER_FILE, Pipeline
+from ditq.untrusted import VAE_CONFIG, check_dit_config, check_fields, read_json
 from ditq.weights import diffusers_weight_files, load_weights, read_pickle, read_safetensors, read_weight_files, tensor_names
 from ditq.schedule import SchedulerSpec
 
@@ -29,15 +31,11 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 # Heads of the original DiT models by hidden size (the checkpoint does not record them).
 _HEADS_BY_HIDDEN = {h: n for h, _, n in PRESETS.values()}
-SUPPORTED_CLASS = "DiTTransformer2DModel"
+DIT = adapter_for("DiTTransformer2DModel")  # the family the presets and checkpoint loaders build
 
 # Models trained by the project and shipped with it (diffusers folders under ditq/assets/).
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUILTIN: dict[str, Path] = {"digits": ASSETS / "digits"}
-# How to sample each built-in model: pixel space in [-1, 1], so the predicted x0 is clipped.
-BUILTIN_PIPELINE: dict[str, dict[str, Any]] = {
-    "digits": {"space": "pixel", "value_range": [-1.0, 1.0], "clip_denoised": True, "judge": "digits"}
-}
 
 
 def digits_config() -> dict[str, Any]:
@@ -50,12 +48,12 @@ def digits_config() -> dict[str, Any]:
 class LoadedModel:
     model: Any  # diffusers.DiTTransformer2DModel, float32, eval
     source: dict[str, Any]
-    pipeline: dict[str, Any]  # how to sample it: pipeline_info(source), computed once by the loader
+    pipeline: Pipeline  # how to sample it: pipeline_info(source), computed once by the loader
 
     @property
     def schedule(self) -> SchedulerSpec:
         """The noise schedule and sampler settings it samples with (DiT's unless its pipeline says)."""
-        return pipeline_schedule(self.pipeline)
+        return self.pipeline.schedule
 
 
 def dit_config(
@@ -91,6 +89,14 @@ def dit_config(
     )
 
 
+# How to sample each built-in model: digits in pixel space, [-1, 1], so the predicted x0 is clipped; the
+# digit judge scores its images.
+BUILTIN_PIPELINE: dict[str, Pipeline] = {
+    "digits": Pipeline(space="pixel", clip_denoised=True, value_range=(-1.0, 1.0), judge="digits",
+                       conditioning=DIT.conditioning(digits_config())),  # fmt: skip
+}
+
+
 def build_dit(config: dict[str, Any], seed: int | None = 0):
     """A float32 eval-mode diffusers DiT; random weights drawn from ``seed`` without touching global RNG."""
     import torch
@@ -115,9 +121,10 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
     if spec in PRESETS:
         hidden, depth, heads = PRESETS[spec]
         sample = 32 if image_size is None else _latent_size(image_size)
-        model = build_dit(dit_config(hidden, depth, heads, sample_size=sample), seed)
+        config = dit_config(hidden, depth, heads, sample_size=sample)
+        model = build_dit(config, seed)
         source = {"kind": "preset", "name": spec, "seed": seed, "image_size": image_size}
-        return LoadedModel(model, source, pipeline_info(source))
+        return LoadedModel(model, source, pipeline_info(source, config=config))
     path = Path(spec)
     if not path.exists():
         raise DitqError(
@@ -148,35 +155,44 @@ def load_from_source(source: dict[str, Any]) -> LoadedModel:
     raise DitqError(f"unknown model source {source!r}")
 
 
-def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = None) -> dict[str, Any]:
+def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = None) -> Pipeline:
     """How to sample a model from this source (the loaders compute it once, as :attr:`LoadedModel.pipeline`):
-    pixel space (clip x0 to [-1, 1]) or latent space. A diffusers folder's ``ditq_pipeline.json`` (written by
-    ditq) is read by :func:`~ditq.untrusted.read_pipeline`; a pipeline folder's scheduler config is read as a
-    :class:`SchedulerSpec` (``schedule``: a setting ditq's samplers do not implement is refused here, naming
-    it) and, with a ``vae/``, the decoder file and the latent scaling factor. ``config``: the transformer's
-    checked config (:func:`~ditq.untrusted.check_dit_config`) when the caller has it; else read here."""
-    if source.get("kind") == "builtin" and source.get("name") in BUILTIN_PIPELINE:
-        return dict(BUILTIN_PIPELINE[source["name"]])
-    info: dict[str, Any] = {"space": "latent", "clip_denoised": False}
-    root = Path(source.get("path", "")) if source.get("kind") == "diffusers" else None
-    if root is not None and (root / PIPELINE_FILE).is_file():  # written by ditq (e.g. ditq qat)
-        written = root / PIPELINE_FILE
-        return read_pipeline(read_json(written), str(written))
-    if root is not None and (root / "model_index.json").is_file():
-        sched = root / "scheduler" / "scheduler_config.json"
-        dit = root / "transformer" / "config.json"
-        if sched.is_file():
-            if config is None and dit.is_file():
-                config = check_dit_config(read_json(dit), str(dit))
-            c_in = None if config is None else config["in_channels"]
-            learned_sigma = None if config is None else (config["out_channels"] or c_in) == 2 * c_in
-            spec = SchedulerSpec.from_scheduler_config(read_json(sched), where=str(sched), learned_sigma=learned_sigma)
-            info["schedule"] = spec.to_dict()
-        vae = root / "vae" / "config.json"
-        if vae.is_file():
-            vae_cfg = check_fields(read_json(vae), VAE_CONFIG, str(vae))
-            info.update(vae=VAE_DECODER_FILE, scaling_factor=float(vae_cfg["scaling_factor"] or 0.18215), value_range=[-1.0, 1.0])
-    return info
+    a built-in model's :data:`BUILTIN_PIPELINE`; a diffusers folder's :data:`~ditq.pipeline.PIPELINE_FILE`
+    (written by ditq) read by :meth:`Pipeline.read_from`; a pipeline folder's scheduler config read as a
+    :class:`SchedulerSpec` (a setting ditq's samplers do not implement is refused here, naming it) and, with
+    a ``vae/``, the decoder file and the latent scaling factor; else DiT's, in latent space. ``config``: the
+    transformer's checked config (:func:`~ditq.untrusted.check_dit_config`) when the caller has it; else
+    read here where the source names it (a folder's, a preset's), to give the class conditioning."""
+    kind, name = source.get("kind"), source.get("name")
+    if kind == "builtin" and name in BUILTIN_PIPELINE:
+        return BUILTIN_PIPELINE[name]
+    root = Path(source.get("path", "")) if kind == "diffusers" else None
+    if config is None and kind == "preset" and name in PRESETS:
+        config = dit_config(*PRESETS[name])
+    if config is None and root is not None:
+        config = _folder_config(root)
+    written = Pipeline.read_from(root, config=config) if root is not None else None  # written by ditq (e.g. ditq qat)
+    if written is not None:
+        return written
+    conditioning = None if config is None else DIT.conditioning(config)
+    if root is None or not (root / "model_index.json").is_file():
+        return Pipeline(conditioning=conditioning)
+    schedule, vae, scaling_factor = SchedulerSpec(), None, None
+    sched = root / "scheduler" / "scheduler_config.json"
+    if sched.is_file():
+        learned_sigma = None if config is None else DIT.output_split(config)[1] > 0
+        schedule = SchedulerSpec.from_scheduler_config(read_json(sched), where=str(sched), learned_sigma=learned_sigma)
+    vae_file = root / "vae" / "config.json"
+    if vae_file.is_file():
+        vae_cfg = check_fields(read_json(vae_file), VAE_CONFIG, str(vae_file))
+        vae, scaling_factor = VAE_DECODER_FILE, float(vae_cfg["scaling_factor"] or 0.18215)
+    return Pipeline(space="latent", schedule=schedule, vae=vae, scaling_factor=scaling_factor, conditioning=conditioning)
+
+
+def _folder_config(root: Path) -> dict[str, Any] | None:
+    """The checked transformer config of a diffusers folder (a pipeline folder's ``transformer/``), if any."""
+    file = root / ("transformer" if (root / "model_index.json").is_file() else "") / "config.json"
+    return check_dit_config(read_json(file), str(file)) if file.is_file() else None
 
 
 def load_vae(source: dict[str, Any]):
@@ -213,9 +229,12 @@ def _load_diffusers(path: Path) -> LoadedModel:
         raise DitqError(f"{path}: not a diffusers model folder (no config.json{' in transformer/' if folder != path else ''})")
     cfg = read_json(cfg_file)
     cls_name = cfg.get("_class_name")
-    if cls_name != SUPPORTED_CLASS:
-        named = shown(cls_name) if isinstance(cls_name, str) else "none"
-        raise DitqError(f"{path}: unsupported architecture {named}; ditq exports {SUPPORTED_CLASS}")
+    if not isinstance(cls_name, str):
+        raise DitqError(f"{path}: config.json names no architecture (_class_name); ditq supports: {', '.join(supported())}")
+    try:
+        adapter_for(cls_name)
+    except DitqError as e:
+        raise DitqError(f"{path}: {e}") from None
     config = check_dit_config(cfg, str(cfg_file))
     pipe = pipeline_info({"kind": "diffusers", "path": str(path.resolve())}, config=config)  # before any weights are read
     tensors = read_weight_files(diffusers_weight_files(folder))
@@ -281,7 +300,7 @@ def _load_original(path: Path, *, image_size: int | None, num_heads: int | None)
         "image_size": image_size,
         "num_heads": num_heads,
     }
-    return LoadedModel(model, source, pipeline_info(source))
+    return LoadedModel(model, source, pipeline_info(source, config=config))
 
 
 # The timestep sinusoid of facebookresearch/DiT: cos/sin of t * exp(-ln(10000) i / half), i = 0..half-1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
 from typing import Callable
 
 from ditq.errors import DitqError, one_line, shown
@@ -78,3 +79,19 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise DitqError(f"{one_line(message, MAX_MESSAGE)} (see {self.prog} --help)")
+
+
+def check_int(value: object, name: str, lo: int, hi: int) -> int:
+    """A typed API argument ``name``: an integer (not a bool) in ``lo..hi``, else a one-line :class:`DitqError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise DitqError(f"{name}: expected an integer in {lo}..{hi}, got {shown(value, MAX_ECHO)}")
+    return int(value)
+
+
+def check_float(value: object, name: str, lo: float, hi: float, *, open_lo: bool = False) -> float:
+    """A typed API argument ``name``: a finite real number in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if not (ok and (lo < value if open_lo else lo <= value) and value <= hi):
+        span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+        raise DitqError(f"{name}: expected a finite number in {span}, got {shown(value, MAX_ECHO)}")
+    return float(value)

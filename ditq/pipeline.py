@@ -1,10 +1,23 @@
-"""How an exported model samples: one typed record, stored in the model file (``ditq.pipeline``)."""
+"""How a model samples: one typed record, :class:`Pipeline`, stored in an exported model's metadata
+(:data:`~ditq.fileformat.META_PIPELINE`) and in the :data:`PIPELINE_FILE` of a diffusers folder ditq wrote.
+
+The record is read as untrusted input (:meth:`Pipeline.from_dict`): every field is checked and bounded, a
+field an earlier ditq did not write takes its default, and one this version does not know is ignored.
+``conditioning`` (written since the record was typed) is derived from the model config when absent.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
 
 from ditq.errors import DitqError, shown
+from ditq.fileformat import META_PIPELINE
+from ditq.schedule import SchedulerSpec
+from ditq.untrusted import DIT_CONFIG, Bool, Float, Int, Object, OneOf, Pair, Text, check_fields, parse_json_object, read_json
 
 
 @dataclass(frozen=True)
@@ -20,3 +33,194 @@ class ClassConditioning:
             v = getattr(self, name)
             if type(v) is not int or v < 0:
                 raise DitqError(f"conditioning {name} must be a non-negative integer, got {shown(v)}")
+        if self.null_label < self.num_classes:
+            raise DitqError(f"conditioning null_label {self.null_label} is one of the labels 0..{self.num_classes - 1}")
+
+    @classmethod
+    def of_dit(cls, config: Mapping[str, Any]) -> "ClassConditioning":
+        """A DiT's: labels ``0..num_embeds_ada_norm-1``; its label table's last row (``num_embeds_ada_norm``)
+        is the null label."""
+        n = config["num_embeds_ada_norm"]
+        return cls(n, n)
+
+
+PIPELINE_FILE = "ditq_pipeline.json"  # a diffusers folder ditq wrote (ditq qat): how to sample it
+VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
+SPACES = ("pixel", "latent")
+# The judges ditq ships (ditq.runtime.metrics.DigitJudge) and the images each scores: (channels, size, classes).
+JUDGES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 10)}
+MAX_SCALING_FACTOR = 1e6
+MAX_VALUE = 1e30  # a value_range bound
+
+# The record's fields as JSON: absent ones take these defaults (records of earlier ditq versions hold only
+# some of them); fields not named here are ignored (written by a newer ditq).
+FIELDS: dict[str, Any] = {
+    "space": OneOf(SPACES, "latent"),
+    "clip_denoised": Bool(False),
+    "value_range": Pair([-1.0, 1.0]),
+    "judge": OneOf((None, *JUDGES), None),
+    "schedule": Object(None),  # SchedulerSpec.to_dict(); absent or null: DiT's
+    "vae": Text(255, None, nullable=True),  # a file in the model's folder: VAE_DECODER_FILE only
+    "scaling_factor": Float(0.0, MAX_SCALING_FACTOR, None, open_lo=True, nullable=True),
+    "conditioning": Object(None),  # absent or null: derived from the model config by a reader that has it
+}
+CONDITIONING_FIELDS: dict[str, Any] = {
+    "num_classes": Int(1, DIT_CONFIG["num_embeds_ada_norm"].hi),
+    "null_label": Int(0, DIT_CONFIG["num_embeds_ada_norm"].hi),
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How a model samples: in pixel space (the predicted x0 clipped to ``value_range`` when
+    ``clip_denoised``) or in latent space (decoded by the float VAE decoder ``vae``, which divides the
+    latents by ``scaling_factor``), with which noise schedule and sampler settings (``schedule``), which
+    class labels (``conditioning``), and which judge scores its images (``judge``)."""
+
+    space: str = "latent"
+    clip_denoised: bool = False
+    schedule: SchedulerSpec = field(default_factory=SchedulerSpec)
+    value_range: tuple[float, float] = (-1.0, 1.0)
+    vae: str | None = None
+    scaling_factor: float | None = None
+    judge: str | None = None
+    conditioning: ClassConditioning | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, takes: str) -> DitqError:
+            return DitqError(f"{name} must be {takes}, got {shown(getattr(self, name), 60)}")
+
+        if not isinstance(self.space, str) or self.space not in SPACES:
+            raise bad("space", "one of " + ", ".join(SPACES))
+        if not isinstance(self.clip_denoised, bool):
+            raise bad("clip_denoised", "true or false")
+        if not isinstance(self.schedule, SchedulerSpec):
+            raise bad("schedule", "a SchedulerSpec")
+        vr = self.value_range
+        if not (isinstance(vr, tuple) and len(vr) == 2 and all(_number(v) and abs(v) <= MAX_VALUE for v in vr) and vr[0] < vr[1]):
+            raise bad("value_range", "two finite numbers (lo, hi) with lo < hi")
+        object.__setattr__(self, "value_range", (float(vr[0]), float(vr[1])))
+        if self.vae is not None and self.vae != VAE_DECODER_FILE:
+            raise bad("vae", f"null or {VAE_DECODER_FILE!r}")
+        if self.scaling_factor is not None:
+            if not (_number(self.scaling_factor) and 0 < self.scaling_factor <= MAX_SCALING_FACTOR):
+                raise bad("scaling_factor", f"a finite number in (0, {MAX_SCALING_FACTOR:g}]")
+            object.__setattr__(self, "scaling_factor", float(self.scaling_factor))
+        if (self.vae is None) != (self.scaling_factor is None):
+            raise DitqError("vae and scaling_factor come together (the decoder divides the latents by the factor)")
+        if self.vae is not None and self.space != "latent":
+            raise DitqError(f"vae {self.vae!r} decodes latents, but space is {self.space!r}")
+        if self.judge is not None and (not isinstance(self.judge, str) or self.judge not in JUDGES):
+            raise bad("judge", "null or one of " + ", ".join(JUDGES))
+        if self.judge is not None and self.space != "pixel":
+            raise DitqError(f"judge {self.judge!r} scores images, but space is {self.space!r}")
+        if self.conditioning is not None and not isinstance(self.conditioning, ClassConditioning):
+            raise bad("conditioning", "null or a ClassConditioning")
+
+    # ----------------------------------------------------------------------------------------- questions
+    @property
+    def samples_pixels(self) -> bool:
+        """The model's samples are images (in ``value_range``), not latents."""
+        return self.space == "pixel"
+
+    @property
+    def has_decoder(self) -> bool:
+        """A VAE decoder (``vae``) turns the model's latents into images."""
+        return self.vae is not None
+
+    @property
+    def makes_images(self) -> bool:
+        """Its samples are images, or latents its VAE decoder turns into images."""
+        return self.samples_pixels or self.has_decoder
+
+    @property
+    def judged_by_digits(self) -> bool:
+        """The digit judge (FID-digits, class accuracy) scores its images: a digits model."""
+        return self.judge == "digits"
+
+    def fitted_to(self, config: Mapping[str, Any], where: str = "pipeline") -> "Pipeline":
+        """This pipeline for the DiT of ``config``: its conditioning derived from the config when the
+        record has none; one that differs from the config's is refused, and so is a judge that does not
+        score the images the model makes."""
+        want = ClassConditioning.of_dit(config)
+        if self.judge is not None:
+            shape = (config["in_channels"], config["sample_size"], want.num_classes)
+            if shape != JUDGES[self.judge]:
+                (c, s, n), (jc, js, jn) = shape, JUDGES[self.judge]
+                raise DitqError(f"{where}: judge {self.judge!r} scores {jc}x{js}x{js} images of {jn} classes; "
+                                f"this model makes {c}x{s}x{s} images of {n} classes")  # fmt: skip
+        if self.conditioning is None:
+            return replace(self, conditioning=want)
+        if self.conditioning != want:
+            c = self.conditioning
+            raise DitqError(f"{where}: conditioning of {c.num_classes} classes with null label {c.null_label} does not fit the "
+                            f"model, whose num_embeds_ada_norm {want.num_classes} gives {want.num_classes} classes and null label "
+                            f"{want.null_label}")  # fmt: skip
+        return self
+
+    # ------------------------------------------------------------------------------- reading and writing
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record: ``space``, ``value_range``, ``clip_denoised`` always; ``judge``, ``vae`` and
+        ``scaling_factor``, ``conditioning`` when set; ``schedule`` unless it is DiT's (what an absent one
+        reads as)."""
+        d: dict[str, Any] = {"space": self.space, "value_range": list(self.value_range), "clip_denoised": self.clip_denoised}
+        if self.judge is not None:
+            d["judge"] = self.judge
+        if self.schedule != SchedulerSpec():
+            d["schedule"] = self.schedule.to_dict()
+        if self.vae is not None:
+            d["vae"], d["scaling_factor"] = self.vae, self.scaling_factor
+        if self.conditioning is not None:
+            d["conditioning"] = {"num_classes": self.conditioning.num_classes, "null_label": self.conditioning.null_label}
+        return d
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str, *, config: Mapping[str, Any] | None = None) -> "Pipeline":
+        """The pipeline a record (untrusted: a model's metadata, a folder's file) holds, every field checked
+        (:data:`FIELDS`); a failure is one :class:`DitqError` naming ``where`` and the field. ``config``: the
+        model's checked config, when the reader has it (see :meth:`fitted_to`)."""
+        rec = check_fields(obj, FIELDS, where)
+        conditioning = None
+        if rec["conditioning"] is not None:
+            c = check_fields(rec["conditioning"], CONDITIONING_FIELDS, f"{where}.conditioning", required=tuple(CONDITIONING_FIELDS))
+            try:
+                conditioning = ClassConditioning(c["num_classes"], c["null_label"])
+            except DitqError as e:
+                raise DitqError(f"{where}: {e}") from None
+        try:
+            pipe = cls(
+                space=rec["space"], clip_denoised=rec["clip_denoised"], schedule=SchedulerSpec.from_dict(rec["schedule"] or {}),
+                value_range=tuple(rec["value_range"]), vae=rec["vae"], scaling_factor=rec["scaling_factor"], judge=rec["judge"],
+                conditioning=conditioning,
+            )  # fmt: skip
+        except DitqError as e:
+            raise DitqError(f"{where}: {e}") from None
+        return pipe if config is None else pipe.fitted_to(config, where)
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], file: str | Path, *, config: Mapping[str, Any] | None = None) -> "Pipeline":
+        """The pipeline an exported model records (its ``metadata_props`` :data:`META_PIPELINE`; a model
+        that records none samples as DiT does, in latent space)."""
+        where = f"{file}: {META_PIPELINE}"
+        return cls.from_dict(parse_json_object(meta.get(META_PIPELINE, "{}"), where), where, config=config)
+
+    @classmethod
+    def read_from(cls, folder: str | Path, *, config: Mapping[str, Any] | None = None) -> "Pipeline | None":
+        """The pipeline a folder's :data:`PIPELINE_FILE` records, or None when it has none."""
+        path = Path(folder) / PIPELINE_FILE
+        if not path.is_file():
+            return None
+        return cls.from_dict(read_json(path), str(path), config=config)
+
+    def write_to(self, folder: str | Path) -> Path:
+        """Write :data:`PIPELINE_FILE` into ``folder`` (one ditq is assembling)."""
+        path = Path(folder) / PIPELINE_FILE
+        path.write_text(self.to_json(indent=2) + "\n")
+        return path

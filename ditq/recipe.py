@@ -58,20 +58,6 @@ TERNARY = 1.58
 AUTO_GROUP = "auto"  # ``--group-size auto``: resolved per model by :func:`auto_group_size`
 AUTO_GROUP_CANDIDATES = (128, 64, 32, 16)  # Q-DiT's default first
 
-# Q-DiT quantizes weights *and* input activations of these linears in every block (qkv, proj, fc1, fc2).
-QDIT_ACTIVATION_LINEARS = (
-    "transformer_blocks.*.attn1.to_q",
-    "transformer_blocks.*.attn1.to_k",
-    "transformer_blocks.*.attn1.to_v",
-    "transformer_blocks.*.attn1.to_out.0",
-    "transformer_blocks.*.ff.net.0.proj",
-    "transformer_blocks.*.ff.net.2",
-)
-ROBUQ_ADALN = "transformer_blocks.*.norm1.linear"  # adaLN: A4 in RobuQ
-ROBUQ_4BIT = ("*class_embedder.embedding_table", "proj_out_1")  # tables and final modulation: 4-bit weight-only
-# The final projection to pixels/latents stays float (both papers keep the final layer in float).
-QDIT_FLOAT_LINEARS = ("proj_out_2",)
-
 
 @dataclass(frozen=True)
 class LayerQuant:
@@ -213,29 +199,36 @@ class Recipe:
             raise DitqError(f"recipe version {shown(self.version)} is not supported (this ditq reads version {RECIPE_VERSION})")
 
     # ------------------------------------------------------------------ builders
+    # ``coverage``: the model family's :class:`ditq.adapters.Coverage` (``adapter_for(model).coverage``),
+    # which names the layers; the builders only say what each kind of layer gets.
     @classmethod
     def qdit(
-        cls, wbits: int = 4, abits: int | None = 8, group_size: int | None = 128, symmetric: bool = False
+        cls, coverage, wbits: int = 4, abits: int | None = 8, group_size: int | None = 128, symmetric: bool = False
     ) -> "Recipe":
-        """Q-DiT coverage: W+A on qkv/proj/fc1/fc2 of every block; every other linear and the class
-        embedding tables weight-only (so the file really shrinks); the final projection float."""
-        rules = [Rule(p, {"abits": abits}) for p in QDIT_ACTIVATION_LINEARS]
-        rules += [Rule(p, {"wbits": None}) for p in QDIT_FLOAT_LINEARS]
+        """Q-DiT coverage: W+A on the coverage's block linears (DiT: qkv/proj/fc1/fc2 of every block);
+        every other linear and the class embedding tables weight-only (so the file really shrinks); the
+        coverage's float linears (the final projection) float."""
+        rules = [Rule(p, {"abits": abits}) for p in coverage.activation_linears]
+        rules += [Rule(p, {"wbits": None}) for p in coverage.float_linears]
         return cls(LayerQuant(wbits, None, group_size, symmetric), tuple(rules))
 
     @classmethod
-    def robuq(cls, abits: int = 4, rotate: bool = True, act_bits: Mapping[str, int] | None = None) -> "Recipe":
+    def robuq(
+        cls, coverage, abits: int = 4, rotate: bool = True, act_bits: Mapping[str, int] | None = None
+    ) -> "Recipe":
         """RobuQ coverage: ternary weights per output channel everywhere ("weights stay ternary
-        everywhere"); per-token ``abits`` activations on qkv/proj/fc1/fc2 of every block and 4-bit ones on
-        adaLN, all Hadamard-rotated when ``rotate``; the timestep MLPs weight-only ternary; the class tables
-        and the final layer's modulation 4-bit weight-only; the final projection float. The paper keeps
-        adaLN at W4 and the embedders float, which on a small model is most of the file (the digits DiT's
-        adaLN alone is 29% of its weights). ``act_bits``: per-module activation bits (mixed precision)."""
+        everywhere"); per-token ``abits`` activations on the coverage's block linears (DiT: qkv/proj/fc1/fc2
+        of every block) and 4-bit ones on its ``robuq_activation_4bit`` layers (adaLN), all
+        Hadamard-rotated when ``rotate``; other linears (the timestep MLPs) weight-only ternary; the
+        ``robuq_weight_4bit`` layers (the class tables and the final layer's modulation) 4-bit weight-only;
+        the float linears float. The paper keeps adaLN at W4 and the embedders float, which on a small model
+        is most of the file (the digits DiT's adaLN alone is 29% of its weights). ``act_bits``: per-module
+        activation bits (mixed precision)."""
         block = {"abits": abits, "rotate": rotate}
-        rules = [Rule(p, block) for p in QDIT_ACTIVATION_LINEARS]
-        rules.append(Rule(ROBUQ_ADALN, {"abits": 4, "rotate": rotate}))
-        rules += [Rule(p, {"wbits": 4, "symmetric": False}) for p in ROBUQ_4BIT]
-        rules += [Rule(p, {"wbits": None}) for p in QDIT_FLOAT_LINEARS]
+        rules = [Rule(p, block) for p in coverage.activation_linears]
+        rules += [Rule(p, {"abits": 4, "rotate": rotate}) for p in coverage.robuq_activation_4bit]
+        rules += [Rule(p, {"wbits": 4, "symmetric": False}) for p in coverage.robuq_weight_4bit]
+        rules += [Rule(p, {"wbits": None}) for p in coverage.float_linears]
         rules += [Rule(name, {"abits": int(b)}) for name, b in (act_bits or {}).items()]
         return cls(LayerQuant(TERNARY, None, None, True), tuple(rules))
 

@@ -127,11 +127,6 @@ class NoiseSchedule:
         """``steps`` evenly spaced original timesteps, ascending, starting at 0 (DiT's ``ddimN`` spacing)."""
         return dit_timesteps(self.num_timesteps, steps)
 
-    def add_noise(self, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """``q(x_t | x_0)``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` per sample."""
-        abar = self.alphas_cumprod[t].reshape(-1, *([1] * (x0.ndim - 1)))
-        return (np.sqrt(abar) * x0 + np.sqrt(1.0 - abar) * noise).astype(x0.dtype)
-
 
 def _betas(spec: "SchedulerSpec") -> np.ndarray:
     n = spec.num_train_timesteps

@@ -2,7 +2,7 @@
 
 Nothing in a checkpoint, a diffusers folder or an exported model is trusted:
 
-- **Paths** a folder names (``ditq.pipeline.vae``, a sharded checkpoint's ``weight_map``) go through
+- **Paths** a folder names (a sharded checkpoint's ``weight_map``, a pipeline's decoder) go through
   :func:`inside` before anything is opened: the same rules ONNX and ONNX Runtime apply to external
   data. A name must be relative, without ``..``, and (for folders ditq wrote) must not reach out of the
   folder through a symbolic link.
@@ -11,8 +11,8 @@ Nothing in a checkpoint, a diffusers folder or an exported model is trusted:
   nesting (:data:`MAX_JSON_DEPTH`) and integer length (Python's 4300 digits); a file is read by
   :func:`read_regular` / :func:`read_json`, which open only a regular file (never a FIFO or a device,
   whose reading could block) and read at most the bound.
-- **Fields** are checked against small typed schemas (:data:`DIT_CONFIG`, :data:`PIPELINE`,
-  :func:`check_source`): a JSON integer where a count is expected (never a float, string or boolean),
+- **Fields** are checked against small typed schemas (:data:`DIT_CONFIG`, :func:`check_source`;
+  :data:`ditq.pipeline.FIELDS`): a JSON integer where a count is expected (never a float, string or boolean),
   finite numbers in a closed range, one of listed strings. Every failure is one :class:`DitqError`
   naming the file and the field.
 """
@@ -30,7 +30,6 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ditq.errors import DitqError, one_line, shown
-from ditq.schedule import SchedulerSpec
 
 MAX_JSON_BYTES = 1 << 20  # a config or metadata entry; real ones are under 2 kB
 MAX_JSON_DEPTH = 32  # nesting levels of objects and arrays; real configs use 2
@@ -376,39 +375,6 @@ VAE_CONFIG: dict[str, Any] = {
     "norm_num_groups": Int(1, 1024, 32),
     "scaling_factor": Float(0.0, 1e6, 0.18215, open_lo=True, nullable=True),
 }
-
-# How an exported model samples (``ditq.pipeline``); fields not named here are kept for their readers.
-PIPELINE: dict[str, Any] = {
-    "space": OneOf(("pixel", "latent"), "latent"),
-    "clip_denoised": Bool(False),
-    "value_range": Pair([-1.0, 1.0]),
-    "judge": OneOf((None, "digits"), None),
-    "schedule": Object(None),
-    "vae": Text(255, None, nullable=True),  # a file in the model's folder: see inside()
-    "scaling_factor": Float(0.0, 1e6, None, open_lo=True, nullable=True),
-}
-VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
-
-
-def read_pipeline(obj: Any, where: str) -> dict[str, Any]:
-    """A pipeline record (an export's ``ditq.pipeline``, a folder's ``ditq_pipeline.json``) with its fields
-    checked (:data:`PIPELINE`; ``vae`` only the file an export writes, since the export writes the decoder
-    to that name) and its ``schedule`` read by :func:`pipeline_schedule` (a setting the samplers do not
-    implement is refused, naming it)."""
-    pipe = check_fields(obj, PIPELINE, where)
-    if pipe["vae"] not in (None, VAE_DECODER_FILE):
-        raise DitqError(f"{where}: vae must be null or {VAE_DECODER_FILE!r}, got {shown(pipe['vae'])}")
-    try:
-        pipeline_schedule(pipe)
-    except DitqError as e:
-        raise DitqError(f"{where}: {e}") from None
-    return pipe
-
-
-def pipeline_schedule(pipe: dict[str, Any]) -> SchedulerSpec:
-    """The sampling spec a pipeline record holds (``schedule``); DiT's when it holds none."""
-    return SchedulerSpec.from_dict(pipe.get("schedule") or {})
-
 
 SOURCE_KINDS = ("builtin", "preset", "diffusers", "dit-checkpoint")
 

@@ -25,21 +25,26 @@ import onnx
 from onnx.external_data_helper import load_external_data_for_model
 from tqdm.auto import tqdm
 
+from ditq.adapters import adapter_for
 from ditq.errors import DitqError
 from ditq.fileformat import (
-    DEFAULT_OPSET, EXACT_QDQ_CONFIG, INT2_IR, INT2_OPSET, MAX_OPSET, META_CONFIG, META_PIPELINE, META_RECIPE,
-    META_SESSION_CONFIG, META_SOURCE, META_TARGET, META_VERSION, MODEL_FILE, TARGETS,
+    DEFAULT_OPSET, EXACT_QDQ_CONFIG, INT2_OPSET, MAX_OPSET, META_CONFIG, META_PIPELINE, META_PLANS, META_RECIPE,
+    META_SESSION_CONFIG, META_SOURCE, META_TARGET, META_VERSION, MODEL_FILE,
 )  # fmt: skip
 from ditq.exporter.reference import QuantizedDiT
-from ditq.exporter.trace import bind_modules, export_float
+from ditq.exporter.trace import bind_modules, export_float, export_vae_decoder
 from ditq.files import staged_dir
-from ditq.graphs.lower_ort import ACT_QDQ_KERNELS, KERNEL_QDQ, LowerToOrtKernelsPass, kernel_counts
-from ditq.graphs.rotate import InsertRotationPass, RotationTarget
-from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
-from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget, fusable_weight_matmuls
+from ditq.graphs.lower_ort import KERNEL_QDQ, LowerToOrtKernelsPass, kernel_counts
+from ditq.graphs.opset import INT2_TYPES, RaiseOpsetForInt2Pass
+from ditq.graphs.passes import PassSequence
+from ditq.graphs.plan_record import plans_to_json
+from ditq.graphs.quant_activations import InsertActivationQDQPass
+from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, fusable_weight_matmuls
+from ditq.graphs.targets import as_target
 from ditq.graphs.tensors import code_type
 from ditq.manifest import RECIPE_FILE, tool_version, write_manifest
-from ditq.models import pipeline_info, source_paths
+from ditq.models import load_vae, pipeline_info, source_paths
+from ditq.pipeline import Pipeline
 
 DATA_FILE = "model.onnx.data"
 
@@ -68,15 +73,12 @@ def strip_trace_metadata(proto: onnx.ModelProto) -> None:
         node.metadata_props.extend(keep)
 
 
-_INT2_TYPES = (onnx.TensorProto.INT2, onnx.TensorProto.UINT2)
-
-
 def required_opset(qdit: QuantizedDiT) -> int:
     """The lowest opset whose types hold every tensor of ``qdit``'s graph: ``INT2_OPSET`` (25) when a layer
     kept as standard QDQ stores 2-bit codes (INT2/UINT2, see :func:`ditq.graphs.tensors.code_type`; the
     ``ort`` kernels pack theirs into uint8), else ``DEFAULT_OPSET`` (21: blocked Q/DQ, INT4/UINT4)."""
     int2 = any(
-        code_type(qdit.weights[n].bits, qdit.weights[n].symmetric) in _INT2_TYPES
+        code_type(qdit.weights[n].bits, qdit.weights[n].symmetric) in INT2_TYPES
         for n, p in qdit.plans.items()
         if p.kernel == KERNEL_QDQ and n in qdit.weights
     )
@@ -105,45 +107,31 @@ def resolve_opset(qdit: QuantizedDiT, opset: int | None) -> int:
 def build_quantized_graph(
     qdit: QuantizedDiT, work_dir: Path, *, opset: int | None = None, progress: bool = True
 ) -> tuple[onnx.ModelProto, int, int, int]:
-    """Trace the float model into ``work_dir`` and run the quantization passes; returns the proto
-    (its remaining float initializers loaded) and how many weights, activation Q/DQ subgraphs and
-    ORT kernels were inserted.
+    """Trace the float model into ``work_dir`` and run the passes of ``qdit.target`` (each checked by its
+    postcondition, :mod:`ditq.graphs.passes`); returns the proto (its remaining float initializers loaded)
+    and how many weights, activation Q/DQ subgraphs and ORT kernels were inserted.
 
     The graph is written at ``resolve_opset(qdit, opset)``. An explicit ``opset`` is also the one traced at;
     without one the float graph is traced at ``DEFAULT_OPSET`` and, when 2-bit codes need ``INT2_OPSET``,
-    its opset import is raised to it (the ops traced at 21 read the same at 25; only types were added)."""
+    its opset import is raised to it (:class:`~ditq.graphs.opset.RaiseOpsetForInt2Pass`)."""
     written = resolve_opset(qdit, opset)
     steps = tqdm(total=4, desc="export", unit="step", disable=not progress)
     steps.set_postfix_str("trace (torch.onnx dynamo)")
     float_path = work_dir / "float.onnx"
-    export_float(qdit.model, float_path, opset=DEFAULT_OPSET if opset is None else opset)
+    adapter = adapter_for(qdit.model)
+    export_float(adapter, qdit.model, float_path, opset=DEFAULT_OPSET if opset is None else opset)
     steps.update()
 
     steps.set_postfix_str("bind modules to nodes")
     proto = onnx.load(str(float_path), load_external_data=False)
-    bound = bind_modules(proto, qdit.model, qdit.plans, work_dir)
+    bound = bind_modules(adapter, proto, qdit.model, qdit.plans, work_dir)
     steps.update()
 
     steps.set_postfix_str("store low-bit weights, insert activation quantization")
-    weights = StoreQuantizedWeightsPass([WeightTarget(bound[n], n, qdit.weights[n]) for n in qdit.plans])
-    proto = weights(proto).model
-    rot = [RotationTarget(bound[n], n, p.rotation, p.in_features) for n, p in qdit.plans.items() if p.rotation]
-    InsertRotationPass(rot)(proto)
-    act_targets = [
-        ActivationTarget(bound[n], n, p.abits, p.activation_group, p.in_features, p.activation_symmetric)
-        for n, p in qdit.plans.items()
-        if p.abits is not None and p.kernel in ACT_QDQ_KERNELS
-    ]
-    acts = InsertActivationQDQPass(act_targets)(proto)
-    lowered = LowerToOrtKernelsPass(qdit.plans, qdit.weights)(proto)
+    passes = PassSequence([*as_target(qdit.target).passes(qdit.plans, qdit.weights, bound), RaiseOpsetForInt2Pass(written)])
+    done = passes(proto)
+    proto = done.model
     load_external_data_for_model(proto, str(work_dir))  # the float tensors that stay (biases, norms, conv)
-    for o in proto.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, written)
-    if any(t.data_type in _INT2_TYPES for t in proto.graph.initializer):
-        if written < INT2_OPSET:  # required_opset disagrees with the passes: a bug of ours
-            raise RuntimeError(f"2-bit codes were stored in a graph written at opset {written}")
-        proto.ir_version = max(proto.ir_version, INT2_IR)  # INT2/UINT2 exist from IR 13
     steps.update()
     steps.set_postfix_str("check")
     try:
@@ -152,7 +140,8 @@ def build_quantized_graph(
         raise RuntimeError(f"the quantized graph fails the ONNX checker: {e}") from e
     steps.update()
     steps.close()
-    return proto, len(weights.targets), acts.count, lowered.count
+    counts = (done.count(StoreQuantizedWeightsPass), done.count(InsertActivationQDQPass), done.count(LowerToOrtKernelsPass))
+    return (proto, *counts)
 
 
 def export(
@@ -160,7 +149,7 @@ def export(
     out_dir: str | Path,
     *,
     source: dict[str, Any],
-    pipeline: dict[str, Any] | None = None,
+    pipeline: Pipeline | None = None,
     opset: int | None = None,
     external_data_bytes: int = 256 << 20,
     progress: bool = True,
@@ -170,12 +159,12 @@ def export(
     see :mod:`ditq.files`; ``force``: also one that changed since), for the target it was quantized for,
     at ``opset`` (None: the lowest that holds the recipe, see :func:`resolve_opset`). ``pipeline``: how the
     model samples, recorded as ``ditq.pipeline`` (the loader's ``LoadedModel.pipeline``; None: read from
-    ``source`` by :func:`~ditq.models.pipeline_info`)."""
-    target = qdit.target
-    if target not in TARGETS:
-        raise DitqError(f"unknown target {target!r}; choose from {list(TARGETS)}")
+    ``source`` by :func:`~ditq.models.pipeline_info`), its class conditioning fitted to the model's config."""
+    target = as_target(qdit.target).name
     resolve_opset(qdit, opset)  # refuse an opset that cannot hold the recipe before anything is written
-    pipe = pipeline_info(source) if pipeline is None else pipeline  # likewise a scheduler setting not implemented
+    config = _jsonable_config(qdit.model.config)
+    pipe = pipeline_info(source, config=config) if pipeline is None else pipeline  # likewise a scheduler setting not implemented
+    pipe = pipe.fitted_to(config, "the model's pipeline")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     with staged_dir(out_dir, protect=source_paths(source), force=force) as stage:  # see ditq.files
@@ -189,9 +178,10 @@ def export(
             META_SOURCE: json.dumps(source),
             META_VERSION: tool_version(),
             META_TARGET: target,
-            META_CONFIG: json.dumps(_jsonable_config(qdit.model.config)),
-            META_PIPELINE: json.dumps(pipe),
+            META_CONFIG: json.dumps(config),
+            META_PIPELINE: pipe.to_json(),
             META_SESSION_CONFIG: json.dumps(session_config),
+            META_PLANS: plans_to_json(qdit.plans),
         }
         strip_trace_metadata(proto)
         del proto.graph.value_info[:]  # intermediate shapes: ONNX Runtime and the checker infer them
@@ -209,16 +199,12 @@ def export(
         else:
             onnx.save_model(proto, str(model_path))
         del proto
-        if pipe.get("vae"):  # a pipeline folder: the float VAE decoder goes next to the transformer
-            from ditq.exporter.trace import export_vae_decoder
-            from ditq.models import load_vae
-
-            cfg = qdit.model.config
-            vae_path = stage / pipe["vae"]
-            export_vae_decoder(load_vae(source), vae_path, channels=cfg["in_channels"], size=cfg["sample_size"],
-                               scaling_factor=pipe["scaling_factor"], opset=opset or DEFAULT_OPSET)  # fmt: skip
+        if pipe.has_decoder:  # a pipeline folder: the float VAE decoder goes next to the transformer
+            vae_path = stage / pipe.vae
+            export_vae_decoder(load_vae(source), vae_path, channels=config["in_channels"], size=config["sample_size"],
+                               scaling_factor=pipe.scaling_factor, opset=opset or DEFAULT_OPSET)  # fmt: skip
             vae_proto = onnx.load(str(vae_path))  # one self-contained file (the decoder is small)
-            for f in stage.glob(pipe["vae"] + ".data"):
+            for f in stage.glob(pipe.vae + ".data"):
                 f.unlink()
             onnx.save_model(vae_proto, str(vae_path))
         shutil.rmtree(work)

@@ -1,5 +1,8 @@
 """Trace a DiT to a float ONNX graph (torch.onnx dynamo exporter) and bind torch modules to its nodes.
 
+The model is traced through its family's adapter (:mod:`ditq.adapters`): its wrapper module, input names,
+example inputs and dynamic axes.
+
 The dynamo exporter records each node's module path in ``metadata_props['namespace']``, e.g.
 ``": W/dit: DiTTransformer2DModel/dit.transformer_blocks.0.attn1.to_q: torch.nn.modules.linear.Linear/
 linear_3: aten.linear.default"``. :func:`bind_modules` reads it to find the one MatMul/Gemm (linear) or
@@ -20,34 +23,9 @@ import onnx
 import torch
 import torch.nn as nn
 
+from ditq.adapters import FamilyAdapter
 from ditq.errors import DitqError, one_line
 from ditq.recipe import LayerPlan
-
-INPUT_NAMES = ("sample", "timestep", "class_labels")
-OUTPUT_NAMES = ("out",)
-_ROOT = "dit"  # attribute name of the DiT inside the export wrapper: module paths start with "dit."
-
-
-class DiTForward(nn.Module):
-    """``(sample, timestep, class_labels) -> model output`` with the diffusers DiT inside."""
-
-    def __init__(self, dit: nn.Module):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        return self.dit(sample, timestep=timestep, class_labels=class_labels, return_dict=False)[0]
-
-
-def example_inputs(config: dict, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Seeded inputs of the DiT's signature: latents, integer timesteps, class labels (null class included)."""
-    g = torch.Generator().manual_seed(seed)
-    c, s = config["in_channels"], config["sample_size"]
-    num_classes = config["num_embeds_ada_norm"]
-    x = torch.randn(batch, c, s, s, generator=g)
-    t = torch.randint(0, 1000, (batch,), generator=g)
-    y = torch.randint(0, num_classes + 1, (batch,), generator=g)  # num_classes = the CFG null class
-    return x, t, y
 
 
 @contextlib.contextmanager
@@ -66,10 +44,13 @@ def _quiet():
             lg.setLevel(lvl)
 
 
-def export_float(model: nn.Module, path: Path, *, opset: int = 21) -> None:
-    """Write the float graph of ``model`` to ``path`` (+ external data), dynamic batch size."""
-    wrapper = DiTForward(model).eval()
-    inputs = example_inputs(dict(model.config), batch=2)
+def export_float(adapter: FamilyAdapter, model: nn.Module, path: Path, *, opset: int = 21) -> None:
+    """Write the float graph of ``model`` to ``path`` (+ external data), traced through its family's
+    wrapper and signature (``adapter``), dynamic batch size."""
+    wrapper = adapter.wrap(model).eval()
+    if getattr(wrapper, adapter.root, None) is not model:
+        raise DitqError(f"the {adapter.class_name} export wrapper must hold the model as attribute {adapter.root!r}")
+    inputs = adapter.example_inputs(dict(model.config), batch=2)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with _quiet(), torch.no_grad():
         try:
@@ -79,9 +60,9 @@ def export_float(model: nn.Module, path: Path, *, opset: int = 21) -> None:
                 str(path),
                 dynamo=True,
                 opset_version=opset,
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: batch}, {0: batch}, {0: batch}),
+                input_names=list(adapter.input_names),
+                output_names=list(adapter.output_names),
+                dynamic_shapes=adapter.dynamic_shapes(batch),
                 external_data=True,
                 optimize=True,
             )
@@ -115,8 +96,9 @@ def export_vae_decoder(vae: nn.Module, path: Path, *, channels: int, size: int, 
             raise DitqError(f"torch.onnx.export failed for the VAE decoder: {one_line(e, 300)}") from None
 
 
-def _module_path(node: onnx.NodeProto) -> str | None:
-    """The innermost module scope of ``node`` (without the wrapper prefix), from dynamo's metadata."""
+def _module_path(node: onnx.NodeProto, root: str) -> str | None:
+    """The innermost module scope of ``node`` under the wrapper's attribute ``root`` (without the
+    ``root.`` prefix), from dynamo's metadata."""
     meta = {p.key: p.value for p in node.metadata_props}
     ns = meta.get("namespace")
     if not ns:
@@ -124,15 +106,16 @@ def _module_path(node: onnx.NodeProto) -> str | None:
     scopes = [s.split(": ")[0] for s in ns.split("/")]
     # the last scope is the aten op; the one before it is the module that called it
     for scope in reversed(scopes[:-1]):
-        if scope == _ROOT or scope.startswith(_ROOT + "."):
-            return scope[len(_ROOT) + 1 :]
+        if scope == root or scope.startswith(root + "."):
+            return scope[len(root) + 1 :]
     return None
 
 
 def bind_modules(
-    proto: onnx.ModelProto, model: nn.Module, plans: dict[str, LayerPlan], base_dir: Path
+    adapter: FamilyAdapter, proto: onnx.ModelProto, model: nn.Module, plans: dict[str, LayerPlan], base_dir: Path
 ) -> dict[str, str]:
-    """Map each covered module name to the name of the node that reads its weight.
+    """Map each covered module name to the name of the node that reads its weight (``proto`` traced by
+    :func:`export_float` with ``adapter``: module paths start with its wrapper's ``root``).
 
     Proven, not guessed: the node's op must fit the module kind, and its weight initializer must hold
     exactly the module's weight (transposed for MatMul).
@@ -140,7 +123,7 @@ def bind_modules(
     by_module: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         if node.op_type in ("MatMul", "Gemm", "Gather"):
-            path = _module_path(node)
+            path = _module_path(node, adapter.root)
             if path in plans:
                 by_module.setdefault(path, []).append(node)
     inits = {t.name: t for t in proto.graph.initializer}
@@ -167,21 +150,3 @@ def bind_modules(
             )
         bound[name] = hits[0].name
     return bound
-
-
-class TorchDiT:
-    """A PyTorch DiT (float or quantized reference) as a sampler callable over numpy arrays, like
-    :class:`ditq.runtime.session.OrtDiT`, so one sampling loop drives both."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model.eval()
-
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = self.model(
-                torch.from_numpy(np.ascontiguousarray(sample, np.float32)),
-                timestep=torch.from_numpy(np.asarray(timestep, np.int64)),
-                class_labels=torch.from_numpy(np.asarray(class_labels, np.int64)),
-                return_dict=False,
-            )[0]
-        return out.numpy()

@@ -44,7 +44,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ditq.calib.numerics import EPS, QuantizedTensor, qrange, pack_2bit_u8, pack_4bit_u8, unpack_2bit_u8, unpack_4bit_u8
-from ditq.graphs.quant_weights import PassResult, stored_codes
+from ditq.graphs.passes import GraphPass, PassResult, consumers
+from ditq.graphs.quant_weights import stored_codes
 from ditq.graphs.tensors import ROLE_WEIGHT_DQ, attrs, nodes_by_module, rebuild_nodes, remove_unused_initializers, tag
 from ditq.recipe import LayerPlan
 
@@ -53,6 +54,8 @@ KERNEL_INT8 = "int8_gemm"  # com.microsoft::MatMulIntegerToFloat with per-token 
 KERNEL_NBITS = "nbits"  # com.microsoft::MatMulNBits, accuracy_level 4
 KERNEL_NBITS_QDQ = "nbits_qdq"  # the recipe's activation Q/DQ feeding MatMulNBits at accuracy_level 0 (fp32)
 ACT_QDQ_KERNELS = ("qdq", KERNEL_NBITS_QDQ)  # kernels whose activation quantization is an in-graph Q/DQ
+KERNELS = (KERNEL_QDQ, KERNEL_INT8, KERNEL_NBITS, KERNEL_NBITS_QDQ)  # what a layer plan's ``kernel`` may say
+PREFERENCE = (KERNEL_INT8, KERNEL_NBITS, KERNEL_NBITS_QDQ, KERNEL_QDQ)  # plan_for_ort's choice, fastest first
 ROLE_KERNEL = "ort_kernel"
 MS_DOMAIN = "com.microsoft"
 NBITS_ACCURACY = 4  # int8 activations inside MatMulNBits (levels 0-2 keep fp32 and are no faster)
@@ -72,26 +75,33 @@ def container_bits(wbits: int) -> int:
     return 2 if wbits <= 2 else 4 if wbits <= 4 else 8
 
 
-def plan_for_ort(plan: LayerPlan) -> LayerPlan:
-    """The effective plan of a layer under target ``ort`` (see the module docstring)."""
+def kernel_options(plan: LayerPlan) -> dict[str, LayerPlan]:
+    """Every kernel able to run the layer of ``plan`` under target ``ort``, with the effective plan it
+    computes (the module docstring's table): the recipe's Q/DQ always; below 8-bit activations only the
+    exact Q/DQ feeding an fp32 MatMulNBits; at A8 or weight-only the int8 kernels."""
     q = plan.quant
+    options = {KERNEL_QDQ: plan}
     if plan.kind != "linear":
-        return plan
+        return options
+    block = nbits_block(plan.group_size)
     if plan.abits is not None and plan.abits < 8:  # no integer kernel for < 8-bit activations: keep them exact
-        return replace(plan, kernel=KERNEL_NBITS_QDQ) if nbits_block(plan.group_size) else plan
+        if block:
+            options[KERNEL_NBITS_QDQ] = replace(plan, kernel=KERNEL_NBITS_QDQ)
+        return options
     if q.wbits == 8 and plan.abits == 8 and not plan.rotation:
-        return replace(
+        options[KERNEL_INT8] = replace(
             plan, quant=replace(q, group_size=None, symmetric=True), kernel=KERNEL_INT8,
             act_group=plan.in_features, act_symmetric=True,
         )  # fmt: skip
-    block = nbits_block(plan.group_size)
-    if block is None:
-        return plan
-    return replace(plan, quant=replace(q, abits=8), kernel=KERNEL_NBITS, act_group=block, act_symmetric=True)
+    if block:
+        options[KERNEL_NBITS] = replace(plan, quant=replace(q, abits=8), kernel=KERNEL_NBITS, act_group=block, act_symmetric=True)
+    return options
 
 
-def lower_plans(plans: dict[str, LayerPlan]) -> dict[str, LayerPlan]:
-    return {n: plan_for_ort(p) for n, p in plans.items()}
+def plan_for_ort(plan: LayerPlan) -> LayerPlan:
+    """The effective plan of a layer under target ``ort``: the fastest of its :func:`kernel_options`."""
+    options = kernel_options(plan)
+    return next(options[k] for k in PREFERENCE if k in options)
 
 
 def kernel_counts(plans: dict[str, LayerPlan]) -> dict[str, int]:
@@ -155,8 +165,10 @@ def to_nbits(qt: QuantizedTensor, block: int) -> NBitsWeight:
 
 
 # ------------------------------------------------------------------------------------------ the pass
-class LowerToOrtKernelsPass:
-    """Rewrite ``DequantizeLinear(weight) -> MatMul`` of every lowered layer into its ORT kernel.
+class LowerToOrtKernelsPass(GraphPass):
+    """Rewrite ``DequantizeLinear(weight) -> MatMul`` of every lowered layer into its ORT kernel; counts
+    the layers lowered. Ensures: each has exactly one kernel node of its op in ``com.microsoft`` (which the
+    model imports) and no weight DequantizeLinear left.
 
     Runs on the ``qdq`` graph built from the effective plans, where lowered layers have their weight
     stored behind a DequantizeLinear and no activation Q/DQ (the kernel quantizes the activation)."""
@@ -165,19 +177,16 @@ class LowerToOrtKernelsPass:
         self.plans = {n: p for n, p in plans.items() if p.kernel != KERNEL_QDQ}
         self.weights = weights
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
         dq_of = {m: nodes[0] for m, nodes in nodes_by_module(graph, ROLE_WEIGHT_DQ).items()}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in graph.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
+        readers = consumers(graph)
         replace_: dict[str, list] = {}
         inits: list[TensorProto] = []
         shared: dict[str, TensorProto] = {}
         for name, plan in self.plans.items():
             dq = dq_of.get(name)
-            users = consumers.get(dq.output[0], []) if dq is not None else []
+            users = readers.get(dq.output[0], []) if dq is not None else []
             if dq is None or len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[1] != dq.output[0]:
                 raise ValueError(f"{name}: cannot lower to {plan.kernel}: its weight does not feed exactly one MatMul")
             mm = users[0]
@@ -194,6 +203,17 @@ class LowerToOrtKernelsPass:
         if not any(o.domain == MS_DOMAIN for o in model.opset_import) and self.plans:
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
         return PassResult(model, bool(self.plans), len(self.plans))
+
+    def ensures(self, model: onnx.ModelProto) -> str | None:
+        kernels, dqs = kernel_nodes(model.graph), nodes_by_module(model.graph, ROLE_WEIGHT_DQ)
+        if self.plans and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+            return f"the model does not import the {MS_DOMAIN} opset"
+        for name, plan in self.plans.items():
+            op = kernel_op(plan)
+            found = [n for n in kernels.get(name, []) if n.op_type == op and n.domain == MS_DOMAIN]
+            if len(found) != 1 or dqs.get(name):
+                return f"{name}: {len(found)} {MS_DOMAIN}::{op} and {len(dqs.get(name, []))} weight DequantizeLinear, expected 1 and 0"
+        return None
 
     def _nbits(self, name: str, plan: LayerPlan, mm: onnx.NodeProto):
         w = to_nbits(self.weights[name], nbits_block(plan.group_size))
@@ -260,6 +280,11 @@ class LowerToOrtKernelsPass:
         return nodes, inits
 
 
+def kernel_op(plan: LayerPlan) -> str:
+    """The ``com.microsoft`` op a lowered layer's kernel runs on."""
+    return "MatMulIntegerToFloat" if plan.kernel == KERNEL_INT8 else "MatMulNBits"
+
+
 def _accuracy(plan: LayerPlan) -> int:
     """MatMulNBits accuracy level: 4 (int8 activations) for the fast kernel, 0 (fp32) behind a Q/DQ."""
     return NBITS_ACCURACY if plan.kernel == KERNEL_NBITS else 0
@@ -285,7 +310,7 @@ def read_kernel_weights(model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> 
             continue
         q = plan.quant
         nodes = by_module.get(name, [])
-        want_op = "MatMulIntegerToFloat" if plan.kernel == KERNEL_INT8 else "MatMulNBits"
+        want_op = kernel_op(plan)
         kern = [n for n in nodes if n.op_type == want_op]
         if len(kern) != 1 or kern[0].domain != MS_DOMAIN:
             fails.append(f"{name}: expected one {MS_DOMAIN}::{want_op}, found {len(kern)}")

@@ -22,8 +22,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ditq.calib.numerics import EPS, qrange
-from ditq.graphs.quant_weights import PassResult
-from ditq.graphs.tensors import ROLE_ACT_QUANT, rebuild_nodes, scalar, tag
+from ditq.graphs.passes import GraphPass, PassResult, producers
+from ditq.graphs.tensors import META_ROLE, ROLE_ACT_QUANT, attrs, node_meta, rebuild_nodes, scalar, tag
 
 _SHARED = "ditq/const"  # prefix of the scalar constants the subgraphs share
 
@@ -40,13 +40,15 @@ class ActivationTarget:
     symmetric: bool = False
 
 
-class InsertActivationQDQPass:
-    """Insert the dynamic activation quantization subgraph before every target MatMul."""
+class InsertActivationQDQPass(GraphPass):
+    """Insert the dynamic activation quantization subgraph before every target MatMul; counts the
+    subgraphs (shared ones once). Ensures: every target MatMul reads its input through the subgraph, whose
+    QuantizeLinear quantizes in blocks of the target's group size."""
 
     def __init__(self, targets: list[ActivationTarget]):
         self.targets = {t.node: t for t in targets}
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
         nodes = {n.name: n for n in graph.node}
         order = {n.name: i for i, n in enumerate(graph.node)}
@@ -70,6 +72,26 @@ class InsertActivationQDQPass:
         rebuild_nodes(graph, before, {})
         graph.initializer.extend(c for n, c in consts.items() if n not in have)
         return PassResult(model, bool(self.targets), len(shared))
+
+    def ensures(self, model: onnx.ModelProto) -> str | None:
+        graph = model.graph
+        nodes = {n.name: n for n in graph.node}
+        made = producers(graph)
+        for name, t in self.targets.items():
+            node = nodes.get(name)
+            ql, seen, todo = None, set(), [node.input[0]] if node is not None else []
+            while todo and ql is None:  # back from the MatMul's input through the subgraph's own nodes
+                n = made.get(todo.pop())
+                if n is None or n.name in seen or node_meta(n).get(META_ROLE) != ROLE_ACT_QUANT:
+                    continue
+                seen.add(n.name)
+                ql = n if n.op_type == "QuantizeLinear" else None
+                todo.extend(n.input)
+            if ql is None:
+                return f"{t.module}: its MatMul does not read its input through an activation QuantizeLinear"
+            if attrs(ql).get("block_size") != t.group_size:
+                return f"{t.module}: activation block_size {attrs(ql).get('block_size')}, expected {t.group_size}"
+        return None
 
     @staticmethod
     def _subgraph(x: str, t: ActivationTarget, consts: dict[str, TensorProto]) -> tuple[str, list]:

@@ -23,12 +23,16 @@ import onnx
 from onnx import TensorProto, helper
 
 from ditq.calib.numerics import QuantizedTensor, unpack_2bit_u8, unpack_4bit_u8
+from ditq.graphs.passes import GraphPass, PassResult, consumers
 from ditq.graphs.tensors import (
+    META_ROLE,
     ROLE_WEIGHT_DQ,
     ROLE_WEIGHT_GATHER,
     attrs,
     code_tensor,
+    code_type,
     float_tensor,
+    node_meta,
     nodes_by_module,
     rebuild_nodes,
     remove_unused_initializers,
@@ -45,15 +49,11 @@ class WeightTarget:
     weight: QuantizedTensor
 
 
-@dataclass(frozen=True)
-class PassResult:
-    model: onnx.ModelProto
-    modified: bool
-    count: int
-
-
-class StoreQuantizedWeightsPass:
-    """Replace each target's float weight with integer codes behind a blocked DequantizeLinear."""
+class StoreQuantizedWeightsPass(GraphPass):
+    """Replace each target's float weight with integer codes behind a blocked DequantizeLinear; counts
+    the weights stored. Ensures: every target module has one weight DequantizeLinear, whose codes are an
+    initializer of the module's code type and stored shape and whose output is read (by the MatMul or
+    Gather that read the float weight; a gather-first table's rows by the table's readers)."""
 
     def __init__(self, targets: list[WeightTarget]):
         self.targets = {t.node: t for t in targets}
@@ -87,7 +87,7 @@ class StoreQuantizedWeightsPass:
             return f"op {node.op_type} is not MatMul, Gemm or Gather"
         return None
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
         inits = {t.name: t for t in graph.initializer}
         nodes = {n.name: n for n in graph.node}
@@ -149,6 +149,32 @@ class StoreQuantizedWeightsPass:
         graph.initializer.extend(new_inits)
         remove_unused_initializers(graph)
         return PassResult(model, bool(self.targets), len(self.targets))
+
+    def ensures(self, model: onnx.ModelProto) -> str | None:
+        graph = model.graph
+        inits = {t.name: t for t in graph.initializer}
+        dqs = nodes_by_module(graph, ROLE_WEIGHT_DQ)
+        gathered = {n.output[0]: n.input[0] for n in graph.node if node_meta(n).get(META_ROLE) == ROLE_WEIGHT_GATHER}
+        readers = consumers(graph)
+        outputs = {o.name for o in graph.output}
+        for t in self.targets.values():
+            found = dqs.get(t.module, [])
+            if len(found) != 1:
+                return f"{t.module}: {len(found)} weight DequantizeLinear nodes, expected 1"
+            dq, qt = found[0], t.weight
+            codes = inits.get(gathered.get(dq.input[0], dq.input[0]))
+            n, k = qt.shape
+            table = dq.input[0] in gathered or attrs(dq).get("axis") == 1
+            shape = (n, k) if table else (k, n)
+            if codes is None or codes.data_type != code_type(qt.bits, qt.symmetric) or tuple(codes.dims) != shape:
+                return f"{t.module}: the weight DequantizeLinear does not read {shape} codes of its code type"
+            users = readers.get(dq.output[0], [])
+            if dq.input[0] in gathered:  # gather-first: the DequantizeLinear writes the Gather's output
+                if not users and dq.output[0] not in outputs:
+                    return f"{t.module}: the dequantized table rows are not read"
+            elif not any((u.op_type == "MatMul" and u.input[1] == dq.output[0]) or (u.op_type == "Gather" and u.input[0] == dq.output[0]) for u in users):
+                return f"{t.module}: no MatMul or Gather reads the dequantized weight"
+        return None
 
 
 def fusable_weight_matmuls(model: onnx.ModelProto) -> list[str]:

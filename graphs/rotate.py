@@ -7,7 +7,7 @@ For a target MatMul reading ``X [..., K]`` with rotation block ``b`` (a power of
 ``H_b`` is stored as its int8 signs behind a DequantizeLinear with scale ``1/sqrt(b)``, which gives the
 float32 matrix bit for bit at a quarter of the bytes.
 
-so ``Xr = X H`` with ``H`` block diagonal, the same product :func:`ditq.calib.robuq.rotate` computes. The
+so ``Xr = X H`` with ``H`` block diagonal, the same product :func:`ditq.calib.hadamard.rotate` computes. The
 layer's stored weight is already ``W H`` (rotated offline), so the float layer is unchanged. Targets that
 read the same tensor with the same block (``to_q``/``to_k``/``to_v``) share one rotation. The activation
 quantization pass, run afterwards, quantizes the rotated tensor.
@@ -23,8 +23,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ditq.graphs.quant_weights import PassResult
-from ditq.graphs.tensors import rebuild_nodes, tag
+from ditq.calib.hadamard import hadamard
+from ditq.graphs.passes import GraphPass, PassResult, producers
+from ditq.graphs.tensors import META_ROLE, node_meta, rebuild_nodes, tag
 
 ROLE_ROTATE = "rotate"
 
@@ -37,13 +38,14 @@ class RotationTarget:
     in_features: int
 
 
-class InsertRotationPass:
+class InsertRotationPass(GraphPass):
+    """Rotate the input of every target MatMul; counts the rotations (shared ones once). Ensures: every
+    target MatMul reads its input through a rotation whose MatMul multiplies by ``H_b`` of its block."""
+
     def __init__(self, targets: list[RotationTarget]):
         self.targets = {t.node: t for t in targets}
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
-        from ditq.calib.robuq import hadamard
-
+    def call(self, model: onnx.ModelProto) -> PassResult:
         graph = model.graph
         nodes = {n.name: n for n in graph.node}
         have = {t.name for t in graph.initializer}
@@ -87,3 +89,13 @@ class InsertRotationPass:
             graph.node.extend(list(hnodes.values()) + rest)
         graph.initializer.extend(c for n, c in consts.items() if n not in have)
         return PassResult(model, bool(self.targets), len(shared))
+
+    def ensures(self, model: onnx.ModelProto) -> str | None:
+        nodes = {n.name: n for n in model.graph.node}
+        made = producers(model.graph)
+        for name, t in self.targets.items():
+            out = made.get(nodes[name].input[0]) if name in nodes else None
+            mm = made.get(out.input[0]) if out is not None and node_meta(out).get(META_ROLE) == ROLE_ROTATE else None
+            if mm is None or mm.op_type != "MatMul" or mm.input[1] != f"ditq/const/hadamard_{t.block}":
+                return f"{t.module}: its MatMul does not read its input rotated by hadamard({t.block})"
+        return None

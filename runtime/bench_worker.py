@@ -16,9 +16,12 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 
 import numpy as np
+
+from ditq.runtime.session import OrtDiT, create_session
 
 
 def _reply(obj) -> None:
@@ -67,15 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from ditq.runtime.session import OrtDiT
-
     data = dict(np.load(args.inputs))
     t0 = time.perf_counter()
     if args.profile:
-        import tempfile
-
-        from ditq.runtime.session import create_session
-
         with tempfile.TemporaryDirectory(prefix="ditq-prof-") as tmp:
             sess = create_session(args.model, provider=args.provider, threads=args.threads or None, profile_prefix=f"{tmp}/p")
             feeds = _feeds(sess, data)

@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 
 from ditq.errors import DitqError, shown
-from ditq.fileformat import MODEL_FILE
+from ditq.fileformat import META_CONFIG, META_PIPELINE, MODEL_FILE
 from ditq.options import int_list
 from ditq.runtime.samplers import sample, seeded_noise
 from ditq.schedule import SchedulerSpec
-from ditq.runtime.session import OrtDiT, run_session
-from ditq.untrusted import check_dit_config, inside, parse_json_object, pipeline_schedule, read_pipeline
+from ditq.runtime.session import OrtDiT, create_session, run_session
+from ditq.pipeline import Pipeline
+from ditq.untrusted import check_dit_config, inside, parse_json_object
 
 # One run's samples (float32: the model-space array, and the decoded images when a VAE decodes them)
 # must fit in this many bytes: 1 GiB is 4M digits (8x8) or 65,536 DiT latents (4x32x32).
@@ -67,40 +68,37 @@ class ExportedDiT:
     fn: OrtDiT
     path: Path
     config: dict[str, Any]
-    pipeline: dict[str, Any]
+    pipeline: Pipeline  # its conditioning fitted to ``config`` (Pipeline.fitted_to)
 
     @classmethod
     def open(cls, path: str | Path, *, provider: str = "cpu", threads: int | None = None) -> "ExportedDiT":
         file = resolve_model_file(path)
         fn = OrtDiT(file, provider=provider, threads=threads)
         meta = fn.session.get_modelmeta().custom_metadata_map
-        if "ditq.model_config" not in meta:
-            raise DitqError(f"{file}: not a ditq export (no ditq.model_config metadata)")
-        where = f"{file}: ditq.model_config"
-        config = check_dit_config(parse_json_object(meta["ditq.model_config"], where), where)
-        where = f"{file}: ditq.pipeline"
-        pipeline = read_pipeline(parse_json_object(meta.get("ditq.pipeline", "{}"), where), where)
-        if pipeline["vae"] is not None:  # refused here, before any sampling, if it links out of the folder
-            inside(file.parent, pipeline["vae"], f"{where}.vae")
+        if META_CONFIG not in meta:
+            raise DitqError(f"{file}: not a ditq export (no {META_CONFIG} metadata)")
+        where = f"{file}: {META_CONFIG}"
+        config = check_dit_config(parse_json_object(meta[META_CONFIG], where), where)
+        pipeline = Pipeline.from_metadata(meta, file, config=config)
+        if pipeline.has_decoder:  # refused here, before any sampling, if it links out of the folder
+            inside(file.parent, pipeline.vae, f"{file}: {META_PIPELINE}.vae")
         check_output_channels(file, fn.session.get_outputs()[0].shape, config)
         return cls(fn, file, config, pipeline)
 
     @property
     def schedule(self) -> SchedulerSpec:
         """The sampling spec ``ditq export`` recorded (checked by :meth:`open`); DiT's when none is recorded."""
-        return pipeline_schedule(self.pipeline)
+        return self.pipeline.schedule
 
     @property
     def has_decoder(self) -> bool:
-        return bool(self.pipeline.get("vae"))
+        return self.pipeline.has_decoder
 
     def decode(self, latents: np.ndarray, *, provider: str = "cpu", batch_size: int = 16) -> np.ndarray:
         """Latents -> images in [-1, 1] with the float VAE decoder exported next to the model."""
-        from ditq.runtime.session import create_session
-
         if not self.has_decoder:
             raise DitqError(f"{self.path} carries no VAE decoder")
-        vae = inside(self.path.parent, self.pipeline["vae"], f"{self.path}: ditq.pipeline.vae")
+        vae = inside(self.path.parent, self.pipeline.vae, f"{self.path}: {META_PIPELINE}.vae")
         session = create_session(vae, provider=provider)
         name, where = session.get_inputs()[0].name, str(vae)
         out = []
@@ -112,7 +110,7 @@ class ExportedDiT:
 
     @property
     def num_classes(self) -> int:
-        return int(self.config["num_embeds_ada_norm"])
+        return self.pipeline.conditioning.num_classes
 
     @property
     def channels(self) -> int:
@@ -150,8 +148,8 @@ class ExportedDiT:
         if noise is None:
             noise = seeded_noise(seed, len(labels), self.channels, self.size)
         return generate(
-            self.fn, noise, labels, steps=steps, cfg=cfg, method=method, null_class=self.num_classes,
-            clip_denoised=bool(self.pipeline.get("clip_denoised", False)), seed=seed,
+            self.fn, noise, labels, steps=steps, cfg=cfg, method=method, null_class=self.pipeline.conditioning.null_label,
+            clip_denoised=self.pipeline.clip_denoised, seed=seed,
             batch_size=batch_size, progress=progress, schedule=self.schedule,
         )  # fmt: skip
 

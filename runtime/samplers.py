@@ -2,8 +2,8 @@
 
 A model is any ``f(sample [B,C,H,W] float32, timestep [B] int64, class_labels [B] int64) -> [B,C',H,W]``
 with ``C' = C`` (the prediction: epsilon, v or x0) or ``C' = 2C`` (and DiT's learned-variance values): an
-ONNX Runtime session (:class:`ditq.runtime.session.OrtDiT`), or a PyTorch model wrapped by
-``ditq.exporter.trace.TorchDiT`` (the float model or the quantized reference). So one loop drives all
+ONNX Runtime session (:class:`ditq.runtime.session.OrtDiT`), or a PyTorch model wrapped by its family
+adapter's ``torch_callable`` (``ditq.adapters.dit.TorchDiT``: the float model or the quantized reference). So one loop drives all
 three, and their trajectories can be compared step by step.
 
 The schedule, the timesteps, the prediction type and clipping come from a

@@ -113,3 +113,23 @@ def digits_search_argv(journal, out, *, generations: int, mutations: int) -> lis
             "--population", "4", "--generations", str(generations), "--top-k", "2", "--crossovers", "2",
             "--mutations", str(mutations), "--num-samples", "20", "--fitness-steps", "3", "--workers", "2",
             "--journal", str(journal), "--out", str(out)]  # fmt: skip
+
+
+def grid_cells(png, rows: int, cols: int, size: int, label_chars: int = 1) -> np.ndarray:
+    """The ``rows x cols`` images of a ``ditq sample`` grid, each ``size`` pixels: [N, size, size, 3] uint8.
+    The layout is the grid's own (64-pixel cells, 2-pixel gaps, a label margin of 8 + 7 per character),
+    and each cell must be its image scaled up by whole pixels (nearest neighbour)."""
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("RGB"))
+    cell, pad, left, k = 64, 2, 8 + 7 * label_chars, 64 // size
+    assert img.shape == (pad + rows * (cell + pad), left + pad + cols * (cell + pad), 3)
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            y0, x0 = pad + r * (cell + pad), left + pad + c * (cell + pad)
+            tile = img[y0 : y0 + cell, x0 : x0 + cell]
+            small = tile[::k, ::k]
+            assert np.array_equal(tile, small.repeat(k, 0).repeat(k, 1))
+            out.append(small)
+    return np.stack(out)

@@ -21,10 +21,13 @@ import pytest
 
 import ditq
 import ditq.files as files
+from ditq.adapters import adapter_for
 from ditq.manifest import read_manifest, verify_files, write_manifest
 from ditq.models import build_dit
 from ditq.recipe import Recipe
 from tests.conftest import tiny_config
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +220,7 @@ def test_a_killed_export_leaves_the_old_or_the_new_export(tmp_path):
     loaded = ditq.load_model(str(model))
     out = tmp_path / "m"
     t0 = time.perf_counter()
-    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(4, 8, 32)), out, source=loaded.source)
+    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(DIT, 4, 8, 32)), out, source=loaded.source)
     delay = random.uniform(0.0, 1.2 * (time.perf_counter() - t0))  # the writing phase is most of an export
     argv = [sys.executable, "-m", "ditq.cli", "--quiet", "export", "--model", str(model), "--wbits", "8", "--abits", "8",
             "--group-size", "32", "--out", str(out)]  # fmt: skip
@@ -232,8 +235,8 @@ def test_a_killed_export_leaves_the_old_or_the_new_export(tmp_path):
     where = f"killed {delay:.2f} s after the stage appeared"
     assert proc.returncode in (0, -signal.SIGKILL), err
     recipe = Recipe.load(out / "recipe.json")
-    assert recipe in (Recipe.qdit(4, 8, 32), Recipe.qdit(8, 8, 32)), where
+    assert recipe in (Recipe.qdit(DIT, 4, 8, 32), Recipe.qdit(DIT, 8, 8, 32)), where
     assert verify_files(out, read_manifest(out)) == [], where
-    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(8, 8, 32)), out, source=loaded.source)
-    assert Recipe.load(out / "recipe.json") == Recipe.qdit(8, 8, 32)
+    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(DIT, 8, 8, 32)), out, source=loaded.source)
+    assert Recipe.load(out / "recipe.json") == Recipe.qdit(DIT, 8, 8, 32)
     assert leftovers(out) == [], where

@@ -7,20 +7,23 @@ import json
 import numpy as np
 import pytest
 
+from ditq.adapters import adapter_for
 from ditq.cli import main
 from ditq.errors import DitqError
 from ditq.workflows.bench import BenchReport, BenchRow, check_goals, parse_variants
 from ditq.workflows.evaluate import parse_configs
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 
 def test_parse_variants():
     vs = parse_variants("w8a8, ort-int8,w4a8g32@qdq,w4a16gch,fp,w1.58a2h", 128)
     assert [v.name for v in vs] == ["float", "w8a8@ort", "ort-int8", "w4a8g32@qdq", "w4a16gch@ort", "w1.58a2h@ort"]
     w8, w4, w16, tern = vs[1].config, vs[3].config, vs[4].config, vs[5].config
-    assert (w8.group_size, w4.group_size, w4.base_group, vs[3].target, w16.group_size, w16.abits) == (128, 32, 128, "qdq", None, None)
-    assert (tern.ternary, tern.rotate, tern.abits, vs[5].target) == (True, True, 2, "ort")
+    assert (w8.group_size, w4.group_size, w4.base_group, vs[3].target.name, w16.group_size, w16.abits) == (128, 32, 128, "qdq", None, None)
+    assert (tern.ternary, tern.rotate, tern.abits, vs[5].target.name) == (True, True, 2, "ort")
     # the same grammar as eval: the recipe a variant builds is eval's
-    assert vs[1].config.recipe() == parse_configs("w8a8", 128)[0].recipe()
+    assert vs[1].config.recipe(DIT) == parse_configs("w8a8", 128)[0].recipe(DIT)
     with pytest.raises(DitqError, match="w9a8"):
         parse_variants("w9a8", 128)
     with pytest.raises(DitqError, match="twice"):
@@ -35,9 +38,9 @@ def test_variant_recipe_path_keeps_its_case(tmp_path):
     from ditq.recipe import Recipe
 
     path = tmp_path / "Searched.json"
-    path.write_text(Recipe.qdit(4, 8, 64).to_json())
+    path.write_text(Recipe.qdit(DIT, 4, 8, 64).to_json())
     (v,) = parse_variants(f"ORT-INT8,{path}", 128)[2:]
-    assert (v.name, v.config.recipe_file, v.config.recipe()) == ("Searched@ort", str(path), Recipe.qdit(4, 8, 64))
+    assert (v.name, v.config.recipe_file, v.config.recipe(DIT)) == ("Searched@ort", str(path), Recipe.qdit(DIT, 4, 8, 64))
 
 
 def test_variants_take_the_auto_group_size(tiny_dit):
@@ -45,7 +48,7 @@ def test_variants_take_the_auto_group_size(tiny_dit):
     a gN of the variant stays its own."""
     w4, w4g32 = (v.config.with_auto_group(tiny_dit) for v in parse_variants("w4a8,w4a8g32", "auto")[1:])
     assert (w4.group_size, w4.base_group, w4g32.group_size, w4g32.base_group) == (64, 64, 32, 64)
-    assert w4.recipe() == parse_configs("w4a8", 64)[0].recipe()
+    assert w4.recipe(DIT) == parse_configs("w4a8", 64)[0].recipe(DIT)
 
 
 @pytest.mark.slow  # builds and times six variants in subprocesses: about 25 s

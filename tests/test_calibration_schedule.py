@@ -16,6 +16,7 @@ from ditq.calib.calibration import CalibConfig, load_or_record, sample_trajector
 from ditq.cli import main
 from ditq.errors import DitqError
 from ditq.models import build_dit, dit_config, load_model, pipeline_info
+from ditq.pipeline import ClassConditioning, Pipeline
 
 from .conftest import tiny_config
 
@@ -64,13 +65,13 @@ def reference_ddim(model, folder, noise, labels, *, steps, guidance, null_class)
 def _record(loaded, cfg, schedule):
     calls = []
     sample_trajectories(loaded.model, cfg, lambda kept, x, t, y: calls.append((kept, x.copy(), t.copy(), y.copy())),
-                        schedule=schedule, clip_denoised=bool(loaded.pipeline["clip_denoised"]), progress=False)  # fmt: skip
+                        schedule=schedule, clip_denoised=loaded.pipeline.clip_denoised, progress=False)  # fmt: skip
     return calls
 
 
 def test_calibration_trajectories_are_the_models_own_v_prediction_ddim(v_folder):
     loaded = load_model(str(v_folder))
-    assert loaded.schedule.prediction_type == "v_prediction" and loaded.pipeline["clip_denoised"] is False
+    assert loaded.schedule.prediction_type == "v_prediction" and loaded.pipeline.clip_denoised is False
     cfg = CalibConfig(num_samples=3, steps=6, timesteps_per_sample=3, cfg=1.5, seed=5)
     calls = _record(loaded, cfg, loaded.schedule)
     noise = np.random.default_rng(cfg.seed).standard_normal((3, 4, 8, 8)).astype(np.float32)  # seeded_noise's rule
@@ -120,6 +121,7 @@ class _Stop(Exception):
 def _spy_sampler(monkeypatch, seen, stop: bool):
     """Records the ``schedule`` of every sampler call (calibration and sensitivity trajectories call it);
     ``stop``: then ends the run."""
+    import ditq.calib.calibration as calibration
     import ditq.runtime.samplers as samplers
 
     real = samplers.sample
@@ -131,11 +133,13 @@ def _spy_sampler(monkeypatch, seen, stop: bool):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(samplers, "sample", spy)
+    monkeypatch.setattr(calibration, "sample", spy)  # the trajectories' sampler, as calibration imports it
 
 
 def test_cli_gptq_calibration_samples_with_the_pipelines_scheduler_and_keys_its_cache(v_folder, tmp_path, monkeypatch):
-    import ditq.exporter.reference as reference
     from safetensors import safe_open
+
+    import ditq.workflows.export as export_workflow
 
     want, seen, cache = load_model(str(v_folder)).schedule, [], tmp_path / "cache"
     _spy_sampler(monkeypatch, seen, stop=False)
@@ -143,7 +147,7 @@ def test_cli_gptq_calibration_samples_with_the_pipelines_scheduler_and_keys_its_
     def stop(*_a, **_k):
         raise _Stop
 
-    monkeypatch.setattr(reference, "quantize_model", stop)  # calibration is done and cached by then
+    monkeypatch.setattr(export_workflow, "quantize_model", stop)  # calibration is done and cached by then
     with pytest.raises(_Stop):
         main(["--quiet", "export", "--model", str(v_folder), "--wbits", "4", "--abits", "8", "--group-size", "32",
               "--method", "gptq", "--calib-samples", "2", "--calib-timesteps", "2", "--calib-cache", str(cache),
@@ -198,7 +202,7 @@ def test_fitness_float_samples_follow_the_models_scheduler(pixel_v_folder):
 
 def test_eval_probes_the_float_model_at_the_schedules_first_timestep(pixel_v_folder, monkeypatch):
     """``ditq eval``'s float probe (its SQNR reference) runs at the first timestep the sampler evaluates."""
-    import ditq.exporter.trace as trace
+    import ditq.adapters.dit as dit
     from ditq.workflows.evaluate import evaluate, parse_configs
 
     ref_folder, model_dir = pixel_v_folder
@@ -206,14 +210,14 @@ def test_eval_probes_the_float_model_at_the_schedules_first_timestep(pixel_v_fol
 
     sched = DDIMScheduler.from_pretrained(ref_folder, subfolder="scheduler")
     sched.set_timesteps(6)
-    probed, real = [], trace.TorchDiT
+    probed, real = [], dit.TorchDiT
 
     class Spy(real):
         def __call__(self, x, t, y):
             probed.append(np.asarray(t).copy())
             return super().__call__(x, t, y)
 
-    monkeypatch.setattr(trace, "TorchDiT", Spy)
+    monkeypatch.setattr(dit, "TorchDiT", Spy)
     rep = evaluate(str(model_dir), parse_configs("fp", None), num_samples=2, steps=6, progress=False)
     assert int(sched.timesteps[0]) == 831 and {int(v) for v in probed[0]} == {831}  # DiT's schedule: 999
     assert np.isfinite(rep.rows[0].sqnr_db)
@@ -223,15 +227,15 @@ def test_eval_probes_the_float_model_at_the_schedules_first_timestep(pixel_v_fol
 def test_loaders_compute_the_pipeline_once_and_it_is_what_pipeline_info_says(v_folder):
     loaded = load_model(str(v_folder))
     assert loaded.pipeline == pipeline_info(loaded.source)
-    assert loaded.pipeline["schedule"]["prediction_type"] == "v_prediction"
-    assert load_model("dit-s-2").pipeline == {"space": "latent", "clip_denoised": False}
+    assert loaded.pipeline.schedule.prediction_type == "v_prediction"
+    assert load_model("dit-s-2").pipeline == Pipeline(space="latent", clip_denoised=False, conditioning=ClassConditioning(1000, 1000))
 
 
 def test_an_unchecked_transformer_config_is_refused_when_the_schedule_needs_it(tmp_path):
     """learned_range needs variance channels: read from the checked transformer config, so a mistyped
     out_channels is named, not taken for "no variance channels"."""
     folder = _pipeline_folder(tmp_path / "pipe", {"variance_type": "learned_range"}, tiny_config(), "DDPMScheduler")
-    assert pipeline_info({"kind": "diffusers", "path": str(folder)})["schedule"]["variance_type"] == "learned_range"
+    assert pipeline_info({"kind": "diffusers", "path": str(folder)}).schedule.variance_type == "learned_range"
     dit = folder / "transformer" / "config.json"
     dit.write_text(json.dumps({**json.loads(dit.read_text()), "out_channels": "8"}))
     with pytest.raises(DitqError, match="out_channels must be"):

@@ -46,7 +46,7 @@ def exported(tmp_path_factory):
     """A digits-like model exported by ``ditq export``; it samples in pixel space and is judged like digits."""
     root = tmp_path_factory.mktemp("hostile")
     build_dit(DIGITS_LIKE, seed=0).save_pretrained(root / "dit")
-    (root / "dit" / "ditq_pipeline.json").write_text(json.dumps(BUILTIN_PIPELINE["digits"]))
+    (root / "dit" / "ditq_pipeline.json").write_text(BUILTIN_PIPELINE["digits"].to_json())
     assert main(["--quiet", "export", "--model", str(root / "dit"), "--wbits", "8", "--abits", "8",
                  "--group-size", "16", "--out", str(root / "m")]) == 0  # fmt: skip
     meta = {p.key: p.value for p in onnx.load(root / "m" / "model.onnx").metadata_props}

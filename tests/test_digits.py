@@ -11,8 +11,13 @@ import textwrap
 import numpy as np
 import pytest
 
+from ditq.adapters import adapter_for
 from ditq.cli import main
 from ditq.models import digits_config, load_model
+
+from .conftest import grid_cells
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +42,7 @@ def test_shipped_model_draws_digits_the_judge_recognises():
     bound (80%) sits below the 500-sample, 50-step accuracy in the model card with room for 100 samples'
     sampling noise (binomial std about 3 points)."""
     from ditq.calib.digits import to_unit_range
-    from ditq.exporter.trace import TorchDiT
+    from ditq.adapters.dit import TorchDiT
     from ditq.runtime.metrics import DigitJudge
     from ditq.runtime.samplers import sample, seeded_noise
 
@@ -72,6 +77,16 @@ def test_sample_runs_with_onnxruntime_alone_and_writes_a_labelled_grid(digits_w4
     img = Image.open(grid)
     # 3 rows and 4 columns of 64-pixel cells with 2-pixel gaps, plus a label margin on the left
     assert img.size[1] == 3 * 66 + 2 and (img.size[0] - 2) % 66 > 0 and (img.size[0] - 2) // 66 == 4
+    # the cells are the samples of the same seed (the .npy of the same run), row i of class i of --classes,
+    # as grey 8-bit pixels of [-1, 1] -> [0, 255]; float32 vs float64 evaluation of that map may move a
+    # value on a rounding midpoint by one level (none measured)
+    npy = tmp_path / "s.npy"
+    assert main(["--quiet", "sample", str(digits_w4a8), "--classes", "1,7,3", "--per-class", "4", "--steps", "10", "--out", str(npy)]) == 0
+    want = np.round(np.clip((np.load(npy).astype(np.float64) + 1) / 2, 0, 1) * 255)[:, 0]  # [12, 8, 8]
+    cells = grid_cells(grid, rows=3, cols=4, size=8).astype(np.float64)
+    assert np.array_equal(cells[..., 0], cells[..., 1]) and np.array_equal(cells[..., 0], cells[..., 2])  # grey
+    diff = cells[..., 0] - want
+    assert np.abs(diff).max() <= 1 and np.count_nonzero(diff) <= 0.01 * diff.size, (np.abs(diff).max(), np.count_nonzero(diff))
 
 
 def test_sample_is_seeded(digits_w4a8, tmp_path):
@@ -146,13 +161,26 @@ def test_eval_takes_any_feature_extractor():
     calls = []
 
     def pixels(images):
-        calls.append(images.shape)
+        calls.append(images.copy())
         return images.reshape(len(images), -1)
+
+    def frechet(a, b):
+        """The Frechet distance of two pixel sets, written here: tr((S1 S2)^(1/2)) as the sum of the square
+        roots of the eigenvalues of S1 S2 (real and >= 0; those of these rank-deficient covariances are 0
+        up to round-off, about 1e-15 of the largest, whose roots add up to about 1e-6)."""
+        fa, fb = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+        s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+        root_trace = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
+        return float(np.sum((fa.mean(0) - fb.mean(0)) ** 2) + np.trace(s1) + np.trace(s2) - 2 * root_trace)
 
     real = to_unit_range(load_split().x_test[:200])
     rep = evaluate("digits", parse_configs("fp", 64), num_samples=20, steps=3, features=pixels, real_images=real, progress=False)
-    assert (200, 1, 8, 8) in calls and (20, 1, 8, 8) in calls
-    assert rep.rows[0].fid > 0 and rep.rows[0].class_accuracy is not None
+    assert [len(c) for c in calls] == [200, 20, 100, 100]  # the real set, the samples, the noise floor's halves
+    np.testing.assert_array_equal(calls[0], real)
+    assert calls[1].shape == (20, 1, 8, 8) and calls[1].min() >= 0 and calls[1].max() <= 1
+    assert rep.rows[0].fid == pytest.approx(frechet(calls[1], real), rel=1e-5)
+    assert rep.noise_floor_fid == pytest.approx(frechet(calls[2], calls[3]), rel=1e-5)
+    assert rep.rows[0].class_accuracy is not None
     assert rep.settings["real_images"] == 200
 
 
@@ -161,7 +189,7 @@ def test_sample_of_a_latent_model_writes_npy_and_refuses_png(tiny_dit, tmp_path,
     from ditq.exporter.reference import quantize_model
     from ditq.recipe import Recipe
 
-    res = export(quantize_model(tiny_dit, Recipe.qdit(8, 8, 32), progress=False), tmp_path / "m", source={"kind": "api"}, progress=False)
+    res = export(quantize_model(tiny_dit, Recipe.qdit(DIT, 8, 8, 32), progress=False), tmp_path / "m", source={"kind": "api"}, progress=False)
     assert main(["sample", str(res.out_dir), "--out", str(tmp_path / "g.png")]) == 2
     assert "samples latents" in capsys.readouterr().err
     out = tmp_path / "x.npy"

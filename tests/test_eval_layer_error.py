@@ -12,9 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ditq.adapters import adapter_for
 from ditq.exporter.reference import quantize_model
 from ditq.recipe import Recipe
 from ditq.workflows.evaluate import _layer_error
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 LAYERS = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.ff.net.2")  # K = 64 and K = 256
 
@@ -45,7 +48,7 @@ def _rel(out: np.ndarray, ref: np.ndarray) -> float:
 
 def test_layer_error_of_rotated_ternary_layers_matches_an_independent_float64_computation(tiny_dit):
     abits = 4
-    qdit = quantize_model(tiny_dit, Recipe.robuq(abits, rotate=True), progress=False)
+    qdit = quantize_model(tiny_dit, Recipe.robuq(DIT, abits, rotate=True), progress=False)
     named = dict(tiny_dit.named_modules())
     g = torch.Generator().manual_seed(0)
     inputs = {}

@@ -7,10 +7,14 @@ import onnx
 import pytest
 
 import ditq
+from ditq.adapters import adapter_for
 from ditq.exporter.export import DATA_FILE, MODEL_FILE
 from ditq.manifest import MANIFEST_FILE, RECIPE_FILE, file_sha256
 from ditq.recipe import Recipe
 from ditq.runtime.integrity import MANIFEST_CHECK
+
+DIT_ADAPTER = adapter_for("DiTTransformer2DModel")  # the family of the models here
+DIT = DIT_ADAPTER.coverage
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,7 @@ def dit_s():
 @pytest.mark.parametrize("wbits,abits,group", [(8, 8, 64), (6, 8, 64), (4, 8, 64), (4, None, 128)])
 def test_preset_parity(tmp_path, wbits, abits, group):
     loaded = ditq.load_model("dit-s-2")  # fresh: validation swaps the reference into its model
-    qdit = ditq.quantize(loaded.model, Recipe.qdit(wbits, abits, group))
+    qdit = ditq.quantize(loaded.model, Recipe.qdit(DIT, wbits, abits, group))
     res = ditq.export(qdit, tmp_path / "m", source=loaded.source)
     report = ditq.validate(tmp_path / "m")
     assert report.passed, report.table()
@@ -46,7 +50,7 @@ def test_preset_parity(tmp_path, wbits, abits, group):
 @pytest.mark.slow  # DiT-S/2 float and W4 exports: about 20 s
 def test_w4_file_is_small(tmp_path, dit_s):
     """4-bit codes + an fp32 scale and a 4-bit zero point per 128 weights: ~4.28/32 = 0.134 of fp32."""
-    qdit = ditq.quantize(dit_s.model, Recipe.qdit(4, 8, 128))
+    qdit = ditq.quantize(dit_s.model, Recipe.qdit(DIT, 4, 8, 128))
     res = ditq.export(qdit, tmp_path / "m", source=dit_s.source)
     float_bytes = sum(p.numel() * 4 for p in dit_s.model.parameters())
     assert res.file_bytes / float_bytes < 0.16
@@ -54,7 +58,7 @@ def test_w4_file_is_small(tmp_path, dit_s):
 
 @pytest.mark.slow  # DiT-S/2 export and validation: about 30 s (tampered tiny exports failing validate stay in the fast lane)
 def test_validate_fails_on_a_tampered_model(tmp_path, dit_s):
-    qdit = ditq.quantize(dit_s.model, Recipe.qdit(4, 8, 64))
+    qdit = ditq.quantize(dit_s.model, Recipe.qdit(DIT, 4, 8, 64))
     ditq.export(qdit, tmp_path / "m", source=dit_s.source)
     path = tmp_path / "m" / MODEL_FILE
     model = onnx.load(str(path))
@@ -73,7 +77,7 @@ def test_validate_fails_on_a_tampered_model(tmp_path, dit_s):
 def test_validate_fails_on_a_wrong_activation_step(tmp_path, dit_s):
     """A graph that quantizes activations to 7 bits where the recipe says 8: the code check and the
     output accuracy criterion must both catch it (the weight checks can't: the weights are right)."""
-    qdit = ditq.quantize(dit_s.model, Recipe.qdit(8, 8, 64))
+    qdit = ditq.quantize(dit_s.model, Recipe.qdit(DIT, 8, 8, 64))
     ditq.export(qdit, tmp_path / "m", source=dit_s.source)
     path = tmp_path / "m" / MODEL_FILE
     model = onnx.load(str(path))
@@ -88,7 +92,7 @@ def test_validate_fails_on_a_wrong_activation_step(tmp_path, dit_s):
 
 
 def test_reexport_does_not_grow_the_data_file(tmp_path, tiny_dit):
-    qdit = ditq.quantize(tiny_dit, Recipe.qdit(4, 8, 16))
+    qdit = ditq.quantize(tiny_dit, Recipe.qdit(DIT, 4, 8, 16))
     sizes = []
     for _ in range(2):
         ditq.export(qdit, tmp_path / "m", external_data_bytes=0)
@@ -99,7 +103,7 @@ def test_reexport_does_not_grow_the_data_file(tmp_path, tiny_dit):
 
 @pytest.mark.slow  # about 15 s; test_atomic_swap's kills between swap steps stay in the fast lane
 def test_crash_leaves_the_old_export_intact(tmp_path, tiny_dit, monkeypatch):
-    qdit = ditq.quantize(tiny_dit, Recipe.qdit(4, 8, 16))
+    qdit = ditq.quantize(tiny_dit, Recipe.qdit(DIT, 4, 8, 16))
     ditq.export(qdit, tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
 
@@ -110,7 +114,7 @@ def test_crash_leaves_the_old_export_intact(tmp_path, tiny_dit, monkeypatch):
 
     monkeypatch.setattr("ditq.exporter.export.onnx.save_model", crash)
     with pytest.raises(OSError, match="disk full"):
-        ditq.export(ditq.quantize(tiny_dit, Recipe.qdit(8, 8, 16)), tmp_path / "m")
+        ditq.export(ditq.quantize(tiny_dit, Recipe.qdit(DIT, 8, 8, 16)), tmp_path / "m")
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     with pytest.raises(OSError):
@@ -121,14 +125,14 @@ def test_crash_leaves_the_old_export_intact(tmp_path, tiny_dit, monkeypatch):
 def test_validate_with_explicit_model_and_recipe(tmp_path, tiny_dit):
     folder = tmp_path / "dit"
     tiny_dit.save_pretrained(folder)
-    recipe = Recipe.qdit(4, 8, 16)
+    recipe = Recipe.qdit(DIT, 4, 8, 16)
     (tmp_path / "r.json").write_text(recipe.to_json())
     loaded = ditq.load_model(str(folder))
     ditq.export(ditq.quantize(loaded.model, recipe), tmp_path / "m", source={"kind": "elsewhere"})
     report = ditq.validate(tmp_path / "m", model_spec=str(folder), recipe_path=tmp_path / "r.json")
     assert report.passed, report.table()
     # the same model checked against the wrong recipe fails the structural checks
-    (tmp_path / "r8.json").write_text(Recipe.qdit(8, 8, 16).to_json())
+    (tmp_path / "r8.json").write_text(Recipe.qdit(DIT, 8, 8, 16).to_json())
     assert not ditq.validate(tmp_path / "m", model_spec=str(folder), recipe_path=tmp_path / "r8.json").passed
     assert np.isfinite(report.cases[0].sqnr_ref_vs_float_db)
 
@@ -138,12 +142,10 @@ def test_runtime_runs_an_export_without_torch(tmp_path, tiny_dit):
     import subprocess
     import sys
 
-    from ditq.exporter.trace import example_inputs
-
     loaded_source = {"kind": "api"}
-    qdit = ditq.quantize(tiny_dit, Recipe.qdit(4, 8, 16))
+    qdit = ditq.quantize(tiny_dit, Recipe.qdit(DIT, 4, 8, 16))
     ditq.export(qdit, tmp_path / "m", source=loaded_source)
-    x, t, y = (a.numpy() for a in example_inputs(dict(tiny_dit.config), batch=2, seed=5))
+    x, t, y = (a.numpy() for a in DIT_ADAPTER.example_inputs(dict(tiny_dit.config), batch=2, seed=5))
     np.savez(tmp_path / "in.npz", x=x, t=t, y=y)
     code = f"""
 import sys, numpy as np

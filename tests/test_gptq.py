@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ditq.adapters import adapter_for
 from ditq.calib.gptq import HessianState, accumulate_hessian, gptq_quantize, layer_output_error
 from ditq.calib.numerics import qrange, quantize_rtn
+
+DIT_ADAPTER = adapter_for("DiTTransformer2DModel")  # the family of the models here
+DIT = DIT_ADAPTER.coverage
 
 
 def test_hessian_accumulates_in_chunks_like_in_one_go():
@@ -71,11 +75,11 @@ def test_gptq_recipe_on_a_dit_lowers_layer_error_and_exports_valid(tiny_dit, tmp
     from ditq.exporter.reference import quantize_model
     from ditq.recipe import Recipe
     from ditq.calib.numerics import sqnr_db
-    from ditq.exporter.trace import TorchDiT, example_inputs
+    from ditq.adapters.dit import TorchDiT
     from ditq.runtime.session import OrtDiT
     from ditq.workflows.validate import validate
 
-    recipe = Recipe.qdit(3, 8, 16)
+    recipe = Recipe.qdit(DIT, 3, 8, 16)
     plans = recipe.resolve(tiny_dit)
     linears = [n for n, p in plans.items() if p.kind == "linear"]
     cc = CalibConfig(num_samples=8, steps=10, timesteps_per_sample=4, tokens_per_call=8, seed=0)
@@ -91,7 +95,7 @@ def test_gptq_recipe_on_a_dit_lowers_layer_error_and_exports_valid(tiny_dit, tmp
     assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
     # the exported graph computes what the GPTQ reference computes (criterion of `ditq validate`)
     res = export(gq, tmp_path / "gptq", source={"kind": "api"}, progress=False)
-    x, t, y = example_inputs(dict(tiny_dit.config), batch=3, seed=5)
+    x, t, y = DIT_ADAPTER.example_inputs(dict(tiny_dit.config), batch=3, seed=5)
     args = (x.numpy(), t.numpy(), y.numpy())
     out_ort, out_ref, out_fp = OrtDiT(res.model_path)(*args), TorchDiT(gq.reference())(*args), TorchDiT(tiny_dit)(*args)
     assert sqnr_db(out_ref, out_ort) >= sqnr_db(out_fp, out_ref)

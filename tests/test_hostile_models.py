@@ -26,11 +26,14 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file, save_file
 
+from ditq.adapters import adapter_for
 from ditq.errors import DitqError
 from ditq.models import load_model, load_vae
 from ditq.recipe import Recipe
 from tests.conftest import assert_no_output, assert_one_line_refusal, run, tiny_config
 from tests.test_loaders import to_original_layout
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -385,7 +388,7 @@ def fake_export(folder, **meta):
     folder.mkdir(parents=True, exist_ok=True)
     f32 = lambda n, shape: helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)  # noqa: E731
     i64 = lambda n: helper.make_tensor_value_info(n, TensorProto.INT64, ["N"])  # noqa: E731
-    meta = {"ditq.model_config": json.dumps(CONFIG), "ditq.recipe": Recipe.qdit(4, 8, 16).to_json(),
+    meta = {"ditq.model_config": json.dumps(CONFIG), "ditq.recipe": Recipe.qdit(DIT, 4, 8, 16).to_json(),
             "ditq.source": json.dumps({"kind": "preset", "name": "dit-s-2", "seed": 0, "image_size": None}),
             "ditq.pipeline": json.dumps({"space": "latent", "clip_denoised": False, "vae": "vae_decoder.onnx", "scaling_factor": 0.5}),
             **meta}  # fmt: skip
@@ -533,7 +536,7 @@ def test_an_empty_or_foreign_onnx_file_says_so(tmp_path, capsys, data, needle):
 def test_a_recipe_file_over_16_mib_is_refused_unparsed(tmp_path, capsys):
     """Valid JSON (a recipe padded with spaces) but larger than any recipe: refused by its size."""
     p = tmp_path / "r.json"
-    p.write_text(Recipe.qdit(4, 8, 32).to_json() + " " * (16 << 20))
+    p.write_text(Recipe.qdit(DIT, 4, 8, 32).to_json() + " " * (16 << 20))
     code, _, err = run(["recipe", "--recipe", str(p), "--out", str(tmp_path / "o.json")], capsys)
     assert_one_line_refusal(code, err, str(p), f"more than the {16 << 20} bytes allowed")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["r.json"]

@@ -38,7 +38,7 @@ LAYERS = {  # module (or package prefix) -> layer; the longest prefix that match
     "ditq.calib": 2,
     "ditq.graphs": 3,
     "ditq.exporter": 4,
-    "ditq.workflows": 5, "ditq.cli": 5, "ditq": 5,
+    "ditq.workflows": 5, "ditq.cli": 5, "ditq.cli_args": 5, "ditq": 5,
 }  # fmt: skip
 NAMES = {0: "ditq core", 1: "runtime", 2: "calib", 3: "graphs", 4: "exporter", 5: "workflows"}
 

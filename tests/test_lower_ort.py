@@ -13,8 +13,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import ditq
+from ditq.adapters import adapter_for
 from ditq.calib.numerics import quantize_rtn, sqnr_db
-from ditq.exporter.trace import INPUT_NAMES, example_inputs
 from ditq.graphs.lower_ort import (
     KERNEL_INT8,
     KERNEL_NBITS,
@@ -31,6 +31,9 @@ from ditq.recipe import LayerPlan, LayerQuant, Recipe
 from ditq.runtime.session import create_session
 
 from .conftest import make_model
+
+DIT_ADAPTER = adapter_for("DiTTransformer2DModel")  # the family of the models here
+DIT = DIT_ADAPTER.coverage
 
 
 def test_block_is_the_largest_power_of_two_dividing_the_group_up_to_128():
@@ -104,7 +107,7 @@ def _export(tiny_dit, recipe, tmp_path, name, target="ort"):
 
 
 def test_w8a8_lowers_every_linear_and_validates(tmp_path, tiny_dit):
-    qdit, out = _export(tiny_dit, Recipe.qdit(8, 8, 32), tmp_path, "w8a8")
+    qdit, out = _export(tiny_dit, Recipe.qdit(DIT, 8, 8, 32), tmp_path, "w8a8")
     ops = _ops(out / "model.onnx")
     depth = tiny_dit.config.num_layers
     assert ops["MatMulIntegerToFloat"] == 6 * depth  # q, k, v, out, fc1, fc2 of every block
@@ -123,7 +126,7 @@ def test_w8a8_lowers_every_linear_and_validates(tmp_path, tiny_dit):
 
 
 def test_w4a4_keeps_the_exact_activation_qdq(tmp_path, tiny_dit):
-    qdit, out = _export(tiny_dit, Recipe.qdit(4, 4, 32), tmp_path, "w4a4")
+    qdit, out = _export(tiny_dit, Recipe.qdit(DIT, 4, 4, 32), tmp_path, "w4a4")
     ops = _ops(out / "model.onnx")
     depth = tiny_dit.config.num_layers
     assert ops["MatMulIntegerToFloat"] == 0 and ops["QuantizeLinear"] == 4 * depth  # q/k/v share one quantizer
@@ -138,12 +141,12 @@ def test_w4a4_keeps_the_exact_activation_qdq(tmp_path, tiny_dit):
 def test_the_reference_emulates_the_kernels(tmp_path, tiny_dit):
     """ORT's lowered model agrees with the kernel-emulating reference far better than with Q-DiT's own
     arithmetic: the emulation is what validation rests on, not a loose bound."""
-    recipe = Recipe.qdit(4, 8, 32)
+    recipe = Recipe.qdit(DIT, 4, 8, 32)
     qdit, out = _export(tiny_dit, recipe, tmp_path, "w4a8")
     plain = ditq.quantize(tiny_dit, recipe).reference()
     emulating = qdit.reference()
-    x, t, y = example_inputs(dict(tiny_dit.config), batch=3, seed=5)
-    o = create_session(out / "model.onnx").run(None, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))))[0]
+    x, t, y = DIT_ADAPTER.example_inputs(dict(tiny_dit.config), batch=3, seed=5)
+    o = create_session(out / "model.onnx").run(None, dict(zip(DIT_ADAPTER.input_names, (x.numpy(), t.numpy(), y.numpy()))))[0]
     with torch.no_grad():
         r_emu = emulating(x, timestep=t, class_labels=y).sample.numpy()
         r_plain = plain(x, timestep=t, class_labels=y).sample.numpy()
@@ -152,7 +155,7 @@ def test_the_reference_emulates_the_kernels(tmp_path, tiny_dit):
 
 
 def test_validate_catches_a_tampered_kernel_scale(tmp_path, tiny_dit):
-    _, out = _export(tiny_dit, Recipe.qdit(4, 8, 32), tmp_path, "w4a8")
+    _, out = _export(tiny_dit, Recipe.qdit(DIT, 4, 8, 32), tmp_path, "w4a8")
     proto = onnx.load(str(out / "model.onnx"))
     node = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "ff.net.0" in n.name)
     init = next(t for t in proto.graph.initializer if t.name == node.input[2])
@@ -169,8 +172,8 @@ def test_validate_catches_a_tampered_kernel_scale(tmp_path, tiny_dit):
 def test_io_binding_gives_the_same_outputs(tmp_path, tiny_dit):
     from ditq.runtime.session import OrtDiT
 
-    _, out = _export(tiny_dit, Recipe.qdit(4, 8, 32), tmp_path, "w4a8")
-    x, t, y = (a.numpy() for a in example_inputs(dict(tiny_dit.config), batch=2, seed=1))
+    _, out = _export(tiny_dit, Recipe.qdit(DIT, 4, 8, 32), tmp_path, "w4a8")
+    x, t, y = (a.numpy() for a in DIT_ADAPTER.example_inputs(dict(tiny_dit.config), batch=2, seed=1))
     plain, bound = OrtDiT(out / "model.onnx"), OrtDiT(out / "model.onnx", io_binding=True)
     assert bound.io_binding and not plain.io_binding
     np.testing.assert_array_equal(bound(x, t, y), plain(x, t, y))

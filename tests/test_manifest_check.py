@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 
 import ditq
+from ditq.adapters import adapter_for
 from ditq.cli import main
 from ditq.models import build_dit
 from ditq.recipe import Recipe
 from ditq.runtime.integrity import MANIFEST_CHECK, RECIPE_CHECK, folder_checks
 from tests.conftest import returns_within, tiny_config
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def export_dir(tmp_path_factory) -> Path:
     build_dit(tiny_config(), seed=0).save_pretrained(folder)
     loaded = ditq.load_model(str(folder))
     out = tmp_path_factory.mktemp("export") / "m"
-    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(4, 8, 32)), out, source=loaded.source)
+    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(DIT, 4, 8, 32)), out, source=loaded.source)
     return out
 
 
@@ -135,7 +138,7 @@ def test_a_tampered_manifest_fails_its_check(m, meta, tamper):
 
 
 RECIPE_TAMPERING = {
-    "another recipe": (lambda m: (m / "recipe.json").write_text(Recipe.qdit(8, 8, 32).to_json()), "differs"),
+    "another recipe": (lambda m: (m / "recipe.json").write_text(Recipe.qdit(DIT, 8, 8, 32).to_json()), "differs"),
     "the same recipe reformatted": None,  # equal JSON: passes
     "not JSON": (lambda m: (m / "recipe.json").write_text("{"), "not JSON"),
     "missing": (lambda m: (m / "recipe.json").unlink(), "no recipe.json"),
@@ -165,7 +168,7 @@ def test_validate_fails_with_the_named_check(m, capsys, tamper):
         _edit_hash(m)
         failing = MANIFEST_CHECK
     else:
-        (m / "recipe.json").write_text(Recipe.qdit(8, 8, 32).to_json() + "\n")
+        (m / "recipe.json").write_text(Recipe.qdit(DIT, 8, 8, 32).to_json() + "\n")
         relist(m, "recipe.json")
         failing = RECIPE_CHECK
     code = main(["--quiet", "validate", str(m), "--json", str(m.parent / "v.json")])

@@ -7,12 +7,15 @@ import onnx
 import pytest
 
 import ditq
+from ditq.adapters import adapter_for
 from ditq.cli import main
 from ditq.exporter.reference import resolve_plans
 from ditq.graphs.checks import check_activations
 from ditq.recipe import Recipe
 
 from tests.conftest import TINY
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 ACT_CHECK = "activation scales computed in the graph from min/max"
 # Q-DiT coverage quantizes the input activations of q, k, v, attention out, fc1 and fc2 of every block;
@@ -23,7 +26,7 @@ ACT_QUANTIZERS = 4 * TINY["depth"]
 
 def _export(source, out, abits, target="qdq"):
     loaded = ditq.load_model(str(source))
-    qdit = ditq.quantize(loaded.model, Recipe.qdit(4, abits, 64), target=target)
+    qdit = ditq.quantize(loaded.model, Recipe.qdit(DIT, 4, abits, 64), target=target)
     return ditq.export(qdit, out, source=loaded.source), qdit
 
 

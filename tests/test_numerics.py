@@ -23,17 +23,41 @@ from ditq.graphs.tensors import code_tensor
 from tests.conftest import make_model, run_ort
 
 
+def reference_quantize(x: np.ndarray, bits: int, group: int, symmetric: bool = False):
+    """The README's formulas, written here in numpy float32 (IEEE operations, so the same bits as any
+    correct float32 implementation): ``(scale, zero, codes, dequantized)``, grouped along the last axis."""
+    xg = x.astype(np.float32).reshape(*x.shape[:-1], x.shape[-1] // group, group)
+    if symmetric:
+        top = np.float32(2 ** (bits - 1) - 1)
+        s = np.maximum(np.abs(xg).max(-1) / top, np.float32(1e-8))
+        z = np.zeros_like(s)
+        q = np.clip(np.round(xg / s[..., None]), -top, top)
+    else:
+        top = np.float32(2**bits - 1)
+        lo, hi = np.minimum(xg.min(-1), np.float32(0)), np.maximum(xg.max(-1), np.float32(0))
+        s = np.maximum((hi - lo) / top, np.float32(1e-8))
+        z = np.round(-lo / s)
+        q = np.clip(np.round(xg / s[..., None]) + z[..., None], np.float32(0), top)
+    return s, z, q.reshape(x.shape), ((q - z[..., None]) * s[..., None]).reshape(x.shape)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_round_trip_error_is_at_most_half_a_step(bits, symmetric):
     x = torch.randn(16, 96, generator=torch.Generator().manual_seed(bits)) * 3
     s, z = choose_qparams(x, bits, 32, symmetric)
     q = quantize(x, s, z, bits, symmetric)
+    # the qparams and codes are the README's, exactly
+    s_ref, z_ref, q_ref, x_ref = reference_quantize(x.numpy(), bits, 32, symmetric)
+    np.testing.assert_array_equal(s.numpy(), s_ref)
+    np.testing.assert_array_equal(z.numpy(), z_ref)
+    np.testing.assert_array_equal(q.numpy(), q_ref)
+    np.testing.assert_array_equal(dequantize(q, s, z).numpy(), x_ref)
     lo, hi = qrange(bits, symmetric)
     assert q.min() >= lo and q.max() <= hi and torch.equal(q, torch.round(q))
     err = (dequantize(q, s, z) - x).abs().reshape(16, 3, 32)
     # min-max qparams cover every value, so rounding is the only error: half a step (+ fp32 slack)
-    assert torch.all(err <= s.unsqueeze(-1) * (0.5 + 1e-5))
+    assert torch.all(err <= torch.from_numpy(s_ref).unsqueeze(-1) * (0.5 + 1e-5))
 
 
 def test_asymmetric_range_includes_zero_and_zero_is_exact():
@@ -63,10 +87,20 @@ def test_ties_round_half_to_even():
 
 
 def test_symmetric_two_bits_is_ternary():
-    w = torch.randn(8, 64)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     qt = quantize_rtn(w, 2, 64, symmetric=True)
-    assert set(qt.codes.unique().tolist()) <= {-1, 0, 1}
+    assert set(qt.codes.unique().tolist()) == {-1, 0, 1}
     assert torch.all(qt.zero == 0)
+    s_ref, _, q_ref, _ = reference_quantize(w.numpy(), 2, 64, symmetric=True)  # s = max|w|, q = round(w / s)
+    np.testing.assert_array_equal(qt.scale.numpy(), s_ref)
+    np.testing.assert_array_equal(qt.codes.numpy(), q_ref)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(8, 16, False), (4, 64, False), (3, 32, True), (8, 16, True)])
+def test_fake_quantize_is_the_readme_formula_per_token_and_group(bits, group, symmetric):
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(bits + group)) * 2
+    x[0, 1, 7] = 40.0  # an outlier: it widens only its own token's group
+    np.testing.assert_array_equal(fake_quantize(x, bits, group, symmetric).numpy(), reference_quantize(x.numpy(), bits, group, symmetric)[3])
 
 
 def test_fake_quantize_is_per_token_and_dynamic():

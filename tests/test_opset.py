@@ -8,7 +8,10 @@ import pytest
 from onnx import TensorProto
 
 import ditq
+from ditq.adapters import adapter_for
 from tests.conftest import assert_one_line_refusal, run
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 
 def written(folder):
@@ -75,7 +78,7 @@ def test_the_library_refuses_an_opset_above_what_onnx_runtime_loads(tmp_path, ti
     model = helper.make_model(relu, opset_imports=[helper.make_opsetid("", MAX_OPSET)], ir_version=10)
     ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])  # the highest allowed loads
     assert MAX_OPSET <= onnx.defs.onnx_opset_version()
-    qdit = ditq.quantize(tiny_dit, Recipe.qdit(4, 8, 64))
+    qdit = ditq.quantize(tiny_dit, Recipe.qdit(DIT, 4, 8, 64))
     for opset in (MAX_OPSET + 1, 99):
         with pytest.raises(DitqError, match=f"opset {opset} is above 25, the highest ditq writes"):
             ditq.export(qdit, tmp_path / "out", source={"kind": "builtin", "name": "digits"}, opset=opset, progress=False)

@@ -16,11 +16,14 @@ from pathlib import Path
 import pytest
 
 import ditq
+from ditq.adapters import adapter_for
 from ditq.errors import DitqError
 from ditq.files import check_out_dir
 from ditq.manifest import write_manifest
 from ditq.recipe import Recipe
 from tests.conftest import assert_one_line_refusal, returns_within, run
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_ARGS = ["--wbits", "4", "--abits", "8", "--group-size", "32"]
@@ -41,7 +44,7 @@ def old_export(tmp_path_factory, tiny_source) -> Path:
     """A real W4A8 export of the tiny DiT (copied by the tests that replace or tamper with one)."""
     loaded = ditq.load_model(str(tiny_source))
     out = tmp_path_factory.mktemp("old") / "m"
-    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(4, 8, 32)), out, source=loaded.source)
+    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(DIT, 4, 8, 32)), out, source=loaded.source)
     return out
 
 
@@ -106,10 +109,10 @@ def test_a_previous_export_is_replaced_with_its_reports(tmp_path, old_export, ti
     (out / "validation.json").write_text('{"passed": true}\n')
     (out / "grid.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     loaded = ditq.load_model(str(tiny_source))
-    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(8, 8, 32)), out, source=loaded.source)
+    ditq.export(ditq.quantize(loaded.model, Recipe.qdit(DIT, 8, 8, 32)), out, source=loaded.source)
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(os.listdir(out)) == sorted([*manifest["files"], "manifest.json"])
-    assert Recipe.load(out / "recipe.json") == Recipe.qdit(8, 8, 32)
+    assert Recipe.load(out / "recipe.json") == Recipe.qdit(DIT, 8, 8, 32)
     assert hidden(out.parent) == []
 
 
@@ -170,16 +173,16 @@ def test_the_ownership_rule(tmp_path):
 
 
 def test_qat_and_train_digits_write_manifests_under_the_same_rule(tmp_path):
-    from ditq.calib.digits import train_digits_model
-    from ditq.calib.qat import run_qat
     from ditq.calib.train import TrainConfig
     from ditq.manifest import OURS, folder_status
     from ditq.models import BUILTIN
+    from ditq.workflows.qat import run_qat
+    from ditq.workflows.train import train_digits_model
 
     assert folder_status(BUILTIN["digits"]) == (OURS, "")  # `ditq train-digits` may replace the shipped model
     cfg = TrainConfig(steps=1, batch_size=4, warmup=1, save_every=1)
     for write in (lambda out, **kw: train_digits_model(out, cfg, progress=False, **kw),
-                  lambda out, **kw: run_qat("digits", Recipe.robuq(4), out, cfg, progress=False, **kw)):  # fmt: skip
+                  lambda out, **kw: run_qat("digits", Recipe.robuq(DIT, 4), out, cfg, progress=False, **kw)):  # fmt: skip
         out = tmp_path / "out"
         write(out)
         assert folder_status(out) == (OURS, "")
@@ -192,7 +195,7 @@ def test_qat_and_train_digits_write_manifests_under_the_same_rule(tmp_path):
         assert not (out / "notes.txt").exists() and folder_status(out) == (OURS, "") and hidden(tmp_path) == []
         shutil.rmtree(out)
     with pytest.raises(DitqError, match="input model"):  # qat never writes over the model it trains
-        run_qat("digits", Recipe.robuq(4), BUILTIN["digits"], cfg, progress=False, force=True)
+        run_qat("digits", Recipe.robuq(DIT, 4), BUILTIN["digits"], cfg, progress=False, force=True)
 
 
 def test_a_named_pipe_named_like_a_lock_neither_blocks_the_next_write_nor_is_removed(tmp_path):

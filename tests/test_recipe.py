@@ -4,14 +4,17 @@ import json
 
 import pytest
 
+from ditq.adapters import adapter_for
 from ditq.errors import DitqError
 from ditq.recipe import LayerQuant, Recipe, Rule
 from tests.conftest import tiny_config
 from ditq.models import build_dit
 
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
+
 
 def test_json_round_trip_is_identity():
-    r = Recipe.qdit(6, 8, 32, symmetric=True)
+    r = Recipe.qdit(DIT, 6, 8, 32, symmetric=True)
     assert Recipe.from_json(r.to_json()) == r
     d = json.loads(r.to_json())
     assert d["format"] == "ditq-recipe" and d["version"] == 1
@@ -26,7 +29,7 @@ def test_later_rules_override_earlier_ones():
 
 
 def test_qdit_coverage_on_a_dit(tiny_dit):
-    plans = Recipe.qdit(4, 8, 16).resolve(tiny_dit)
+    plans = Recipe.qdit(DIT, 4, 8, 16).resolve(tiny_dit)
     acts = sorted(n for n, p in plans.items() if p.abits == 8)
     per_block = ["attn1.to_k", "attn1.to_out.0", "attn1.to_q", "attn1.to_v", "ff.net.0.proj", "ff.net.2"]
     assert acts == sorted(f"transformer_blocks.{i}.{s}" for i in range(2) for s in per_block)
@@ -40,7 +43,7 @@ def test_qdit_coverage_on_a_dit(tiny_dit):
 def test_group_size_that_does_not_divide_names_the_layer():
     model = build_dit(tiny_config(hidden=96, heads=2), seed=0)  # widths 96 and 384; 256 for the t-embedder
     with pytest.raises(DitqError, match=r"group size 64 does not divide the input width 96 of layer 'transformer_blocks\.0\."):
-        Recipe.qdit(4, 8, 64).resolve(model)
+        Recipe.qdit(DIT, 4, 8, 64).resolve(model)
 
 
 @pytest.mark.parametrize(

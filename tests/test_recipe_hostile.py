@@ -21,12 +21,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ditq.adapters import adapter_for
 from ditq.cli import main
 from ditq.errors import DitqError
 from ditq.models import build_dit
 from ditq.patterns import MAX_MATCH_CHARS, NamePattern
 from ditq.recipe import Recipe
 from tests.conftest import assert_one_line_refusal, tiny_config
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 
 @lru_cache(maxsize=1)
@@ -227,7 +230,7 @@ def test_any_json_recipe_is_accepted_or_one_line_exit_2(doc):
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200), st.integers(0, 200))
 def test_any_bytes_spliced_into_a_recipe_are_accepted_or_one_line_exit_2(noise, at):
-    text = Recipe.qdit(4, 8, 64).to_json().encode()
+    text = Recipe.qdit(DIT, 4, 8, 64).to_json().encode()
     _cli_on_file(text[:at] + noise + text[at:])
 
 

@@ -9,13 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from ditq.calib.robuq import allocate_bits, hadamard, rotate, uniform_cost
+from ditq.adapters import adapter_for
+from ditq.calib.hadamard import hadamard, rotate
+from ditq.calib.robuq import allocate_bits, uniform_cost
 from ditq.recipe import rotation_block
 
 
 @pytest.mark.parametrize("n", [1, 2, 8, 64])
 def test_hadamard_is_symmetric_and_orthonormal(n):
+    """Sylvester's construction (scipy's ``hadamard``, the order RobuQ's rotation and the exported graph
+    use), normalised: exactly +-1/sqrt(n). Symmetry and orthonormality alone would let the identity pass."""
+    from scipy.linalg import hadamard as scipy_hadamard
+
     h = hadamard(n, torch.float64)
+    np.testing.assert_array_equal(h.numpy(), scipy_hadamard(n).astype(np.float64) / np.sqrt(n))
     torch.testing.assert_close(h, h.T, rtol=0, atol=0)
     torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
     with pytest.raises(ValueError):
@@ -83,11 +90,13 @@ import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import ditq  # noqa: E402
-from ditq.calib.robuq import quantize_ternary  # noqa: E402
+from ditq.calib.numerics import quantize_ternary  # noqa: E402
 from ditq.graphs.rotate import InsertRotationPass, RotationTarget  # noqa: E402
 from ditq.graphs.tensors import code_tensor  # noqa: E402
 from ditq.recipe import Recipe  # noqa: E402
 from ditq.runtime.session import create_session  # noqa: E402
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 
 def test_ternary_codes_and_int2_packing_decoded_by_onnx_runtime():
@@ -128,7 +137,7 @@ def test_robuq_export_validates(tmp_path, tiny_dit, target):
     src = tmp_path / "src"
     tiny_dit.save_pretrained(src)
     loaded = ditq.load_model(str(src))
-    recipe = Recipe.robuq(3, rotate=True, act_bits={"transformer_blocks.1.ff.net.2": 2})
+    recipe = Recipe.robuq(DIT, 3, rotate=True, act_bits={"transformer_blocks.1.ff.net.2": 2})
     qdit = ditq.quantize(loaded.model, recipe, target=target)
     ditq.export(qdit, tmp_path / "m", source=loaded.source)
     proto = onnx.load(str(tmp_path / "m" / "model.onnx"))
@@ -155,15 +164,16 @@ def test_robuq_file_is_small(tmp_path):
     """The shipped digits model at W1.58 (RobuQ coverage) is at most 0.09x its float export."""
     loaded = ditq.load_model("digits")
     sizes = {}
-    for name, recipe in (("float", Recipe(ditq.LayerQuant(None, None, None), ())), ("w158", Recipe.robuq(4))):
+    for name, recipe in (("float", Recipe(ditq.LayerQuant(None, None, None), ())), ("w158", Recipe.robuq(DIT, 4))):
         sizes[name] = ditq.export(ditq.quantize(loaded.model, recipe), tmp_path / name, source=loaded.source).file_bytes
     assert sizes["w158"] <= 0.09 * sizes["float"], sizes
 
 
 def test_qat_loss_decreases_and_weights_save_as_a_plain_dit(tmp_path, tiny_dit):
-    from ditq.calib.qat import QATLinear, diffusion_loss, prepare_qat, strip_qat
+    from ditq.calib.qat import diffusion_loss, prepare_qat, strip_qat
+    from ditq.calib.qlinear import QATLinear
 
-    model = prepare_qat(tiny_dit, Recipe.robuq(2))
+    model = prepare_qat(tiny_dit, Recipe.robuq(DIT, 2))
     assert sum(isinstance(m, QATLinear) for m in model.modules()) > 0
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(32, 4, 8, 8, generator=g).clamp(-1, 1)
@@ -180,7 +190,21 @@ def test_qat_loss_decreases_and_weights_save_as_a_plain_dit(tmp_path, tiny_dit):
     assert after < 0.8 * before, (before, after)
     grads = [p.grad for m in model.modules() if isinstance(m, QATLinear) for p in (m.weight,)]
     assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)  # gradients reach every ternary weight
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the float (latent) weights
+    with torch.no_grad():
+        quantized_out = model(x0, timestep=t, class_labels=y).sample
     plain = strip_qat(model)
     assert not any(isinstance(m, QATLinear) for m in plain.modules())
     plain.save_pretrained(tmp_path / "qat")
-    assert (tmp_path / "qat" / "diffusion_pytorch_model.safetensors").is_file()
+    # diffusers' own loader reads it back as a plain DiT holding exactly the trained float weights, and it
+    # computes the float forward (the quantized one is what QAT trained through, not what is saved)
+    from diffusers import DiTTransformer2DModel
+
+    reloaded = DiTTransformer2DModel.from_pretrained(tmp_path / "qat").eval()
+    got = reloaded.state_dict()
+    assert sorted(got) == sorted(trained)
+    assert all(torch.equal(got[k], trained[k]) for k in trained)
+    with torch.no_grad():
+        float_out = reloaded(x0, timestep=t, class_labels=y).sample
+        torch.testing.assert_close(float_out, plain(x0, timestep=t, class_labels=y).sample, rtol=0, atol=0)
+    assert not torch.allclose(float_out, quantized_out, atol=1e-3)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ditq.adapters import adapter_for
+from ditq.adapters.dit import TorchDiT
 from ditq.calib.numerics import sqnr_db
 from ditq.exporter.export import export
 from ditq.exporter.reference import quantize_model
-from ditq.exporter.trace import TorchDiT
 from ditq.recipe import LayerQuant, Recipe
 from ditq.runtime.samplers import sample, seeded_noise
 from ditq.runtime.session import OrtDiT
+
+DIT = adapter_for("DiTTransformer2DModel").coverage  # the family of the models here
 
 
 def _trajectory(fn, method: str) -> list:
@@ -45,7 +48,7 @@ def test_w4a8_export_follows_the_reference_trajectory(tiny_dit, tmp_path):
     """W4A8: ORT and the PyTorch reference make the same activation codes except where fp32 rounding
     lands on a tie (one step of one code), so at every step ORT is at least as close to the reference as
     the reference is to the float model (the criterion of ``ditq validate``), and far from it would fail."""
-    qdit = quantize_model(tiny_dit, Recipe.qdit(4, 8, 32), progress=False)
+    qdit = quantize_model(tiny_dit, Recipe.qdit(DIT, 4, 8, 32), progress=False)
     res = export(qdit, tmp_path / "w4a8", source={"kind": "api"}, progress=False)
     ort_traj = _trajectory(OrtDiT(res.model_path), "ddpm")
     ref_traj = _trajectory(TorchDiT(qdit.reference()), "ddpm")

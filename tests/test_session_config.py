@@ -16,9 +16,12 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import ditq
+from ditq.adapters import adapter_for
 from ditq.cli import main
-from ditq.exporter.trace import INPUT_NAMES, example_inputs
 from ditq.recipe import Recipe
+
+DIT_ADAPTER = adapter_for("DiTTransformer2DModel")  # the family of the models here
+DIT = DIT_ADAPTER.coverage
 
 KEY = "ditq.session_config"
 NEEDED = {"session.qdq_matmulnbits_accuracy_level": "0"}
@@ -35,7 +38,7 @@ def snr_db(ref: np.ndarray, test: np.ndarray) -> float:
 
 def _export(source, out, abits, target):
     loaded = ditq.load_model(str(source))
-    qdit = ditq.quantize(loaded.model, Recipe.qdit(4, abits, 64), target=target)
+    qdit = ditq.quantize(loaded.model, Recipe.qdit(DIT, 4, abits, 64), target=target)
     ditq.export(qdit, out, source=loaded.source)
     return qdit, loaded
 
@@ -62,8 +65,8 @@ def test_a_plain_session_with_the_recorded_config_agrees_within_the_bound(w4a16)
     """Read the setting as a deployer would (onnx metadata, no ditq code) and compare the session with
     ONNX's own reference evaluator and with ditq's PyTorch reference."""
     out, qdit, loaded = w4a16
-    x, t, y = example_inputs(dict(loaded.model.config), batch=2, seed=3)
-    feeds = dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy())))
+    x, t, y = DIT_ADAPTER.example_inputs(dict(loaded.model.config), batch=2, seed=3)
+    feeds = dict(zip(DIT_ADAPTER.input_names, (x.numpy(), t.numpy(), y.numpy())))
     want = ReferenceEvaluator(str(out / "model.onnx")).run(None, feeds)[0]
     torch_ref = qdit.reference()(x, timestep=t, class_labels=y).sample.detach().numpy()
 

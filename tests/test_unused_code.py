@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-import ditq.models
 from ditq.cli import main
 from ditq.recipe import Recipe
 
@@ -39,7 +38,9 @@ def unused_imports(path: Path) -> list[str]:
 @pytest.mark.parametrize(
     "module",
     ["ditq/models.py", "runtime/generate.py", "ditq/workflows/validate.py", "ditq/schedule.py", "runtime/samplers.py",
-     "calib/robuq.py", "ditq/errors.py", "ditq/options.py", "ditq/untrusted.py", "ditq/weights.py", "calib/qat.py"],
+     "calib/robuq.py", "ditq/errors.py", "ditq/options.py", "ditq/untrusted.py", "ditq/weights.py", "calib/qat.py",
+     "ditq/cli.py", "ditq/cli_args.py", "ditq/workflows/export.py", "ditq/workflows/search.py", "ditq/workflows/qat.py",
+     "ditq/workflows/train.py", "ditq/workflows/sample.py", "calib/digits.py"],
 )  # fmt: skip
 def test_a_module_imports_only_what_it_uses(module):
     assert unused_imports(ROOT / module) == []
@@ -59,21 +60,22 @@ def test_a_name_has_one_home(module, name):
 
 def test_qat_with_mixed_bits_loads_the_model_once(tmp_path, monkeypatch, capsys):
     """``ditq qat --mixed`` measures the sensitivities on the model it trains: one ``load_model``."""
-    from ditq.calib import robuq
+    from ditq.adapters import adapter_for
     from ditq.calib.robuq import MixedRecipe
+    from ditq.workflows import export as export_workflow, qat as qat_workflow
 
     loads = []
-    real = ditq.models.load_model
+    real = qat_workflow.load_model
 
     def counted(*args, **kwargs):
         loads.append(args)
         return real(*args, **kwargs)
 
     def fake_mixed(model, avg_bits, **_):  # the measurement itself is tested in test_mixed_recipe.py
-        return MixedRecipe(Recipe.robuq(avg_bits), {}, {})
+        return MixedRecipe(Recipe.robuq(adapter_for(model).coverage, avg_bits), {}, {})
 
-    monkeypatch.setattr(ditq.models, "load_model", counted)
-    monkeypatch.setattr(robuq, "mixed_recipe", fake_mixed)
+    monkeypatch.setattr(qat_workflow, "load_model", counted)
+    monkeypatch.setattr(export_workflow, "mixed_recipe", fake_mixed)
     out = tmp_path / "q"
     code = main(["--quiet", "qat", "--mixed", "--steps", "1", "--batch-size", "4", "--out", str(out)])
     assert code == 0, capsys.readouterr().err

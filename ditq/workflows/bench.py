@@ -20,8 +20,10 @@ also samples N images through ONNX Runtime (DDIM, seeded) for FID-digits and cla
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -31,9 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from tqdm.auto import tqdm
 
+from ditq.adapters import adapter_for
+from ditq.calib.digits import load_split, to_unit_range
 from ditq.errors import DitqError
+from ditq.exporter.export import export
+from ditq.exporter.reference import quantize_model
+from ditq.exporter.trace import export_float
+from ditq.graphs.lower_ort import kernel_counts
+from ditq.graphs.targets import Target
+from ditq.models import load_model
+from ditq.runtime.generate import generate
+from ditq.runtime.metrics import DigitJudge, fid
+from ditq.runtime.samplers import seeded_noise
+from ditq.runtime.session import OrtDiT
 from ditq.workflows.evaluate import EvalConfig, parse_config
 
 ORT_BASELINES = ("ort-int8", "ort-int4")  # ONNX Runtime's own quantizers on the float export
@@ -47,7 +64,7 @@ class Variant:
     config: EvalConfig | None = None  # kind "ditq": the configuration, in ``ditq eval``'s grammar
 
     @property
-    def target(self) -> str | None:
+    def target(self) -> Target | None:
         return self.config.target if self.config else None
 
 
@@ -69,7 +86,7 @@ def parse_variants(text: str, group_size: int | None) -> list[Variant]:
         if conf.mixed:
             raise DitqError(f"--variants: {raw}: mixed activation bits need the model's sensitivity; "
                             "write the recipe with `ditq export --mixed` and bench that recipe .json")  # fmt: skip
-        name = f"{conf.name.partition('@')[0]}@{conf.target}"
+        name = f"{conf.name.partition('@')[0]}@{conf.target.name}"
         out.append(Variant(name, "ditq", conf))
     if len({v.name for v in out}) != len(out):
         raise DitqError(f"--variants lists a variant twice: {text!r}")
@@ -131,7 +148,6 @@ class BenchReport:
 
 def model_bytes(model_path: Path) -> int:
     """The graph file plus every external-data file it names."""
-    import onnx
 
     proto = onnx.load(str(model_path), load_external_data=False)
     files = {model_path}
@@ -145,8 +161,6 @@ def model_bytes(model_path: Path) -> int:
 def _strip_shapes(src: Path, dst: Path) -> None:
     """A copy of the float graph without ``value_info`` (the dynamo exporter's recorded shapes make
     onnx's shape inference fail inside ``quantize_dynamic``), reusing the same external data file."""
-    import onnx
-
     proto = onnx.load(str(src), load_external_data=False)
     del proto.graph.value_info[:]
     onnx.save_model(proto, str(dst))
@@ -154,8 +168,6 @@ def _strip_shapes(src: Path, dst: Path) -> None:
 
 def _quiet_root_logger(fn):
     """ONNX Runtime's quantizers log advice through the root logger; keep the bench output clean."""
-    import functools
-    import logging
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -172,8 +184,6 @@ def _quiet_root_logger(fn):
 
 @_quiet_root_logger
 def _ort_int8(float_path: Path, out: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     stripped = float_path.parent / "float-noshapes.onnx"
     _strip_shapes(float_path, stripped)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,9 +192,6 @@ def _ort_int8(float_path: Path, out: Path) -> None:
 
 @_quiet_root_logger
 def _ort_int4(float_path: Path, out: Path) -> None:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     proto = onnx.load(str(float_path))
     del proto.graph.value_info[:]
     q = MatMulNBitsQuantizer(proto, block_size=ORT_INT4_BLOCK, is_symmetric=False, accuracy_level=4)
@@ -237,19 +244,15 @@ def bench(
     progress: bool = True,
 ) -> BenchReport:
     """Build and measure ``variants`` of ``model_spec`` (see the module docstring)."""
-    from ditq.exporter.export import export
-    from ditq.exporter.reference import quantize_model
-    from ditq.exporter.trace import example_inputs, export_float
-    from ditq.graphs.lower_ort import kernel_counts
-    from ditq.models import load_model
 
     if runs < 1 or batch < 1:
         raise DitqError("--runs and --batch must be at least 1")
     loaded = load_model(model_spec, image_size=image_size)
     variants = [replace(v, config=v.config.with_auto_group(loaded.model)) if v.config else v for v in variants]
+    adapter = adapter_for(loaded.model)
     config = dict(loaded.model.config)
     tokens = (config["sample_size"] // config["patch_size"]) ** 2
-    if quality and loaded.pipeline.get("judge") != "digits":
+    if quality and not loaded.pipeline.judged_by_digits:
         raise DitqError(f"--quality needs a model with a judge (digits); {model_spec} has none")
     tmp = None
     if work_dir is None:
@@ -268,7 +271,7 @@ def bench(
             if v.kind == "float":
                 d.mkdir(exist_ok=True)
                 paths[v.name] = d / "model.onnx"
-                export_float(loaded.model, paths[v.name])
+                export_float(adapter, loaded.model, paths[v.name])
             elif v.kind == "ort-int8":
                 paths[v.name] = d / "model.onnx"
                 _ort_int8(paths["float"], paths[v.name])
@@ -276,7 +279,7 @@ def bench(
                 paths[v.name] = d / "model.onnx"
                 _ort_int4(paths["float"], paths[v.name])
             else:
-                qdit = quantize_model(loaded.model, v.config.recipe(), progress=False, target=v.target)
+                qdit = quantize_model(loaded.model, v.config.recipe(adapter.coverage), progress=False, target=v.target)
                 kernels[v.name] = kernel_counts(qdit.plans)
                 res = export(qdit, d, source=loaded.source, pipeline=loaded.pipeline, progress=False)
                 paths[v.name] = res.model_path
@@ -284,7 +287,7 @@ def bench(
                 gc.collect()
             bar.update()
         bar.close()
-        x, t, y = example_inputs(config, batch=batch, seed=1234)
+        x, t, y = adapter.example_inputs(config, batch=batch, seed=1234)
         inputs = work / "inputs.npz"
         np.savez(inputs, sample=x.numpy(), timestep=t.numpy(), class_labels=y.numpy())
         del loaded, x, t, y  # the workers need the memory, not the torch model
@@ -354,22 +357,16 @@ def bench(
 
 def _quality(paths, config, pipe, n, steps, seed, progress) -> dict[str, tuple[float, float]]:
     """FID-digits and class accuracy of ``n`` samples per variant (same noise and labels for all)."""
-    from ditq.calib.digits import load_split, to_unit_range
-    from ditq.runtime.generate import generate
-    from ditq.runtime.metrics import DigitJudge, fid
-    from ditq.runtime.samplers import seeded_noise
-    from ditq.runtime.session import OrtDiT
 
     judge = DigitJudge.load()
     real = judge.features(to_unit_range(load_split().x_test))
-    ncls = int(config["num_embeds_ada_norm"])
-    labels = np.arange(n, dtype=np.int64) % ncls
+    labels = np.arange(n, dtype=np.int64) % pipe.conditioning.num_classes
     noise = seeded_noise(seed, n, int(config["in_channels"]), int(config["sample_size"]))
-    lo, hi = pipe.get("value_range", [-1.0, 1.0])
+    lo, hi = pipe.value_range
     out = {}
     for name, path in tqdm(paths.items(), desc="bench: quality", unit="variant", disable=not progress):
-        x = generate(OrtDiT(path), noise, labels, steps=steps, cfg=1.5, method="ddim", null_class=ncls,
-                     clip_denoised=bool(pipe.get("clip_denoised")), seed=seed, batch_size=n)  # fmt: skip
+        x = generate(OrtDiT(path), noise, labels, steps=steps, cfg=1.5, method="ddim", null_class=pipe.conditioning.null_label,
+                     clip_denoised=pipe.clip_denoised, seed=seed, batch_size=n)  # fmt: skip
         imgs = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
         out[name] = (fid(judge.features(imgs), real), judge.accuracy(imgs, labels))
     return out

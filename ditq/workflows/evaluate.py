@@ -20,14 +20,28 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn as torch_nn
 from tqdm.auto import tqdm
 
-from ditq.errors import DitqError
+from ditq.adapters import adapter_for
+from ditq.calib.calibration import CalibConfig, record_activations
+from ditq.calib.digits import load_split, to_unit_range
+from ditq.calib.qlinear import quantize_input
+from ditq.calib.robuq import mixed_recipe
+from ditq.errors import DitqError, shown
+from ditq.exporter.export import export
+from ditq.exporter.reference import quantize_model
+from ditq.graphs.targets import QDQ, Target, target_named
+from ditq.models import load_model
+from ditq.recipe import AUTO_GROUP, LayerQuant, Recipe, Rule, auto_group_size
+from ditq.runtime.generate import ExportedDiT
+from ditq.runtime.images import grid_image, save_png
 from ditq.runtime.metrics import DigitJudge, FeatureFn, fid
 from ditq.runtime.samplers import seeded_noise
 
@@ -43,7 +57,7 @@ class EvalConfig:
     group_size: int | None
     recipe_file: str | None = None  # a recipe JSON (e.g. from ``ditq search``) instead of the bits above
     base_group: int | None = None  # group size of the weight-only layers (gN sets the W+A block linears)
-    target: str = "qdq"  # export target: "qdq" (Q-DiT's arithmetic) or "ort" (ONNX Runtime's int8 kernels)
+    target: Target = QDQ  # export target (ditq.graphs.targets): qdq (Q-DiT's arithmetic) or ort (ONNX Runtime's int8 kernels)
     ternary: bool = False  # RobuQ: ternary weights, per-token activations (Recipe.robuq)
     rotate: bool = False  # RobuQ: + Hadamard rotation
     mixed: bool = False  # RobuQ: + activation bits per layer averaging ``abits`` (needs the model's sensitivity)
@@ -53,31 +67,25 @@ class EvalConfig:
         """``fp``: the float model, no quantization."""
         return not self.ternary and self.recipe_file is None and self.wbits is None
 
-    def recipe(self, symmetric: bool = False, method: str | None = None, act_bits: dict[str, int] | None = None):
-        from dataclasses import replace
-
-        from ditq.recipe import LayerQuant, Recipe
+    def recipe(self, coverage, symmetric: bool = False, method: str | None = None, act_bits: dict[str, int] | None = None):
+        """The configuration's recipe; ``coverage``: the model family's (``adapter_for(model).coverage``)."""
 
         if self.ternary:
-            return Recipe.robuq(self.abits, rotate=self.rotate, act_bits=act_bits)
+            return Recipe.robuq(coverage, self.abits, rotate=self.rotate, act_bits=act_bits)
         if self.is_float:
             return Recipe(LayerQuant(None, None, None), ())
         if self.recipe_file is not None:
             r = Recipe.load(self.recipe_file)
         else:
-            from ditq.recipe import QDIT_ACTIVATION_LINEARS, Rule
-
-            r = Recipe.qdit(self.wbits, self.abits, self.base_group, symmetric)
+            r = Recipe.qdit(coverage, self.wbits, self.abits, self.base_group, symmetric)
             if self.group_size != self.base_group:  # gN: Q-DiT's searched layers only, as the search's genes
-                r = replace(r, rules=r.rules + tuple(Rule(m, {"group_size": self.group_size}) for m in QDIT_ACTIVATION_LINEARS))
+                searched = coverage.activation_linears
+                r = replace(r, rules=r.rules + tuple(Rule(m, {"group_size": self.group_size}) for m in searched))
         return replace(r, method=method) if method else r
 
     def with_auto_group(self, model) -> "EvalConfig":
         """This configuration with a group size of ``auto`` (``--group-size auto``) resolved against ``model``
         (:func:`ditq.recipe.auto_group_size`)."""
-        from dataclasses import replace
-
-        from ditq.recipe import AUTO_GROUP, auto_group_size
 
         if AUTO_GROUP not in (self.group_size, self.base_group):
             return self
@@ -86,7 +94,7 @@ class EvalConfig:
             return replace(self, group_size=g if self.group_size == AUTO_GROUP else self.group_size,
                            base_group=g if self.base_group == AUTO_GROUP else self.base_group)  # fmt: skip
 
-        return fixed(auto_group_size(model, lambda g: fixed(g).recipe()))
+        return fixed(auto_group_size(model, lambda g: fixed(g).recipe(adapter_for(model).coverage)))
 
 
 def parse_config(raw: str, group_size: int | None, default_target: str = "qdq") -> EvalConfig:
@@ -97,11 +105,9 @@ def parse_config(raw: str, group_size: int | None, default_target: str = "qdq") 
     file stem). ``@ort`` / ``@qdq`` picks the export target (default ``default_target``); the name carries
     ``@ort`` when the target is ``ort``."""
     raw = raw.strip()
-    raw, _, target = raw.partition("@")
-    target = target.lower() or default_target
-    if target not in ("qdq", "ort"):
-        raise DitqError(f"unknown target {target!r} in {raw}@{target}; use @qdq or @ort")
-    suffix = "" if target == "qdq" else "@ort"
+    raw, _, target_name = raw.partition("@")
+    target = target_named(target_name.lower() or default_target, f"the target of {shown(raw)} (@qdq or @ort)")
+    suffix = "" if target is QDQ else f"@{target.name}"
     name = raw.lower()
     if name.endswith(".json"):
         if not Path(raw).is_file():
@@ -198,17 +204,13 @@ def _layer_error(qdit, inputs) -> float:
     """Mean over the covered block linears of ``|Q_a(x H) Q(W H)^T - x W^T| / |x W^T|`` on held-out
     inputs (``H = I`` for unrotated layers): the layer as it runs, its input side (rotation, then the
     dynamic activation quantizer) being the exported linear's own, against the float layer (no bias)."""
-    import torch
-
-    from ditq.exporter.reference import plan_input
-
     named = dict(qdit.model.named_modules())
     errs = []
     for name, plan in qdit.plans.items():
         if plan.kind != "linear" or name not in inputs:
             continue
         ref = inputs[name].double() @ named[name].weight.detach().double().T
-        out = plan_input(inputs[name], plan).double() @ qdit.weights[name].dequantize().double().T
+        out = quantize_input(inputs[name], plan).double() @ qdit.weights[name].dequantize().double().T
         errs.append(float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)))
     return float(np.mean(errs)) if errs else float("nan")
 
@@ -249,12 +251,6 @@ def evaluate(
     so it is reported for digit models only. ``method`` overrides the quantized configurations' weight
     method (``gptq`` needs ``calib_fn(loaded, recipe) -> calibration inputs``).
     """
-    from ditq.calib.digits import load_split, to_unit_range
-    from ditq.exporter.export import export
-    from ditq.exporter.reference import quantize_model
-    from ditq.exporter.trace import TorchDiT
-    from ditq.models import load_model
-    from ditq.runtime.generate import ExportedDiT
 
     configs = configs or parse_configs("fp,w8a8,w6a8,w4a8,w4a16", group_size)
     seeds = list(seeds)
@@ -262,25 +258,26 @@ def evaluate(
         raise DitqError("--num-samples must be at least 2 (FID needs a covariance)")
     loaded = load_model(model_spec)
     mcfg = dict(loaded.model.config)
-    c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], mcfg["num_embeds_ada_norm"]
     pipe, schedule = loaded.pipeline, loaded.schedule
-    if pipe.get("space") != "pixel":
+    c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], pipe.conditioning.num_classes
+    if not pipe.samples_pixels:
         raise DitqError(f"{model_spec}: samples latents and has no VAE decoder here; ditq eval judges images")
-    is_digits = (c, size, ncls) == (1, 8, 10)
+    is_digits = pipe.judged_by_digits
     judge = DigitJudge.load(judge_path) if is_digits else None
     split = load_split()
     own_space = features is None  # the judge's features and the digits split
     if own_space:
         if not is_digits:
             raise DitqError(
-                f"{model_spec}: makes {c}x{size}x{size} images of {ncls} classes, not 8x8 digits; "
+                f"{model_spec}: is not a digits model (it makes {c}x{size}x{size} images of {ncls} classes, and its "
+                "pipeline names no digit judge); "
                 "give a feature extractor (--inception WEIGHTS) and --real-images"
             )
         features, real_images = judge.features, to_unit_range(split.x_test)
     elif real_images is None:
         raise DitqError("a custom feature space needs real images to compare with (--real-images)")
     real_feats = features(real_images)
-    lo, hi = pipe.get("value_range", [-1.0, 1.0])
+    lo, hi = pipe.value_range
     labels = np.arange(num_samples, dtype=np.int64) % ncls
 
     # float reference of the first denoising step (the sampler's first timestep), on seed set 0
@@ -288,7 +285,8 @@ def evaluate(
     probe = min(num_samples, 64)
     x_probe = seeded_noise(seeds[0], probe, c, size)
     t_probe, y_probe = np.full(probe, first_t, np.int64), labels[:probe]
-    float_out = TorchDiT(loaded.model)(x_probe, t_probe, y_probe)
+    adapter = adapter_for(loaded.model)
+    float_out = adapter.torch_callable(loaded.model)(x_probe, t_probe, y_probe)
 
     tmp = None
     if exports_dir is None:
@@ -305,14 +303,12 @@ def evaluate(
         for conf in configs:
             bar.set_postfix_str(f"{conf.name}: quantize + export")
             if conf.mixed:
-                from ditq.calib.robuq import mixed_recipe
-
                 bar.set_postfix_str(f"{conf.name}: activation sensitivity + bit allocation")
-                mixed = mixed_recipe(loaded.model, conf.abits, rotate=conf.rotate, clip_denoised=bool(pipe.get("clip_denoised")),
+                mixed = mixed_recipe(loaded.model, conf.abits, rotate=conf.rotate, clip_denoised=pipe.clip_denoised,
                                      schedule=schedule)  # fmt: skip
                 recipe, allocations[conf.name] = mixed.recipe, mixed.bits_per_unit
             else:
-                recipe = conf.recipe(symmetric, method if conf.wbits or conf.recipe_file else None)
+                recipe = conf.recipe(adapter.coverage, symmetric, method if conf.wbits or conf.recipe_file else None)
             calibration = None
             if recipe.method == "gptq":
                 if calib_fn is None:
@@ -323,14 +319,10 @@ def evaluate(
             lerr = None
             if layer_error and qdit.plans:
                 if held_out is None:
-                    import torch.nn as torch_nn
-
-                    from ditq.calib.calibration import CalibConfig, record_activations
-
                     bar.set_postfix_str("record held-out layer inputs")
                     names = [n for n, m in loaded.model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, torch_nn.Linear)]
                     held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), schedule=schedule,
-                                                  clip_denoised=bool(pipe.get("clip_denoised")), progress=False)  # fmt: skip
+                                                  clip_denoised=pipe.clip_denoised, progress=False)  # fmt: skip
                 lerr = _layer_error(qdit, held_out)
             res = export(qdit, exports_dir / conf.name.replace("@", "-"), source=loaded.source, pipeline=pipe, progress=False)
             del qdit
@@ -378,8 +370,6 @@ def evaluate(
             half = len(perm) // 2
             floor.append(fid(features(real_images[perm[:half]]), features(real_images[perm[half:]])))
     if grid_path is not None:
-        from ditq.runtime.images import grid_image, save_png
-
         k = min(grid_columns, num_samples)
         grid = grid_image(
             [np.clip((samples[cf.name][seeds[0]][:k] - lo) / (hi - lo), 0, 1) for cf in configs],

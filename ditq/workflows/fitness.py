@@ -21,6 +21,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import numpy as np
+import torch
+
+from ditq.adapters import adapter_for
+from ditq.calib.digits import load_split, to_unit_range
+from ditq.calib.search import genome_recipe
+from ditq.exporter.reference import quantize_model
+from ditq.models import load_model
+from ditq.recipe import Recipe
+from ditq.runtime.metrics import DigitJudge, fid
+from ditq.runtime.samplers import sample, seeded_noise
 
 
 @dataclass(frozen=True)
@@ -36,47 +46,35 @@ _W: dict[str, Any] = {}  # per-worker state
 
 
 def _init(model_spec: str, base_recipe_json: str | None, genes, fcfg: dict, threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
-    from ditq.calib.digits import load_split, to_unit_range
-    from ditq.exporter.trace import TorchDiT
-    from ditq.models import load_model
-    from ditq.recipe import Recipe
-    from ditq.runtime.metrics import DigitJudge
 
     cfg = FitnessConfig(**fcfg)
     loaded = load_model(model_spec)
     judge = DigitJudge.load()
-    mc = dict(loaded.model.config)
     _W.update(
         model=loaded.model,
-        labels=np.arange(cfg.num_samples) % mc["num_embeds_ada_norm"],
+        labels=np.arange(cfg.num_samples) % loaded.pipeline.conditioning.num_classes,
         base=Recipe.from_json(base_recipe_json) if base_recipe_json else None,
         genes=genes,
         cfg=cfg,
         judge=judge,
         real=judge.features(to_unit_range(load_split().x_test)),
-        clip=bool(loaded.pipeline.get("clip_denoised", False)),
+        clip=loaded.pipeline.clip_denoised,
+        null_label=loaded.pipeline.conditioning.null_label,
         schedule=loaded.schedule,
     )
-    _W["float"] = _sample(TorchDiT(loaded.model))
+    _W["float"] = _sample(adapter_for(loaded.model).torch_callable(loaded.model))
 
 
 def _sample(fn) -> np.ndarray:
-    from ditq.runtime.samplers import sample, seeded_noise
-
     cfg: FitnessConfig = _W["cfg"]
     mc = dict(_W["model"].config)
     noise = seeded_noise(cfg.seed, cfg.num_samples, mc["in_channels"], mc["sample_size"])
     return sample(fn, noise, _W["labels"], schedule=_W["schedule"], steps=cfg.steps, cfg=cfg.cfg,
-                  null_class=mc["num_embeds_ada_norm"], clip_denoised=_W["clip"])  # fmt: skip
+                  null_class=_W["null_label"], clip_denoised=_W["clip"])  # fmt: skip
 
 
 def metrics_of(x: np.ndarray) -> dict[str, float]:
-    from ditq.calib.digits import to_unit_range
-    from ditq.runtime.metrics import fid
-
     cfg: FitnessConfig = _W["cfg"]
     if not np.isfinite(x).all():  # sampling diverged: no score (the search journals the genome as failed)
         nan = float("nan")
@@ -88,23 +86,15 @@ def metrics_of(x: np.ndarray) -> dict[str, float]:
 
 
 def _eval(genome: tuple[int, ...]) -> tuple[tuple[int, ...], dict[str, float]]:
-    from ditq.calib.search import genome_recipe
-    from ditq.exporter.reference import quantize_model
-    from ditq.exporter.trace import TorchDiT
-
     recipe = genome_recipe(_W["base"], _W["genes"], genome)
     ref = quantize_model(_W["model"], recipe, progress=False).reference()
-    return genome, metrics_of(_sample(TorchDiT(ref)))
+    return genome, metrics_of(_sample(adapter_for(ref).torch_callable(ref)))
 
 
 def _eval_recipe(item: tuple[str, str]) -> tuple[str, dict[str, float]]:
-    from ditq.exporter.reference import quantize_model
-    from ditq.exporter.trace import TorchDiT
-    from ditq.recipe import Recipe
-
     name, recipe_json = item
     ref = quantize_model(_W["model"], Recipe.from_json(recipe_json), progress=False).reference()
-    return name, metrics_of(_sample(TorchDiT(ref)))
+    return name, metrics_of(_sample(adapter_for(ref).torch_callable(ref)))
 
 
 class ParallelFitness:

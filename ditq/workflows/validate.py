@@ -1,6 +1,9 @@
 """``ditq validate``: prove an exported model equal to its PyTorch reference in ONNX Runtime.
 
-Three kinds of evidence, all of which must hold (exit 0), else exit 1:
+The reference is rebuilt from the layer plans the model records (``ditq.plans``: what each layer's kernel
+computes, as the exporting ditq chose it), not from this ditq's own kernel choice; they must be plans the
+model's target derives from the recipe (else a failed check, exit 1), and a missing or malformed record
+is bad input (one line, exit 2). Three kinds of evidence, all of which must hold (exit 0), else exit 1:
 
 1. **Structure** (exact): the ONNX checker with full shape inference; every covered layer stores its
    weight as codes of the recipe's type and block size (:mod:`ditq.graphs.checks`); the stored codes and
@@ -44,14 +47,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from tqdm.auto import tqdm
 
-from ditq.errors import DitqError, one_line, shown
+from ditq.adapters import adapter_for
+from ditq.calib.numerics import choose_qparams, quantize, sqnr_db
+from ditq.errors import DitqError, one_line
+from ditq.exporter.reference import QuantizedDiT, quantize_model
+from ditq.fileformat import EXACT_QDQ_CONFIG, META_PLANS, META_RECIPE, META_SOURCE, META_TARGET
+from ditq.graphs.checks import activation_qdq_layers, check_activations
+from ditq.graphs.plan_record import plans_from_json
+from ditq.graphs.targets import target_named
+from ditq.manifest import MANIFEST_FILE
+from ditq.models import load_from_source, load_model
+from ditq.recipe import LayerPlan, Recipe
 from ditq.runtime.generate import resolve_model_file
-from ditq.fileformat import EXACT_QDQ_CONFIG, TARGETS
+from ditq.runtime.integrity import folder_checks
+from ditq.runtime.session import applied_session_config, create_session, recorded_session_config, run_session
 from ditq.untrusted import check_source, parse_json
 
 FP32_FLOOR_DB = 80.0
 ACCURACY_MATCH_DB = 1.0
+PLANS_CHECK = "the layer plans the model records are its recipe's under its target"
 CASES = (  # (batch, seed, timesteps)
     (1, 0, (999,)),
     (2, 1, (0, 500)),
@@ -140,9 +159,6 @@ def _config(config: dict[str, str]) -> str:
 
 
 def load_proto(path: Path):
-    import onnx
-    from google.protobuf.message import DecodeError
-
     try:
         proto = onnx.load(str(path))
     except (DecodeError, OSError, ValueError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
@@ -162,8 +178,6 @@ def output_bound_db(quantizes_activations: bool, sqnr_ref_vs_float_db: float) ->
 def within_bound(ort_out: np.ndarray, ref: np.ndarray, flt: np.ndarray, bound_db: float) -> bool:
     """One case's criterion (module docstring): ``SQNR(ort, ref) >= bound``, and ORT as accurate against
     the float model as the reference is (unless it agrees with the reference to the fp32 floor)."""
-    from ditq.calib.numerics import sqnr_db
-
     ort_vs_ref = sqnr_db(ref, ort_out)
     same_accuracy = abs(sqnr_db(flt, ort_out) - sqnr_db(flt, ref)) <= ACCURACY_MATCH_DB or ort_vs_ref >= FP32_FLOOR_DB
     return bool(ort_vs_ref >= bound_db and same_accuracy and np.isfinite(ort_out).all())
@@ -184,6 +198,18 @@ def default_session_check(cases: list[CaseResult], recorded: dict[str, str] | No
     return Check("default ONNX Runtime session within the bound, or the config it needs recorded", ok or needed, detail)
 
 
+def recorded_plans(meta: dict[str, str], path: Path) -> dict[str, LayerPlan]:
+    """The effective layer plans a model records (``ditq.plans``: what each layer's kernel computes, as
+    the exporting ditq chose it), read as untrusted input; one-line :class:`DitqError` when they are
+    missing or not a well-formed record."""
+    if META_PLANS not in meta:
+        raise DitqError(f"{path} records no layer plans (ditq.plans): re-export with this ditq")
+    try:
+        return plans_from_json(meta[META_PLANS], f"{path}: ditq.plans")
+    except DitqError as e:
+        raise DitqError(f"{one_line(e, 400)}: re-export with this ditq") from None
+
+
 def validate(
     model_path: str | Path,
     *,
@@ -193,24 +219,9 @@ def validate(
     provider: str = "cpu",
     progress: bool = True,
 ) -> ValidationReport:
-    """Validate an exported model (folder or ``.onnx``); raises :class:`DitqError` on bad input."""
-    import onnx
-    import torch
-    from tqdm.auto import tqdm
-
-    from ditq.calib.numerics import choose_qparams, quantize, sqnr_db
-    from ditq.exporter.export import META_RECIPE, META_SOURCE, META_TARGET
-    from ditq.exporter.reference import quantize_model, resolve_plans
-    from ditq.graphs.lower_ort import KERNEL_INT8, kernel_nodes, read_kernel_weights
-    from ditq.exporter.trace import INPUT_NAMES, example_inputs
-    from ditq.graphs import checks
-    from ditq.graphs.tensors import ROLE_ACT_QUANT
-    from ditq.manifest import MANIFEST_FILE
-    from ditq.models import load_from_source, load_model
-    from ditq.recipe import Recipe
-    from ditq.runtime.integrity import folder_checks
-    from ditq.runtime.session import applied_session_config, create_session, recorded_session_config, run_session
-
+    """Validate an exported model (folder or ``.onnx``) against the layer plans it records
+    (``ditq.plans``: what its kernels compute, see :func:`recorded_plans`); raises :class:`DitqError` on
+    bad input."""
     t0 = time.perf_counter()
     path = resolve_model_file(model_path)
     proto = load_proto(path)
@@ -221,16 +232,16 @@ def validate(
         recipe = Recipe.from_json(meta[META_RECIPE])
     else:
         raise DitqError(f"{path} carries no ditq recipe; pass --recipe")
-    target = meta.get(META_TARGET, "qdq")
-    if target not in TARGETS:
-        raise DitqError(f"{path}: ditq.target must be one of {', '.join(TARGETS)}, got {shown(target)}")
+    target = target_named(meta.get(META_TARGET, "qdq"), f"{path}: ditq.target")
     if model_spec is not None:
-        loaded = load_model(model_spec, image_size=image_size)
+        source = None
     elif META_SOURCE in meta:
         where = f"{path}: ditq.source"
-        loaded = load_from_source(check_source(parse_json(meta[META_SOURCE], where), where))
+        source = check_source(parse_json(meta[META_SOURCE], where), where)
     else:
         raise DitqError(f"{path} carries no model source; pass --model")
+    plans = recorded_plans(meta, path)
+    loaded = load_model(model_spec, image_size=image_size) if source is None else load_from_source(source)
 
     report = ValidationReport(str(model_path), recipe.to_dict(), recipe_file=None if recipe_path is None else str(recipe_path))
     if Path(model_path).is_dir() or (path.parent / MANIFEST_FILE).exists() or (path.parent / MANIFEST_FILE).is_symlink():
@@ -238,18 +249,20 @@ def validate(
         report.checks += [Check(*c) for c in folder_checks(path, meta)]
     steps = tqdm(total=4 + len(CASES), desc="validate", unit="step", disable=not progress)
     gptq = recipe.method == "gptq"
-    plans = resolve_plans(loaded.model, recipe, target)
-    kernel_weights, weight_fails = read_kernel_weights(proto, plans)
-    weight_fails += checks.check_weights(proto, plans)
+    problems = target.plan_problems(recipe.resolve(loaded.model), plans)
+    if problems:  # the model was not built from this recipe (or its record was edited): nothing to rebuild
+        report.checks.append(Check(PLANS_CHECK, False, f"{len(problems)} problem(s): " + "; ".join(problems[:3])))
+        steps.close()
+        return report
+    target = target.recorded(plans)  # the reference computes what the file records, not today's kernel choice
+    stored, weight_fails = target.read_weights(proto, plans)
     if gptq:  # GPTQ codes depend on calibration data: the reference takes the stored ones
-        from ditq.exporter.reference import QuantizedDiT
-
         if weight_fails:  # nothing trustworthy to build the reference from
             detail = f"{len(weight_fails)} problem(s): " + "; ".join(weight_fails[:3])
             report.checks.append(Check("quantized weights: type, block size, shapes, code range", False, detail))
             steps.close()
             return report
-        qd = QuantizedDiT(loaded.model, recipe, plans, {**checks.weights_from_graph(proto, plans), **kernel_weights}, target)
+        qd = QuantizedDiT(loaded.model, recipe, plans, stored, target)
     else:
         qd = quantize_model(loaded.model, recipe, progress=False, target=target)
     try:
@@ -264,22 +277,23 @@ def validate(
             if gptq
             else [(
                 "stored codes and scales equal the reference's",
-                checks.check_codes_equal(proto, qd.plans, qd.weights) + checks.check_same_weights(kernel_weights, qd.weights),
+                target.compare_weights(proto, qd.plans, qd.weights),
                 len(qd.plans),
             )]
         ),
-        ("activation scales computed in the graph from min/max", checks.check_activations(proto, qd.plans),
-         len(checks.activation_qdq_layers(qd.plans))),
+        ("activation scales computed in the graph from min/max", check_activations(proto, qd.plans),
+         len(activation_qdq_layers(qd.plans))),
     ):
         ok = f"{covered} layers" if covered else "none to check (no layer quantizes its input in the graph)"
         detail = ok if not fails else f"{len(fails)} problem(s): " + "; ".join(fails[:3])
         report.checks.append(Check(name, not fails, detail))
     steps.update()
 
+    adapter = adapter_for(loaded.model)
     config = dict(loaded.model.config)
     cases = []
     for batch, seed, ts in CASES:
-        x, _, y = example_inputs(config, batch=batch, seed=100 + seed)
+        x, _, y = adapter.example_inputs(config, batch=batch, seed=100 + seed)
         cases.append((x, torch.tensor(ts, dtype=torch.int64), y))
     with torch.no_grad():
         floats = [loaded.model(x, timestep=t, class_labels=y).sample.numpy() for x, t, y in cases]
@@ -293,7 +307,7 @@ def validate(
     session = create_session(path, provider=provider, config=session_config)
     quantizes_acts = any(p.abits is not None for p in qd.plans.values())
     for (x, t, y), f, r in zip(cases, floats, refs):
-        o = run_session(session, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
+        o = run_session(session, dict(zip(adapter.input_names, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
         ref_vs_float = sqnr_db(f, r)
         bound = output_bound_db(quantizes_acts, ref_vs_float)
         report.cases.append(
@@ -308,42 +322,30 @@ def validate(
     del session
     session = create_session(path, provider=provider, config={})  # what a plain InferenceSession computes
     for (x, t, y), f, r, case in zip(cases, floats, refs, report.cases):
-        o = run_session(session, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
+        o = run_session(session, dict(zip(adapter.input_names, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
         case.sqnr_default_vs_ref_db, case.default_passed = sqnr_db(r, o), within_bound(o, r, f, case.bound_db)
     del session
     report.checks.append(default_session_check(report.cases, report.session_config, session_config))
 
     # activation codes: expose every QuantizeLinear's input and final codes, recompute them in torch
-    probes = []  # (module, float input, codes output, bits, group, symmetric)
-    for module, nodes in checks.nodes_by_module(proto.graph, ROLE_ACT_QUANT).items():
-        plan = qd.plans.get(module)
-        ql = next((n for n in nodes if n.op_type == "QuantizeLinear"), None)
-        if plan is None or ql is None:
-            continue
-        clip = next((n for n in nodes if n.op_type == "Clip"), None)
-        probes.append((module, ql.input[0], (clip or ql).output[0], plan.abits, plan.activation_group, plan.activation_symmetric, 0))
-    for module, nodes in kernel_nodes(proto.graph).items():  # int8 kernel: per-token codes, uint8 offset by 128
-        plan = qd.plans.get(module)
-        ops = {n.op_type: n for n in nodes}
-        if plan is not None and plan.kernel == KERNEL_INT8 and "Abs" in ops and "QuantizeLinear" in ops:
-            probes.append((module, ops["Abs"].input[0], ops["QuantizeLinear"].output[0], 8, plan.activation_group, True, 128))
+    probes = target.probes(proto, qd.plans)
     if probes:
-        for _, xin, codes, *_ in probes:
-            proto.graph.output.extend([onnx.ValueInfoProto(name=xin), onnx.ValueInfoProto(name=codes)])
+        for p in probes:
+            proto.graph.output.extend([onnx.ValueInfoProto(name=p.input), onnx.ValueInfoProto(name=p.codes)])
         probe_session = create_session(proto.SerializeToString(), provider=provider, config=session_config)
         x, t, y = cases[-1]
-        names = [n for _, xin, codes, *_ in probes for n in (xin, codes)]
-        outs = run_session(probe_session, dict(zip(INPUT_NAMES, (x.numpy(), t.numpy(), y.numpy()))), names, where=str(path))
+        names = [n for p in probes for n in (p.input, p.codes)]
+        outs = run_session(probe_session, dict(zip(adapter.input_names, (x.numpy(), t.numpy(), y.numpy()))), names, where=str(path))
         bad, total = [], 0
-        for i, (module, _, _, bits, g, sym, offset) in enumerate(probes):
-            xin, got = torch.from_numpy(outs[2 * i]), outs[2 * i + 1].astype(np.int16) - offset
-            s, z = choose_qparams(xin, bits, g, sym)
-            want = quantize(xin, s, z, bits, sym).numpy().astype(np.int16)
+        for i, p in enumerate(probes):
+            xin, got = torch.from_numpy(outs[2 * i]), outs[2 * i + 1].astype(np.int16) - p.offset
+            s, z = choose_qparams(xin, p.bits, p.group_size, p.symmetric)
+            want = quantize(xin, s, z, p.bits, p.symmetric).numpy().astype(np.int16)
             got = got.reshape(want.shape)  # the int8 kernel quantizes a [tokens, K] view
             total += want.size
             diff = int((want != got).sum())
             if diff:
-                bad.append(f"{module}: {diff} of {want.size} codes differ")
+                bad.append(f"{p.module}: {diff} of {want.size} codes differ")
         detail = f"{total} codes in {len(probes)} activation quantizers" if not bad else "; ".join(bad[:3])
         report.checks.append(Check("activation codes equal the reference numerics (bit exact)", not bad, detail))
     steps.update()

@@ -1,0 +1,161 @@
+"""Model families: what ditq needs to know about one diffusers transformer class, behind one interface.
+
+A family is one module of this package: a :class:`FamilyAdapter` subclass for its diffusers class,
+decorated with :func:`register`. The package imports every module it holds, so adding a family is adding
+its file (and its tests); :func:`adapter_for` finds the adapter of a model, or of a class name read from a
+``config.json``, and refuses any other class in one line naming the supported ones.
+
+An adapter gives:
+
+- the traced signature: ``input_names``, :meth:`~FamilyAdapter.example_inputs`,
+  :meth:`~FamilyAdapter.dynamic_shapes` (the batch axis of every input) and
+  :meth:`~FamilyAdapter.wrap`, the ``nn.Module`` the exporter traces, holding the model under the
+  attribute ``root`` (the exporter's module paths start with ``root + "."``);
+- :meth:`~FamilyAdapter.torch_callable`: the PyTorch model as a sampler callable over numpy arrays, with
+  the signature of the exported graph (as :class:`ditq.runtime.session.OrtDiT`), so one loop drives both;
+- :attr:`~FamilyAdapter.coverage`: which linears get what (:class:`Coverage`);
+- :meth:`~FamilyAdapter.conditioning`: the class conditioning classifier-free guidance uses;
+- :meth:`~FamilyAdapter.output_split`: the output's prediction channels and variance channels;
+- :meth:`~FamilyAdapter.sample_shape`: the shape of one sample the model denoises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from ditq.errors import DitqError, shown
+from ditq.pipeline import ClassConditioning
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """The linears of one block that read the same input: they share one activation quantizer, one
+    RobuQ sensitivity unit and one search gene (DiT's ``to_q``/``to_k``/``to_v``: Q-DiT's fused qkv)."""
+
+    name: str  # the group's name inside its block ("attn1.qkv")
+    members: tuple[str, ...]  # module names inside the block, in order
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError(f"input group {self.name!r} has no members")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which linears of a family get what, as recipe ``match`` patterns over its torch module names.
+
+    ============================  =========================================================================
+    field                         Q-DiT (:meth:`ditq.recipe.Recipe.qdit`) / RobuQ (``Recipe.robuq``)
+    ============================  =========================================================================
+    ``activation_groups``         weights + input activations, in every block ``<blocks>.<i>.``; grouped
+                                  by the input they read
+    ``float_linears``             float (not covered) in both
+    ``robuq_activation_4bit``     RobuQ: ternary weights, 4-bit input activations (adaLN)
+    ``robuq_weight_4bit``         RobuQ: 4-bit weight-only (class tables, final modulation)
+    every other linear/table      weight-only
+    ============================  =========================================================================
+    """
+
+    blocks: str  # the module list of the repeated blocks: block i's modules are "<blocks>.<i>.<name>"
+    activation_groups: tuple[InputGroup, ...]
+    float_linears: tuple[str, ...] = ()
+    robuq_activation_4bit: tuple[str, ...] = ()
+    robuq_weight_4bit: tuple[str, ...] = ()
+
+    @property
+    def activation_linears(self) -> tuple[str, ...]:
+        """The patterns of the block linears that get weights and activations, group by group."""
+        return tuple(f"{self.blocks}.*.{m}" for g in self.activation_groups for m in g.members)
+
+    def groups(self, linears: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """The input groups present among the module names ``linears``: ``"<blocks>.<i>.<group>" ->
+        member module names``, block by block (ascending ``i``), in group order. A group is present when
+        every one of its members is among ``linears``."""
+        names = set(linears)
+        prefix = self.blocks + "."
+        blocks = sorted({int(i) for n in names if n.startswith(prefix) and (i := n[len(prefix) :].split(".")[0]).isdigit()})
+        out: dict[str, tuple[str, ...]] = {}
+        for b in blocks:
+            for g in self.activation_groups:
+                members = tuple(f"{prefix}{b}.{m}" for m in g.members)
+                if all(m in names for m in members):
+                    out[f"{prefix}{b}.{g.name}"] = members
+        return out
+
+
+class FamilyAdapter:
+    """One model family (one diffusers transformer class); see the module docstring. Subclasses set the
+    class attributes and implement the methods that raise ``NotImplementedError``."""
+
+    class_name: str = ""  # the diffusers class: the model's type name, ``_class_name`` in its config.json
+    coverage: Coverage
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ("out",)
+    root: str = "model"  # the attribute of :meth:`wrap`'s module that holds the model
+
+    def wrap(self, model) -> Any:
+        """The ``nn.Module`` the exporter traces: ``input_names`` in, the model output out; the model is
+        its attribute ``root``."""
+        raise NotImplementedError
+
+    def example_inputs(self, config: Mapping[str, Any], batch: int = 2, seed: int = 0) -> tuple[Any, ...]:
+        """Seeded torch inputs of the traced signature, ``batch`` rows each."""
+        raise NotImplementedError
+
+    def dynamic_shapes(self, batch) -> tuple[dict[int, Any], ...]:
+        """The dynamic axes of the traced inputs for ``torch.onnx.export``: axis 0 of every input is the
+        batch ``batch`` (a ``torch.export.Dim``)."""
+        return tuple({0: batch} for _ in self.input_names)
+
+    def torch_callable(self, model) -> Callable[..., Any]:
+        """``model`` as a sampler callable over numpy arrays in ``input_names`` order."""
+        raise NotImplementedError
+
+    def conditioning(self, config: Mapping[str, Any]) -> ClassConditioning:
+        """The class conditioning of a model of this ``config`` (its null label included)."""
+        raise NotImplementedError
+
+    def output_split(self, config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(prediction channels, variance channels)`` of the output (variance 0: no learned sigma)."""
+        raise NotImplementedError
+
+    def sample_shape(self, config: Mapping[str, Any]) -> tuple[int, ...]:
+        """The shape of one sample the model denoises (no batch axis)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, FamilyAdapter] = {}
+DEFAULT_CLASS = "DiTTransformer2DModel"  # the family a recipe is written for when no model is given
+
+
+def register(cls: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: make ``cls`` (an instance of it) the adapter of ``cls.class_name``."""
+    if not cls.class_name:
+        raise ValueError(f"{cls.__name__} names no class_name")
+    if cls.class_name in _REGISTRY and type(_REGISTRY[cls.class_name]) is not cls:
+        raise ValueError(f"{cls.class_name} already has the adapter {type(_REGISTRY[cls.class_name]).__name__}")
+    _REGISTRY[cls.class_name] = cls()
+    return cls
+
+
+def supported() -> tuple[str, ...]:
+    """The class names that have an adapter, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def adapter_for(model_or_class_name) -> FamilyAdapter:
+    """The adapter of a model (by its type's name) or of a class name (a string, e.g. a config.json's
+    ``_class_name``); any other class is refused in one line naming the supported ones."""
+    name = model_or_class_name if isinstance(model_or_class_name, str) else type(model_or_class_name).__name__
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise DitqError(f"unsupported architecture {shown(name)}; ditq supports: {', '.join(supported())}") from None
+
+
+# every module of this package is a family: importing it registers its adapter
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
