@@ -13,12 +13,10 @@ workflow that runs it and writes the folder is :mod:`ditq.workflows.qat`.
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from ditq.calib.qlinear import QATLinear, swap_module
 from ditq.recipe import Recipe
-from ditq.schedule import NoiseSchedule
 
 
 def prepare_qat(model: nn.Module, recipe: Recipe) -> nn.Module:
@@ -40,10 +38,4 @@ def strip_qat(model: nn.Module) -> nn.Module:
     return model
 
 
-def diffusion_loss(model: nn.Module, x0: torch.Tensor, labels: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The epsilon-prediction loss at given timesteps and noise (for evaluation on a fixed batch)."""
-    abar = torch.tensor(NoiseSchedule.linear().alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
-    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    out = model(xt, timestep=t, class_labels=labels, return_dict=False)[0]
-    return torch.mean((out[:, : x0.shape[1]] - noise) ** 2)
 

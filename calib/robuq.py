@@ -56,10 +56,6 @@ def allocate_bits(
     return dict(zip(names, best[target][1]))
 
 
-def uniform_cost(cost: Mapping[str, Mapping[int, float]], bits: int) -> float:
-    return sum(float(c[bits]) for c in cost.values())
-
-
 # ------------------------------------------------------------------------- sensitivity of a real model
 def block_units(model) -> dict[str, tuple[str, ...]]:
     """The activation quantizers of RobuQ's block linears, by unit: the input groups of the model family's

@@ -37,6 +37,7 @@ import numpy as np
 from ditq.adapters import Coverage
 from ditq.calib.journal import Journal, evaluation_record, fitness_of, genome_key
 from ditq.errors import DitqError, shown
+from ditq.options import SEED_MAX, check_float, check_int
 from ditq.recipe import Rule
 
 QDIT_SPACE = (32, 64, 128, 192, 288)
@@ -112,6 +113,13 @@ class SearchConfig:
     crossover_prob: float = 0.5
     seed: int = 0
     max_tries: int = 2000  # draws per child before giving up on finding a new feasible genome
+
+    def __post_init__(self) -> None:
+        for name, lo in (("population", 1), ("generations", 1), ("top_k", 1), ("crossovers", 0), ("mutations", 0), ("max_tries", 1)):
+            check_int(getattr(self, name), f"search {name}", lo, 10_000)
+        check_int(self.seed, "search seed", 0, SEED_MAX)
+        for name in ("mutation_prob", "crossover_prob"):
+            check_float(getattr(self, name), f"search {name}", 0.0, 1.0)
 
 
 @dataclass

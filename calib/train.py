@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ditq.errors import DitqError, one_line
 from ditq.files import atomic_path
+from ditq.options import MAX_BATCH, MAX_TRAIN_STEPS, SEED_MAX, check_float, check_int
 from ditq.schedule import NoiseSchedule
 
 
@@ -42,6 +43,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 500
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("steps", 1, MAX_TRAIN_STEPS), ("batch_size", 1, MAX_BATCH), ("warmup", 0, MAX_TRAIN_STEPS),
+                             ("seed", 0, SEED_MAX), ("save_every", 1, MAX_TRAIN_STEPS)):  # fmt: skip
+            check_int(getattr(self, name), name, lo, hi)
+        check_float(self.lr, "lr", 0.0, 1.0, open_lo=True)
+        for name in ("min_lr_ratio", "weight_decay", "ema_decay", "class_dropout"):
+            check_float(getattr(self, name), name, 0.0, 1.0)
+        check_float(self.grad_clip, "grad_clip", 0.0, 1e6, open_lo=True)
 
 
 @dataclass

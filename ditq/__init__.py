@@ -28,10 +28,12 @@ imports its workflow (:mod:`ditq.workflows`) when first used.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ditq.errors import DitqError
+from ditq.options import check_path
 from ditq.recipe import LayerQuant, Recipe, Rule
 
 if TYPE_CHECKING:
@@ -50,7 +52,8 @@ _LAZY = {
 
 __all__ = [
     "DitqError", "LayerQuant", "Recipe", "Rule", *_LAZY, "load_model", "build_recipe", "calibrate", "quantize", "export",
-    "export_model", "validate", "sample", "evaluate", "bench", "search", "compare_fitness", "qat", "train_digits",
+    "export_model", "validate", "sample", "evaluate", "bench", "check_goals", "search", "compare_fitness", "qat",
+    "train_digits",
 ]  # fmt: skip
 
 
@@ -64,7 +67,7 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
     """A :class:`~ditq.models.LoadedModel`: see :func:`ditq.models.load_model`."""
     from ditq.models import load_model as _load
 
-    return _load(spec, image_size=image_size, seed=seed, num_heads=num_heads)
+    return _load(check_path(spec, "spec"), image_size=image_size, seed=seed, num_heads=num_heads)
 
 
 def build_recipe(options: RecipeOptions, model=None, *, progress: bool = False):
@@ -100,7 +103,7 @@ def export(qdit, out_dir: str | Path, *, source: dict | None = None, pipeline=No
     (``external_data_bytes``: weights above this size go to ``model.onnx.data``)."""
     from ditq.exporter.export import export as _export
 
-    return _export(qdit, out_dir, source=source or {"kind": "api"}, pipeline=pipeline, opset=opset,
+    return _export(qdit, check_path(out_dir, "out_dir"), source=source or {"kind": "api"}, pipeline=pipeline, opset=opset,
                    external_data_bytes=external_data_bytes, progress=progress, force=force)  # fmt: skip
 
 
@@ -110,7 +113,7 @@ def export_model(model, recipe: RecipeOptions | Recipe, out: str | Path, *, targ
     quantize -> export to ``out``: see :func:`ditq.workflows.export.export_model`."""
     from ditq.workflows.export import CalibrationOptions, export_model as _export_model
 
-    return _export_model(model, recipe, out, target=target, opset=opset, calibration=calibration or CalibrationOptions(),
+    return _export_model(_loaded(model), recipe, check_path(out, "out"), target=target, opset=opset, calibration=calibration or CalibrationOptions(),
                          force=force, progress=progress)  # fmt: skip
 
 
@@ -119,7 +122,8 @@ def validate(model_path: str | Path, *, model_spec: str | None = None, recipe_pa
     """``ditq validate``: see :func:`ditq.workflows.validate.validate`."""
     from ditq.workflows.validate import validate as _validate
 
-    return _validate(model_path, model_spec=model_spec, recipe_path=recipe_path, image_size=image_size, provider=provider,
+    return _validate(check_path(model_path, "model_path"), model_spec=check_path(model_spec, "model_spec", optional=True),
+                     recipe_path=check_path(recipe_path, "recipe_path", optional=True), image_size=image_size, provider=provider,
                      progress=progress)  # fmt: skip
 
 
@@ -129,7 +133,7 @@ def sample(model_path: str | Path, out: str | Path, *, classes: str | Sequence[i
     """``ditq sample`` (ONNX Runtime alone): see :func:`ditq.workflows.sample.sample_to_file`."""
     from ditq.workflows.sample import sample_to_file
 
-    return sample_to_file(model_path, out, classes=classes, per_class=per_class, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
+    return sample_to_file(check_path(model_path, "model_path"), check_path(out, "out"), classes=classes, per_class=per_class, seed=seed, steps=steps, cfg=cfg, sampler=sampler,
                           batch_size=batch_size, provider=provider, progress=progress)  # fmt: skip
 
 
@@ -137,25 +141,26 @@ def evaluate(model: str = "digits", configs: str | Sequence = "fp,w8a8,w6a8,w4a8
              steps: int = 50, cfg: float = 1.5, sampler: str = "ddim", seeds: Sequence[int] = (0,), group_size: int | None = 64,
              symmetric: bool = False, method: str | None = None, calibration: CalibrationOptions | None = None,
              provider: str = "cpu", exports_dir: str | Path | None = None, grid_path: str | Path | None = None,
-             layer_error: bool = False, progress: bool = False):  # fmt: skip
+             features=None, real_images=None, layer_error: bool = False, progress: bool = False):  # fmt: skip
     """``ditq eval``: ``configs`` (``"fp,w4a8,w4a4g32"`` or a list of ``ditq.EvalConfig``) of ``model``
     exported, sampled with ONNX Runtime and judged; GPTQ configurations are calibrated as ``calibration``
-    says. An :class:`~ditq.workflows.evaluate.EvalReport`: see :func:`ditq.workflows.evaluate.evaluate`."""
-    from functools import partial
-
-    from ditq.options import MAX_CFG, MAX_SAMPLES, MAX_STEPS, SEED_MAX, check_float, check_int
+    says. ``features`` (a callable, or Inception weights) and ``real_images`` (an array, or a folder of
+    images) measure FID in another feature space, e.g. for models without the digit judge. An
+    :class:`~ditq.workflows.evaluate.EvalReport`: see :func:`ditq.workflows.evaluate.evaluate`."""
     from ditq.workflows.evaluate import evaluate as _evaluate, parse_configs
-    from ditq.workflows.export import CalibrationOptions, calibrate as _calibrate
+    from ditq.workflows.export import CalibrationOptions
 
-    check_int(num_samples, "num_samples", 2, MAX_SAMPLES)
-    check_int(steps, "steps", 1, MAX_STEPS)
-    check_float(cfg, "cfg", 0.0, MAX_CFG)
-    seeds = [check_int(s, "seeds", 0, SEED_MAX) for s in seeds]
+    model, exports_dir = check_path(model, "model"), check_path(exports_dir, "exports_dir", optional=True)
+    grid_path = check_path(grid_path, "grid_path", optional=True)
     confs = parse_configs(configs, group_size) if isinstance(configs, str) else list(configs)
-    calib_fn = partial(_calibrate, options=calibration or CalibrationOptions(), progress=progress)
+    if isinstance(features, (str, os.PathLike)):
+        features = check_path(features, "features")
+    if isinstance(real_images, (str, os.PathLike)):
+        real_images = check_path(real_images, "real_images")
     return _evaluate(model, confs, num_samples=num_samples, steps=steps, cfg=cfg, sampler=sampler, seeds=seeds,
                      group_size=group_size, symmetric=symmetric, method=method, provider=provider, exports_dir=exports_dir,
-                     grid_path=grid_path, calib_fn=calib_fn, layer_error=layer_error, progress=progress)  # fmt: skip
+                     grid_path=grid_path, features=features, real_images=real_images,
+                     calibration=calibration or CalibrationOptions(), layer_error=layer_error, progress=progress)  # fmt: skip
 
 
 def bench(model: str = "digits", variants: str | Sequence = "float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq", *,
@@ -165,18 +170,20 @@ def bench(model: str = "digits", variants: str | Sequence = "float,ort-int8,ort-
     """``ditq bench``: latency, size, peak memory and error of ``variants`` (``"float,ort-int8,w4a8"`` or a
     list of :class:`~ditq.workflows.bench.Variant`) against float ONNX Runtime. A
     :class:`~ditq.workflows.bench.BenchReport`: see :func:`ditq.workflows.bench.bench`."""
-    from ditq.options import MAX_BATCH, MAX_SAMPLES, MAX_STEPS, check_int
     from ditq.workflows.bench import bench as _bench, parse_variants
 
-    check_int(batch, "batch", 1, MAX_BATCH)
-    check_int(runs, "runs", 1, 10_000)
-    check_int(quality, "quality", 0, MAX_SAMPLES)
-    check_int(quality_steps, "quality_steps", 1, MAX_STEPS)
-    if threads is not None:
-        check_int(threads, "threads", 1, 1024)
+    model, work_dir = check_path(model, "model"), check_path(work_dir, "work_dir", optional=True)
     chosen = parse_variants(variants, group_size) if isinstance(variants, str) else list(variants)
     return _bench(model, chosen, batch=batch, runs=runs, threads=threads, provider=provider, work_dir=work_dir, quality=quality,
                   quality_steps=quality_steps, profile=profile, image_size=image_size, progress=progress)  # fmt: skip
+
+
+def check_goals(report) -> list[str]:
+    """``ditq bench --check``: the deployment goals of the ``ort`` target that ``report`` (from
+    :func:`bench`) misses, one line each (empty: all met): see :func:`ditq.workflows.bench.check_goals`."""
+    from ditq.workflows.bench import check_goals as _check
+
+    return _check(report)
 
 
 def search(model: str, options: SearchOptions, journal: str | Path, *, progress: bool = False):
@@ -184,7 +191,7 @@ def search(model: str, options: SearchOptions, journal: str | Path, *, progress:
     :class:`~ditq.workflows.search.SearchOutcome` (``.recipe``, ``.ranking``): see :mod:`ditq.workflows.search`."""
     from ditq.workflows.search import search as _search
 
-    return _search(model, options, journal, progress=progress)
+    return _search(check_path(model, "model"), options, check_path(journal, "journal"), progress=progress)
 
 
 def compare_fitness(model: str, configs: str | Sequence, *, seeds: Sequence[int] = (1, 2, 3), group_size: int | None = 64,
@@ -196,7 +203,7 @@ def compare_fitness(model: str, configs: str | Sequence, *, seeds: Sequence[int]
     from ditq.workflows.search import compare_fitness as _compare
 
     confs = parse_configs(configs, group_size) if isinstance(configs, str) else list(configs)
-    return _compare(model, confs, seeds=list(seeds), symmetric=symmetric, fitness=fitness or FitnessConfig(), workers=workers)
+    return _compare(check_path(model, "model"), confs, seeds=list(seeds), symmetric=symmetric, fitness=fitness or FitnessConfig(), workers=workers)
 
 
 def qat(model: str, options: QATOptions, out: str | Path, *, checkpoint: str | Path | None = None, force: bool = False,
@@ -205,7 +212,7 @@ def qat(model: str, options: QATOptions, out: str | Path, *, checkpoint: str | P
     see :func:`ditq.workflows.qat.qat`."""
     from ditq.workflows.qat import qat as _qat
 
-    return _qat(model, options, out, checkpoint=checkpoint, force=force, progress=progress)
+    return _qat(check_path(model, "model"), options, check_path(out, "out"), checkpoint=check_path(checkpoint, "checkpoint", optional=True), force=force, progress=progress)
 
 
 def train_digits(out: str | Path | None = None, config: TrainConfig | None = None, *, checkpoint: str | Path | None = None, judge_only: bool = False,
@@ -215,10 +222,11 @@ def train_digits(out: str | Path | None = None, config: TrainConfig | None = Non
     from ditq.calib.train import TrainConfig
     from ditq.workflows.train import train_digits as _train
 
+    out, checkpoint = check_path(out, "out", optional=True), check_path(checkpoint, "checkpoint", optional=True)
     return _train(out, config or TrainConfig(steps=6000), checkpoint=checkpoint, judge_only=judge_only, force=force,
                   progress=progress)  # fmt: skip
 
 
 def _loaded(model):
-    """A ``LoadedModel`` as it is, or the one a spec names."""
-    return load_model(model) if isinstance(model, str) else model
+    """A ``LoadedModel`` as it is, or the one a spec (a name or a path) names."""
+    return load_model(check_path(model, "model")) if isinstance(model, (str, os.PathLike)) or not hasattr(model, "pipeline") else model

@@ -7,6 +7,7 @@ Exit codes: 0 success / validation passed, 1 validation failed, 2 bad input (one
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _calibration_options(args):
 def _print_allocation(bits_per_unit: dict[str, int] | None) -> None:
     """A mixed-precision recipe's activation bits, on stderr."""
     if bits_per_unit is not None:
-        print("activation bits per unit: " + ", ".join(f"{u.replace('transformer_blocks.', 'b')}={b}" for u, b in bits_per_unit.items()),
+        print("activation bits per unit: " + ", ".join(f"{re.sub(r'^.*?[.](?=[0-9]+[.])', 'b', u, count=1)}={b}" for u, b in bits_per_unit.items()),
               file=sys.stderr)  # fmt: skip
 
 
@@ -96,24 +97,14 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from functools import partial
-
     from ditq.workflows.evaluate import evaluate, parse_configs
-    from ditq.workflows.export import calibrate
 
     seeds = int_list(args.seeds, "--seeds", 0, SEED_MAX)
-    features = real = None
-    if args.inception or args.real_images:
-        if not (args.inception and args.real_images):
-            raise DitqError("--inception and --real-images go together")
-        from ditq.runtime.metrics import inception_features, load_images
-
-        features, real = inception_features(args.inception), load_images(args.real_images)
     report = evaluate(
         args.model, parse_configs(args.configs, args.group_size), num_samples=args.num_samples, steps=args.steps,
         cfg=args.cfg, sampler=args.sampler, seeds=seeds, group_size=args.group_size, symmetric=args.symmetric,
-        method=args.method, provider=args.provider, exports_dir=args.exports, grid_path=args.grid, features=features,
-        real_images=real, calib_fn=partial(calibrate, options=_calibration_options(args), progress=not args.quiet),
+        method=args.method, provider=args.provider, exports_dir=args.exports, grid_path=args.grid, features=args.inception,
+        real_images=args.real_images, calibration=_calibration_options(args),
         layer_error=args.layer_error, progress=not args.quiet,
     )  # fmt: skip
     print(report.table())

@@ -8,7 +8,7 @@ import argparse
 
 from ditq.fileformat import DEFAULT_OPSET, INT2_OPSET, MAX_OPSET, TARGETS
 from ditq.options import (
-    MAX_BATCH, MAX_CFG, MAX_COUNT, MAX_SAMPLES, MAX_STEPS, SEED_MAX, OneLineParser, float_in, int_in,
+    MAX_BATCH, MAX_CFG, MAX_COUNT, MAX_SAMPLES, MAX_RUNS, MAX_STEPS, MAX_THREADS, MAX_TRAIN_STEPS, SEED_MAX, OneLineParser, float_in, int_in,
 )  # fmt: skip
 from ditq.recipe import AUTO_GROUP
 from ditq.runtime.samplers import METHODS
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rtn", "gptq"), help="weight method of the quantized configs (default: rtn / the recipe file's)")
     _add_calib_args(p)
     p.add_argument("--layer-error", action="store_true", help="also report the block linears' mean relative output error on held-out inputs")
-    p.add_argument("--num-samples", type=int_in(1, MAX_SAMPLES), default=500, help="samples per seed set (default 500, one class after another)")
+    p.add_argument("--num-samples", type=int_in(2, MAX_SAMPLES), default=500, help="samples per seed set (default 500, one class after another)")
     p.add_argument("--seeds", default="0", help="comma-separated seed sets; more than one reports the spread (default 0)")
     _add_sampler_args(p, seed=False)
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="group size of wXaY variants (gN: of their weight+activation block linears only), or "
                         "'auto': 128, else the largest of 64/32/16 the model's widths take (default auto)")  # fmt: skip
     p.add_argument("--batch", type=int_in(1, MAX_BATCH), default=1, help="batch of one denoising step (default 1)")
-    p.add_argument("--runs", type=int_in(1, 10_000), default=10, help="timed runs per variant, interleaved (default 10)")
-    p.add_argument("--threads", type=int_in(1, 1024), help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--runs", type=int_in(1, MAX_RUNS), default=10, help="timed runs per variant, interleaved (default 10)")
+    p.add_argument("--threads", type=int_in(1, MAX_THREADS), help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--quality", type=int_in(0, MAX_SAMPLES), default=0, metavar="N", help="digits: also sample N images per variant for FID-digits and class accuracy")
     p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=50, help="DDIM steps of --quality sampling (default 50)")
@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abits", type=int, default=4, choices=range(1, 9), metavar="{1..8}", help="activation bits of the block linears (average with --mixed)")
     p.add_argument("--no-rotate", action="store_true", help="no Hadamard rotation")
     p.add_argument("--mixed", action="store_true", help="allocate activation bits per layer (DP on measured sensitivity), averaging --abits")
-    p.add_argument("--steps", type=int_in(1, 10**7), default=1000, help="training steps (default 1000, about 7 min alone on 2 CPU cores)")
+    p.add_argument("--steps", type=int_in(1, MAX_TRAIN_STEPS), default=1000, help="training steps (default 1000, about 7 min alone on 2 CPU cores)")
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=128)
     p.add_argument("--lr", type=float_in(0.0, 1.0, open_lo=True), default=2e-4)
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0)
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_force_arg(p)
 
     p = sub.add_parser("train-digits", help="train the digit judge and the shipped digits DiT from scratch (CPU)")
-    p.add_argument("--steps", type=int_in(1, 10**7), default=6000, help="training steps of batch 128 (default 6000)")
+    p.add_argument("--steps", type=int_in(1, MAX_TRAIN_STEPS), default=6000, help="training steps of batch 128 (default 6000)")
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0)
     p.add_argument("--out", help="output diffusers folder (default: the shipped ditq/assets/digits)")
     p.add_argument("--checkpoint", help="resumable training checkpoint file (written every 500 steps)")

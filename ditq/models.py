@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ditq.adapters import adapter_for, supported
+from ditq.adapters import FamilyAdapter, adapter_for, supported
 from ditq.errors import DitqError, one_line, shown
 from ditq.manifest import file_sha256
 from ditq.pipeline import VAE_DECODER_FILE, Pipeline
@@ -155,14 +155,16 @@ def load_from_source(source: dict[str, Any]) -> LoadedModel:
     raise DitqError(f"unknown model source {source!r}")
 
 
-def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = None) -> Pipeline:
+def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = None, adapter: FamilyAdapter | None = None) -> Pipeline:
     """How to sample a model from this source (the loaders compute it once, as :attr:`LoadedModel.pipeline`):
     a built-in model's :data:`BUILTIN_PIPELINE`; a diffusers folder's :data:`~ditq.pipeline.PIPELINE_FILE`
     (written by ditq) read by :meth:`Pipeline.read_from`; a pipeline folder's scheduler config read as a
     :class:`SchedulerSpec` (a setting ditq's samplers do not implement is refused here, naming it) and, with
     a ``vae/``, the decoder file and the latent scaling factor; else DiT's, in latent space. ``config``: the
     transformer's checked config (:func:`~ditq.untrusted.check_dit_config`) when the caller has it; else
-    read here where the source names it (a folder's, a preset's), to give the class conditioning."""
+    read here where the source names it (a folder's, a preset's), to give the class conditioning and the
+    sample shape through ``adapter``, the model's family adapter (None: the one the config's
+    ``_class_name`` names; DiT's, the family ditq's loaders build, when it names none)."""
     kind, name = source.get("kind"), source.get("name")
     if kind == "builtin" and name in BUILTIN_PIPELINE:
         return BUILTIN_PIPELINE[name]
@@ -171,16 +173,19 @@ def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = Non
         config = dit_config(*PRESETS[name])
     if config is None and root is not None:
         config = _folder_config(root)
-    written = Pipeline.read_from(root, config=config) if root is not None else None  # written by ditq (e.g. ditq qat)
+    if adapter is None:
+        adapter = adapter_for(config["_class_name"]) if isinstance((config or {}).get("_class_name"), str) else DIT
+    fit = None if config is None else (adapter.conditioning(config), adapter.sample_shape(config))
+    written = Pipeline.read_from(root, fit=fit) if root is not None else None  # written by ditq (e.g. ditq qat)
     if written is not None:
         return written
-    conditioning = None if config is None else DIT.conditioning(config)
+    conditioning = None if fit is None else fit[0]
     if root is None or not (root / "model_index.json").is_file():
         return Pipeline(conditioning=conditioning)
     schedule, vae, scaling_factor = SchedulerSpec(), None, None
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
-        learned_sigma = None if config is None else DIT.output_split(config)[1] > 0
+        learned_sigma = None if config is None else adapter.output_split(config)[1] > 0
         schedule = SchedulerSpec.from_scheduler_config(read_json(sched), where=str(sched), learned_sigma=learned_sigma)
     vae_file = root / "vae" / "config.json"
     if vae_file.is_file():

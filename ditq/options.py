@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import os
 from typing import Callable
 
 from ditq.errors import DitqError, one_line, shown
@@ -23,6 +24,9 @@ MAX_BATCH = 4096  # samples per model call
 MAX_SAMPLES = 100_000  # samples per evaluation (eval, fitness, bench --quality)
 MAX_COUNT = 10**9  # counts bounded further by a memory budget downstream (sample --per-class)
 MAX_CFG = 100.0  # classifier-free guidance scale
+MAX_RUNS = 10_000  # timed runs per benchmark variant
+MAX_THREADS = 1024  # ONNX Runtime intra-op threads
+MAX_TRAIN_STEPS = 10**7  # training steps (ditq qat, ditq train-digits)
 
 
 def int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -88,9 +92,31 @@ def check_int(value: object, name: str, lo: int, hi: int) -> int:
     return int(value)
 
 
+def check_path(value: object, name: str, *, optional: bool = False) -> str | None:
+    """A typed API argument ``name`` that names a model or a file: a ``str`` or an ``os.PathLike`` (a
+    ``pathlib.Path``), returned as a ``str``; ``None`` too when ``optional``. Else a one-line :class:`DitqError`."""
+    if value is None and optional:
+        return None
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise DitqError(f"{name}: expected a model name or a path (str or os.PathLike), got {shown(value, MAX_ECHO)}")
+    return text
+
+
+def is_finite_real(value: object) -> bool:
+    """``value`` is a real number (not a bool) that is finite as a float: NaN, infinities and integers too
+    large for a float (``10**400``, which ``math.isfinite`` cannot even convert) are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, ValueError, TypeError):
+        return False
+
+
 def check_float(value: object, name: str, lo: float, hi: float, *, open_lo: bool = False) -> float:
     """A typed API argument ``name``: a finite real number in ``[lo, hi]`` (``(lo, hi]`` with ``open_lo``)."""
-    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = is_finite_real(value)
     if not (ok and (lo < value if open_lo else lo <= value) and value <= hi):
         span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
         raise DitqError(f"{name}: expected a finite number in {span}, got {shown(value, MAX_ECHO)}")

@@ -3,13 +3,12 @@
 
 The record is read as untrusted input (:meth:`Pipeline.from_dict`): every field is checked and bounded, a
 field an earlier ditq did not write takes its default, and one this version does not know is ignored.
-``conditioning`` (written since the record was typed) is derived from the model config when absent.
+``conditioning`` (written since the record was typed) is the model's (given by its family adapter) when absent.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +16,8 @@ from typing import Any, Mapping
 from ditq.errors import DitqError, shown
 from ditq.fileformat import META_PIPELINE
 from ditq.schedule import SchedulerSpec
-from ditq.untrusted import DIT_CONFIG, Bool, Float, Int, Object, OneOf, Pair, Text, check_fields, parse_json_object, read_json
+from ditq.options import is_finite_real
+from ditq.untrusted import DIT_CONFIG, MAX_SCALING_FACTOR, MAX_VALUE, Bool, Float, Int, Object, OneOf, Pair, Text, check_fields, parse_json_object, read_json
 
 
 @dataclass(frozen=True)
@@ -36,21 +36,15 @@ class ClassConditioning:
         if self.null_label < self.num_classes:
             raise DitqError(f"conditioning null_label {self.null_label} is one of the labels 0..{self.num_classes - 1}")
 
-    @classmethod
-    def of_dit(cls, config: Mapping[str, Any]) -> "ClassConditioning":
-        """A DiT's: labels ``0..num_embeds_ada_norm-1``; its label table's last row (``num_embeds_ada_norm``)
-        is the null label."""
-        n = config["num_embeds_ada_norm"]
-        return cls(n, n)
 
+# What a pipeline is fitted to (Pipeline.fitted_to): the model's class conditioning and the shape of one sample.
+Fit = tuple[ClassConditioning, tuple[int, ...]]
 
 PIPELINE_FILE = "ditq_pipeline.json"  # a diffusers folder ditq wrote (ditq qat): how to sample it
 VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
 SPACES = ("pixel", "latent")
 # The judges ditq ships (ditq.runtime.metrics.DigitJudge) and the images each scores: (channels, size, classes).
 JUDGES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 10)}
-MAX_SCALING_FACTOR = 1e6
-MAX_VALUE = 1e30  # a value_range bound
 
 # The record's fields as JSON: absent ones take these defaults (records of earlier ditq versions hold only
 # some of them); fields not named here are ignored (written by a newer ditq).
@@ -62,7 +56,7 @@ FIELDS: dict[str, Any] = {
     "schedule": Object(None),  # SchedulerSpec.to_dict(); absent or null: DiT's
     "vae": Text(255, None, nullable=True),  # a file in the model's folder: VAE_DECODER_FILE only
     "scaling_factor": Float(0.0, MAX_SCALING_FACTOR, None, open_lo=True, nullable=True),
-    "conditioning": Object(None),  # absent or null: derived from the model config by a reader that has it
+    "conditioning": Object(None),  # absent or null: the model's, set by a reader that has it
 }
 CONDITIONING_FIELDS: dict[str, Any] = {
     "num_classes": Int(1, DIT_CONFIG["num_embeds_ada_norm"].hi),
@@ -71,7 +65,7 @@ CONDITIONING_FIELDS: dict[str, Any] = {
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and is_finite_real(v)
 
 
 @dataclass(frozen=True)
@@ -142,24 +136,22 @@ class Pipeline:
         """The digit judge (FID-digits, class accuracy) scores its images: a digits model."""
         return self.judge == "digits"
 
-    def fitted_to(self, config: Mapping[str, Any], where: str = "pipeline") -> "Pipeline":
-        """This pipeline for the DiT of ``config``: its conditioning derived from the config when the
-        record has none; one that differs from the config's is refused, and so is a judge that does not
-        score the images the model makes."""
-        want = ClassConditioning.of_dit(config)
+    def fitted_to(self, conditioning: ClassConditioning, sample_shape: tuple[int, ...], where: str = "pipeline") -> "Pipeline":
+        """This pipeline for a model of class ``conditioning`` (its family adapter's) that denoises samples of
+        ``sample_shape`` (no batch axis): the record's conditioning is ``conditioning`` when it has none; one
+        that differs is refused, and so is a judge that does not score the images the model makes."""
         if self.judge is not None:
-            shape = (config["in_channels"], config["sample_size"], want.num_classes)
-            if shape != JUDGES[self.judge]:
-                (c, s, n), (jc, js, jn) = shape, JUDGES[self.judge]
+            jc, js, jn = JUDGES[self.judge]
+            if tuple(sample_shape) != (jc, js, js) or conditioning.num_classes != jn:
+                made = "x".join(str(d) for d in sample_shape)
                 raise DitqError(f"{where}: judge {self.judge!r} scores {jc}x{js}x{js} images of {jn} classes; "
-                                f"this model makes {c}x{s}x{s} images of {n} classes")  # fmt: skip
+                                f"this model makes {made} samples of {conditioning.num_classes} classes")  # fmt: skip
         if self.conditioning is None:
-            return replace(self, conditioning=want)
-        if self.conditioning != want:
-            c = self.conditioning
+            return replace(self, conditioning=conditioning)
+        if self.conditioning != conditioning:
+            c, want = self.conditioning, conditioning
             raise DitqError(f"{where}: conditioning of {c.num_classes} classes with null label {c.null_label} does not fit the "
-                            f"model, whose num_embeds_ada_norm {want.num_classes} gives {want.num_classes} classes and null label "
-                            f"{want.null_label}")  # fmt: skip
+                            f"model, which has {want.num_classes} classes and null label {want.null_label}")  # fmt: skip
         return self
 
     # ------------------------------------------------------------------------------- reading and writing
@@ -182,10 +174,10 @@ class Pipeline:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, obj: Any, where: str, *, config: Mapping[str, Any] | None = None) -> "Pipeline":
+    def from_dict(cls, obj: Any, where: str, *, fit: Fit | None = None) -> "Pipeline":
         """The pipeline a record (untrusted: a model's metadata, a folder's file) holds, every field checked
-        (:data:`FIELDS`); a failure is one :class:`DitqError` naming ``where`` and the field. ``config``: the
-        model's checked config, when the reader has it (see :meth:`fitted_to`)."""
+        (:data:`FIELDS`); a failure is one :class:`DitqError` naming ``where`` and the field. ``fit``: the
+        model's ``(conditioning, sample shape)``, when the reader has them (see :meth:`fitted_to`)."""
         rec = check_fields(obj, FIELDS, where)
         conditioning = None
         if rec["conditioning"] is not None:
@@ -202,22 +194,22 @@ class Pipeline:
             )  # fmt: skip
         except DitqError as e:
             raise DitqError(f"{where}: {e}") from None
-        return pipe if config is None else pipe.fitted_to(config, where)
+        return pipe if fit is None else pipe.fitted_to(*fit, where)
 
     @classmethod
-    def from_metadata(cls, meta: Mapping[str, str], file: str | Path, *, config: Mapping[str, Any] | None = None) -> "Pipeline":
+    def from_metadata(cls, meta: Mapping[str, str], file: str | Path, *, fit: Fit | None = None) -> "Pipeline":
         """The pipeline an exported model records (its ``metadata_props`` :data:`META_PIPELINE`; a model
         that records none samples as DiT does, in latent space)."""
         where = f"{file}: {META_PIPELINE}"
-        return cls.from_dict(parse_json_object(meta.get(META_PIPELINE, "{}"), where), where, config=config)
+        return cls.from_dict(parse_json_object(meta.get(META_PIPELINE, "{}"), where), where, fit=fit)
 
     @classmethod
-    def read_from(cls, folder: str | Path, *, config: Mapping[str, Any] | None = None) -> "Pipeline | None":
+    def read_from(cls, folder: str | Path, *, fit: Fit | None = None) -> "Pipeline | None":
         """The pipeline a folder's :data:`PIPELINE_FILE` records, or None when it has none."""
         path = Path(folder) / PIPELINE_FILE
         if not path.is_file():
             return None
-        return cls.from_dict(read_json(path), str(path), config=config)
+        return cls.from_dict(read_json(path), str(path), fit=fit)
 
     def write_to(self, folder: str | Path) -> Path:
         """Write :data:`PIPELINE_FILE` into ``folder`` (one ditq is assembling)."""

@@ -56,6 +56,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ditq.errors import DitqError, shown
+from ditq.options import is_finite_real
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -175,7 +176,7 @@ class SchedulerSpec:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            return isinstance(v, (int, float)) and is_finite_real(v)
 
         if not is_int(self.num_train_timesteps) or not 2 <= self.num_train_timesteps <= _MAX_TIMESTEPS:
             raise bad("num_train_timesteps", f"an integer in 2..{_MAX_TIMESTEPS}")

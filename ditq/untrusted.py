@@ -22,7 +22,6 @@ from __future__ import annotations
 import errno
 import functools
 import json
-import math
 import os
 import stat
 from dataclasses import dataclass
@@ -30,6 +29,10 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from ditq.errors import DitqError, one_line, shown
+from ditq.options import is_finite_real
+
+MAX_VALUE = 1e30  # a bound of a value range (a pipeline's value_range)
+MAX_SCALING_FACTOR = 1e6  # a VAE's latent scaling factor
 
 MAX_JSON_BYTES = 1 << 20  # a config or metadata entry; real ones are under 2 kB
 MAX_JSON_DEPTH = 32  # nesting levels of objects and arrays; real configs use 2
@@ -210,10 +213,10 @@ class Float:
     nullable: bool = False
 
     def check(self, value: Any, field: str, where: str) -> Any:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and is_finite_real(value)
         if ok:
-            value = float(value) if isinstance(value, float) or abs(value) < 10**308 else math.inf
-            ok = math.isfinite(value) and (self.lo < value if self.open_lo else self.lo <= value) and value <= self.hi
+            value = float(value)
+            ok = (self.lo < value if self.open_lo else self.lo <= value) and value <= self.hi
         if not ok:
             span = f"{'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}]"
             raise _bad(where, field, f"a finite number in {span}", value)
@@ -266,7 +269,7 @@ class Pair:
     def check(self, value: Any, field: str, where: str) -> Any:
         if not (isinstance(value, list) and len(value) == 2):
             raise _bad(where, field, "two finite numbers [lo, hi] with lo < hi", value)
-        lo, hi = (Float(-1e30, 1e30).check(v, field, where) for v in value)
+        lo, hi = (Float(-MAX_VALUE, MAX_VALUE).check(v, field, where) for v in value)
         if not lo < hi:
             raise _bad(where, field, "two finite numbers [lo, hi] with lo < hi", value)
         return [lo, hi]
@@ -373,7 +376,7 @@ VAE_CONFIG: dict[str, Any] = {
     "down_block_types": ListOf(Text(64), 16, ["DownEncoderBlock2D"]),
     "up_block_types": ListOf(Text(64), 16, ["UpDecoderBlock2D"]),
     "norm_num_groups": Int(1, 1024, 32),
-    "scaling_factor": Float(0.0, 1e6, 0.18215, open_lo=True, nullable=True),
+    "scaling_factor": Float(0.0, MAX_SCALING_FACTOR, 0.18215, open_lo=True, nullable=True),
 }
 
 SOURCE_KINDS = ("builtin", "preset", "diffusers", "dit-checkpoint")

@@ -44,6 +44,7 @@ from ditq.graphs.targets import as_target
 from ditq.graphs.tensors import code_type
 from ditq.manifest import RECIPE_FILE, tool_version, write_manifest
 from ditq.models import load_vae, pipeline_info, source_paths
+from ditq.options import check_int
 from ditq.pipeline import Pipeline
 
 DATA_FILE = "model.onnx.data"
@@ -89,6 +90,7 @@ def resolve_opset(qdit: QuantizedDiT, opset: int | None) -> int:
     """The opset to write: ``opset`` when given and able to hold the recipe, else :func:`required_opset`."""
     if opset is None:
         return required_opset(qdit)
+    opset = check_int(opset, "opset", 0, 10**4)  # an integer: the bounds that matter follow, each with its reason
     if opset < DEFAULT_OPSET:
         raise DitqError(f"opset {opset} has no blocked QuantizeLinear/DequantizeLinear; use {DEFAULT_OPSET} or later")
     highest = min(MAX_OPSET, onnx.defs.onnx_opset_version())
@@ -159,12 +161,13 @@ def export(
     see :mod:`ditq.files`; ``force``: also one that changed since), for the target it was quantized for,
     at ``opset`` (None: the lowest that holds the recipe, see :func:`resolve_opset`). ``pipeline``: how the
     model samples, recorded as ``ditq.pipeline`` (the loader's ``LoadedModel.pipeline``; None: read from
-    ``source`` by :func:`~ditq.models.pipeline_info`), its class conditioning fitted to the model's config."""
+    ``source`` by :func:`~ditq.models.pipeline_info`), its class conditioning fitted to the model's (its family adapter's)."""
     target = as_target(qdit.target).name
     resolve_opset(qdit, opset)  # refuse an opset that cannot hold the recipe before anything is written
     config = _jsonable_config(qdit.model.config)
-    pipe = pipeline_info(source, config=config) if pipeline is None else pipeline  # likewise a scheduler setting not implemented
-    pipe = pipe.fitted_to(config, "the model's pipeline")
+    adapter = adapter_for(qdit.model)
+    pipe = pipeline_info(source, config=config, adapter=adapter) if pipeline is None else pipeline  # likewise a scheduler setting not implemented
+    pipe = pipe.fitted_to(adapter.conditioning(config), adapter.sample_shape(config), "the model's pipeline")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     with staged_dir(out_dir, protect=source_paths(source), force=force) as stage:  # see ditq.files

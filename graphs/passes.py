@@ -82,10 +82,6 @@ class PassSequence:
         return SequenceResult(model, tuple(results))
 
 
-def run_passes(passes: Iterable[GraphPass], model: onnx.ModelProto) -> SequenceResult:
-    return PassSequence(passes)(model)
-
-
 def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     """Tensor name -> the node that writes it."""
     return {o: n for n in graph.node for o in n.output}

@@ -18,7 +18,7 @@ from ditq.options import int_list
 from ditq.runtime.samplers import sample, seeded_noise
 from ditq.schedule import SchedulerSpec
 from ditq.runtime.session import OrtDiT, create_session, run_session
-from ditq.pipeline import Pipeline
+from ditq.pipeline import ClassConditioning, Pipeline
 from ditq.untrusted import check_dit_config, inside, parse_json_object
 
 # One run's samples (float32: the model-space array, and the decoded images when a VAE decodes them)
@@ -79,7 +79,8 @@ class ExportedDiT:
             raise DitqError(f"{file}: not a ditq export (no {META_CONFIG} metadata)")
         where = f"{file}: {META_CONFIG}"
         config = check_dit_config(parse_json_object(meta[META_CONFIG], where), where)
-        pipeline = Pipeline.from_metadata(meta, file, config=config)
+        n, c, size = config["num_embeds_ada_norm"], config["in_channels"], config["sample_size"]  # the DiT signature
+        pipeline = Pipeline.from_metadata(meta, file, fit=(ClassConditioning(n, n), (c, size, size)))
         if pipeline.has_decoder:  # refused here, before any sampling, if it links out of the folder
             inside(file.parent, pipeline.vae, f"{file}: {META_PIPELINE}.vae")
         check_output_channels(file, fn.session.get_outputs()[0].shape, config)

@@ -137,6 +137,25 @@ def test_bench_takes_typed_variants(tiny_source, tmp_path):
     (lambda: ditq.bench(variants="w4a8m"), "mixed activation bits"),
     (lambda: ditq.search("digits", {"population": 3}, "j.jsonl"), "SearchOptions"),
     (lambda: ditq.qat("digits", {"abits": 4}, "out"), "QATOptions"),
+    # integers too large for a float are not finite numbers (math.isfinite would overflow on them)
+    (lambda: ditq.QATOptions(lr=10**400), "lr: expected a finite number in (0, 1]"),
+    (lambda: ditq.evaluate(cfg=10**400), "cfg: expected a finite number"),
+    (lambda: ditq.SearchOptions(fitness=ditq.FitnessConfig(rmse_weight=10**400)), "fitness rmse_weight"),
+    (lambda: ditq.FitnessConfig(cfg=-1.0), "fitness cfg"),
+    (lambda: __import__("ditq.pipeline").pipeline.Pipeline(space="pixel", value_range=(0, 10**400)), "value_range"),
+    # the configs check their own fields, whoever builds them
+    (lambda: ditq.train_digits(config=ditq.TrainConfig(steps=0)), "steps: expected an integer in 1..10000000, got 0"),
+    (lambda: ditq.TrainConfig(class_dropout=1.5), "class_dropout"),
+    (lambda: ditq.SearchConfig(mutation_prob=2), "search mutation_prob: expected a finite number in [0, 1], got 2"),
+    (lambda: ditq.SearchConfig(crossover_prob=math.nan), "search crossover_prob"),
+    # eval and bench: the workflow's checks, the same bounds as the CLI's
+    (lambda: ditq.evaluate(num_samples=1), "num_samples: expected an integer in 2..100000, got 1"),
+    (lambda: ditq.bench(threads=0), "threads"),
+    # a model spec or path: str or os.PathLike, else named
+    (lambda: ditq.load_model(5), "spec: expected a model name or a path"),
+    (lambda: ditq.evaluate(model=b"digits"), "model: expected a model name or a path"),
+    (lambda: ditq.export_model(None, ditq.RecipeOptions(), "out"), "model: expected a model name or a path"),
+    (lambda: ditq.qat("digits", ditq.QATOptions(), 7), "out: expected a model name or a path"),
 ])  # fmt: skip
 def test_bad_typed_arguments_are_one_line_errors(call, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -151,3 +170,41 @@ def test_importing_the_api_imports_no_torch():
             "import ditq, ditq.cli\nassert callable(ditq.quantize) and callable(ditq.sample)\n")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_path_names_a_model_as_a_string_does(tiny_source, tmp_path):
+    from pathlib import Path
+
+    by_path, by_text = ditq.load_model(Path(tiny_source)), ditq.load_model(str(tiny_source))
+    assert by_path.source == by_text.source
+    done = ditq.export_model(Path(tiny_source), ditq.RecipeOptions(wbits=8, abits=8, group_size=16), tmp_path / "m")
+    assert done.result.model_path.is_file()
+    assert ditq.build_recipe(ditq.RecipeOptions(group_size=16), Path(tiny_source)).recipe.default.group_size == 16
+
+
+@pytest.mark.parametrize("opset,shown", [("21", "'21'"), (21.5, "21.5"), (True, "True")])
+def test_an_opset_that_is_not_an_integer_is_one_line_before_anything_is_written(tiny_source, tmp_path, opset, shown):
+    with pytest.raises(DitqError) as e:
+        ditq.export_model(str(tiny_source), ditq.RecipeOptions(wbits=8, abits=8, group_size=16), tmp_path / "m", opset=opset)
+    assert str(e.value) == f"opset: expected an integer in 0..10000, got {shown}"
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "m"
+    ditq.export_model(str(tiny_source), ditq.RecipeOptions(wbits=8, abits=8, group_size=16), out)
+    return out
+
+
+@pytest.mark.parametrize("classes,needle", [(["a"], "classes: expected an integer"), ([2.7], "got 2.7"), (3, "classes: expected class ids")])
+def test_sample_refuses_class_ids_that_are_not_integers(tiny_export, tmp_path, classes, needle):
+    with pytest.raises(DitqError) as e:
+        ditq.sample(tiny_export, tmp_path / "g.npy", classes=classes, per_class=1, steps=1)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_takes_integer_class_ids_and_a_path(tiny_export, tmp_path):
+    done = ditq.sample(tiny_export, tmp_path / "g.npy", classes=[np.int64(1), 0], per_class=1, steps=1)
+    assert done.classes == [1, 0] and np.load(tmp_path / "g.npy").shape[0] == 2

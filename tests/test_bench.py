@@ -10,6 +10,8 @@ import pytest
 from ditq.adapters import adapter_for
 from ditq.cli import main
 from ditq.errors import DitqError
+from ditq.models import load_model
+from ditq.recipe import Recipe, Rule
 from ditq.workflows.bench import BenchReport, BenchRow, check_goals, parse_variants
 from ditq.workflows.evaluate import parse_configs
 
@@ -23,7 +25,7 @@ def test_parse_variants():
     assert (w8.group_size, w4.group_size, w4.base_group, vs[3].target.name, w16.group_size, w16.abits) == (128, 32, 128, "qdq", None, None)
     assert (tern.ternary, tern.rotate, tern.abits, vs[5].target.name) == (True, True, 2, "ort")
     # the same grammar as eval: the recipe a variant builds is eval's
-    assert vs[1].config.recipe(DIT) == parse_configs("w8a8", 128)[0].recipe(DIT)
+    assert vs[1].config.options() == parse_configs("w8a8", 128)[0].options()
     with pytest.raises(DitqError, match="w9a8"):
         parse_variants("w9a8", 128)
     with pytest.raises(DitqError, match="twice"):
@@ -35,20 +37,20 @@ def test_parse_variants():
 
 
 def test_variant_recipe_path_keeps_its_case(tmp_path):
-    from ditq.recipe import Recipe
-
     path = tmp_path / "Searched.json"
     path.write_text(Recipe.qdit(DIT, 4, 8, 64).to_json())
     (v,) = parse_variants(f"ORT-INT8,{path}", 128)[2:]
-    assert (v.name, v.config.recipe_file, v.config.recipe(DIT)) == ("Searched@ort", str(path), Recipe.qdit(DIT, 4, 8, 64))
+    assert (v.name, v.config.recipe_file, v.config.build(None).recipe) == ("Searched@ort", str(path), Recipe.qdit(DIT, 4, 8, 64))
 
 
-def test_variants_take_the_auto_group_size(tiny_dit):
+def test_variants_take_the_auto_group_size(tiny_folder):
     """``--group-size auto`` (bench's default) resolves against the model: 64 on the tiny DiT (width 64);
     a gN of the variant stays its own."""
-    w4, w4g32 = (v.config.with_auto_group(tiny_dit) for v in parse_variants("w4a8,w4a8g32", "auto")[1:])
-    assert (w4.group_size, w4.base_group, w4g32.group_size, w4g32.base_group) == (64, 64, 32, 64)
-    assert w4.recipe(DIT) == parse_configs("w4a8", 64)[0].recipe(DIT)
+    loaded = load_model(str(tiny_folder))
+    w4, w4g32 = (v.config.build(loaded).recipe for v in parse_variants("w4a8,w4a8g32", "auto")[1:])
+    assert w4 == Recipe.qdit(DIT, 4, 8, 64)
+    assert w4g32.rules == Recipe.qdit(DIT, 4, 8, 64).rules + tuple(Rule(m, {"group_size": 32}) for m in DIT.activation_linears)
+    assert w4g32.default == w4.default
 
 
 @pytest.mark.slow  # builds and times six variants in subprocesses: about 25 s

@@ -266,7 +266,7 @@ def test_learned_range_variance_without_variance_channels_is_one_error():
 
 
 BAD_OPTIONS = [
-    (["eval", "--num-samples", "0"], "argument --num-samples: expected an integer in 1..100000"),
+    (["eval", "--num-samples", "1"], "argument --num-samples: expected an integer in 2..100000, got '1'"),  # the API's bound
     (["eval", "--num-samples", "99999999999999999999"], "argument --num-samples"),
     (["eval", "--steps", "1001"], "argument --steps: expected an integer in 1..1000"),
     (["eval", "--cfg", "nan"], "argument --cfg: expected a finite number"),

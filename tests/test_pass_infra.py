@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ditq.calib.numerics import quantize_rtn
 from ditq.graphs.lower_ort import KERNEL_NBITS, LowerToOrtKernelsPass, plan_for_ort
 from ditq.graphs.opset import RaiseOpsetForInt2Pass
-from ditq.graphs.passes import GraphPass, PassResult, PassSequence, run_passes
+from ditq.graphs.passes import GraphPass, PassResult, PassSequence
 from ditq.graphs.quant_activations import ActivationTarget, InsertActivationQDQPass
 from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
 from ditq.graphs.rotate import InsertRotationPass, RotationTarget
@@ -68,7 +68,7 @@ def test_the_sequence_runs_in_order_and_counts_exactly():
     assert (got["DequantizeLinear"], got["QuantizeLinear"], got["MatMul"]) == (4, 1, 3)
     assert [(o.domain, o.version) for o in done.model.opset_import] == [("", 21)] and done.model.ir_version == 10
     onnx.checker.check_model(done.model, full_check=True)
-    assert run_passes([], done.model).results == ()
+    assert PassSequence([])(done.model).results == ()
 
 
 class _Recorder(GraphPass):
@@ -186,8 +186,8 @@ def test_the_real_passes_postconditions_hold_on_the_real_result():
     model = two_linears()
     qa, qb = weight(model, "a"), weight(model, "b")
     plans = {"blk.a": _lowered_plan()}
-    done = run_passes([StoreQuantizedWeightsPass([WeightTarget("a", "blk.a", qa), WeightTarget("b", "blk.b", qb)]),
-                       LowerToOrtKernelsPass(plans, {"blk.a": qa, "blk.b": qb}), RaiseOpsetForInt2Pass(21)], model)  # fmt: skip
+    done = PassSequence([StoreQuantizedWeightsPass([WeightTarget("a", "blk.a", qa), WeightTarget("b", "blk.b", qb)]),
+                       LowerToOrtKernelsPass(plans, {"blk.a": qa, "blk.b": qb}), RaiseOpsetForInt2Pass(21)])(model)  # fmt: skip
     got = ops(done.model)
     assert (got["MatMulNBits"], got["DequantizeLinear"], got["MatMul"]) == (1, 1, 1)
     assert [(o.domain, o.version) for o in done.model.opset_import] == [("", 21), ("com.microsoft", 1)]

@@ -22,6 +22,13 @@ from ditq.untrusted import parse_json
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = digits_config()  # 1x8x8 images, 10 classes
 LATENT = dit_config(64, 2, 2, sample_size=8, num_classes=1000)  # 4 latent channels, 1000 classes
+
+
+def _fit(config):
+    """What a DiT of ``config`` is fitted to: its class conditioning and sample shape, from its config's
+    own numbers (not through ditq's adapter)."""
+    n, c, s = config["num_embeds_ada_norm"], config["in_channels"], config["sample_size"]
+    return ClassConditioning(n, n), (c, s, s)
 V_SPEC = SchedulerSpec(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
                        timestep_spacing="trailing", clip_sample=True, use_clipped_model_output=False,
                        scheduler_class="DDIMScheduler")  # fmt: skip
@@ -54,7 +61,7 @@ def test_the_digits_record_keeps_the_previous_keys_and_values_and_adds_the_condi
 # ---------------------------------------------------------------------------- the previous format reads
 def test_a_previous_digits_record_reads_with_the_conditioning_of_its_model():
     old = {"space": "pixel", "value_range": [-1.0, 1.0], "clip_denoised": True, "judge": "digits"}  # ditq before the typed record
-    pipe = Pipeline.from_dict(old, "old", config=DIGITS)
+    pipe = Pipeline.from_dict(old, "old", fit=_fit(DIGITS))
     assert (pipe.space, pipe.clip_denoised, pipe.value_range, pipe.judge) == ("pixel", True, (-1.0, 1.0), "digits")
     assert pipe.schedule == SchedulerSpec() and pipe.vae is None and pipe.scaling_factor is None
     assert pipe.conditioning == ClassConditioning(10, 10)
@@ -64,11 +71,11 @@ def test_a_previous_digits_record_reads_with_the_conditioning_of_its_model():
 
 
 def test_a_previous_preset_record_takes_todays_defaults():
-    pipe = Pipeline.from_dict({"space": "latent", "clip_denoised": False}, "old", config=LATENT)
+    pipe = Pipeline.from_dict({"space": "latent", "clip_denoised": False}, "old", fit=_fit(LATENT))
     assert pipe == Pipeline(space="latent", clip_denoised=False, value_range=(-1.0, 1.0), schedule=SchedulerSpec(),
                             vae=None, scaling_factor=None, judge=None, conditioning=ClassConditioning(1000, 1000))  # fmt: skip
     assert not pipe.samples_pixels and not pipe.makes_images and not pipe.judged_by_digits
-    assert Pipeline.from_dict({}, "a model without ditq.pipeline", config=LATENT) == pipe
+    assert Pipeline.from_dict({}, "a model without ditq.pipeline", fit=_fit(LATENT)) == pipe
 
 
 def test_a_previous_pipeline_folder_record_reads_its_schedule_and_decoder():
@@ -81,7 +88,7 @@ def test_a_previous_pipeline_folder_record_reads_its_schedule_and_decoder():
                      "scheduler_class": "DDIMScheduler"},
         "vae": "vae_decoder.onnx", "scaling_factor": 0.18215, "value_range": [-1.0, 1.0],
     }  # fmt: skip
-    pipe = Pipeline.from_dict(old, "old", config=LATENT)
+    pipe = Pipeline.from_dict(old, "old", fit=_fit(LATENT))
     s = pipe.schedule
     assert (s.beta_schedule, s.beta_start, s.beta_end, s.prediction_type, s.timestep_spacing, s.steps_offset) == (
         "scaled_linear", 0.00085, 0.012, "v_prediction", "leading", 1)  # fmt: skip
@@ -144,7 +151,7 @@ HOSTILE = [
 @pytest.mark.parametrize("record,config,needle", HOSTILE, ids=[h[2][:30] + f"-{i}" for i, h in enumerate(HOSTILE)])
 def test_a_hostile_record_is_one_line_naming_where_and_the_field(record, config, needle):
     with pytest.raises(DitqError) as e:
-        Pipeline.from_dict(record, "m/model.onnx: ditq.pipeline", config=config)
+        Pipeline.from_dict(record, "m/model.onnx: ditq.pipeline", fit=None if config is None else _fit(config))
     msg = str(e.value)
     assert msg.startswith("m/model.onnx: ditq.pipeline") and needle in msg, msg[:500]
     assert "\n" not in msg and len(msg) < 400, msg[:500]

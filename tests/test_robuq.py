@@ -11,7 +11,7 @@ import torch
 
 from ditq.adapters import adapter_for
 from ditq.calib.hadamard import hadamard, rotate
-from ditq.calib.robuq import allocate_bits, uniform_cost
+from ditq.calib.robuq import allocate_bits
 from ditq.recipe import rotation_block
 
 
@@ -70,7 +70,7 @@ def test_allocation_meets_the_budget_exactly_and_beats_uniform():
     got = sum(cost[n][b] for n, b in alloc.items())
     want, _ = _brute_force(cost, 3)
     assert got == pytest.approx(want, rel=1e-12)  # optimal
-    assert got < uniform_cost(cost, 3)  # and strictly better than every layer at 3 bits
+    assert got < sum(float(c[3]) for c in cost.values())  # and strictly better than every layer at 3 bits
     assert alloc["l1"] == 4 and alloc["l4"] == 4  # the sensitive layers get the bits
 
 
@@ -169,8 +169,15 @@ def test_robuq_file_is_small(tmp_path):
     assert sizes["w158"] <= 0.09 * sizes["float"], sizes
 
 
+def diffusion_loss(model, x0, labels, t, noise):
+    """DDPM's epsilon loss on the linear schedule (betas 1e-4..0.02 over 1000 steps), written out here."""
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).float()[t].view(-1, 1, 1, 1)
+    out = model(abar.sqrt() * x0 + (1 - abar).sqrt() * noise, timestep=t, class_labels=labels, return_dict=False)[0]
+    return torch.mean((out[:, : x0.shape[1]] - noise) ** 2)
+
+
 def test_qat_loss_decreases_and_weights_save_as_a_plain_dit(tmp_path, tiny_dit):
-    from ditq.calib.qat import diffusion_loss, prepare_qat, strip_qat
+    from ditq.calib.qat import prepare_qat, strip_qat
     from ditq.calib.qlinear import QATLinear
 
     model = prepare_qat(tiny_dit, Recipe.robuq(DIT, 2))

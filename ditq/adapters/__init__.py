@@ -147,13 +147,18 @@ def supported() -> tuple[str, ...]:
 
 
 def adapter_for(model_or_class_name) -> FamilyAdapter:
-    """The adapter of a model (by its type's name) or of a class name (a string, e.g. a config.json's
-    ``_class_name``); any other class is refused in one line naming the supported ones."""
-    name = model_or_class_name if isinstance(model_or_class_name, str) else type(model_or_class_name).__name__
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise DitqError(f"unsupported architecture {shown(name)}; ditq supports: {', '.join(supported())}") from None
+    """The adapter of a model (by the name of its type, or else of the nearest base class in its method
+    resolution order that has one: a subclass of a supported class is supported) or of a class name (a
+    string, e.g. a config.json's ``_class_name``); any other class is refused in one line naming the
+    supported ones."""
+    if isinstance(model_or_class_name, str):
+        names = [model_or_class_name]
+    else:
+        names = [c.__name__ for c in type(model_or_class_name).__mro__]
+    for name in names:
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+    raise DitqError(f"unsupported architecture {shown(names[0])}; ditq supports: {', '.join(supported())}")
 
 
 # every module of this package is a family: importing it registers its adapter

@@ -28,7 +28,7 @@ import math
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from ditq.exporter.trace import export_float
 from ditq.graphs.lower_ort import kernel_counts
 from ditq.graphs.targets import Target
 from ditq.models import load_model
+from ditq.options import MAX_BATCH, MAX_RUNS, MAX_SAMPLES, MAX_STEPS, MAX_THREADS, check_int
 from ditq.runtime.generate import generate
 from ditq.runtime.metrics import DigitJudge, fid
 from ditq.runtime.samplers import seeded_noise
@@ -245,10 +246,13 @@ def bench(
 ) -> BenchReport:
     """Build and measure ``variants`` of ``model_spec`` (see the module docstring)."""
 
-    if runs < 1 or batch < 1:
-        raise DitqError("--runs and --batch must be at least 1")
+    check_int(batch, "batch", 1, MAX_BATCH)
+    check_int(runs, "runs", 1, MAX_RUNS)
+    check_int(quality, "quality", 0, MAX_SAMPLES)
+    check_int(quality_steps, "quality_steps", 1, MAX_STEPS)
+    if threads is not None:
+        check_int(threads, "threads", 1, MAX_THREADS)
     loaded = load_model(model_spec, image_size=image_size)
-    variants = [replace(v, config=v.config.with_auto_group(loaded.model)) if v.config else v for v in variants]
     adapter = adapter_for(loaded.model)
     config = dict(loaded.model.config)
     tokens = (config["sample_size"] // config["patch_size"]) ** 2
@@ -279,7 +283,7 @@ def bench(
                 paths[v.name] = d / "model.onnx"
                 _ort_int4(paths["float"], paths[v.name])
             else:
-                qdit = quantize_model(loaded.model, v.config.recipe(adapter.coverage), progress=False, target=v.target)
+                qdit = quantize_model(loaded.model, v.config.build(loaded).recipe, progress=False, target=v.target)
                 kernels[v.name] = kernel_counts(qdit.plans)
                 res = export(qdit, d, source=loaded.source, pipeline=loaded.pipeline, progress=False)
                 paths[v.name] = res.model_path

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +33,22 @@ from ditq.adapters import adapter_for
 from ditq.calib.calibration import CalibConfig, record_activations
 from ditq.calib.digits import load_split, to_unit_range
 from ditq.calib.qlinear import quantize_input
-from ditq.calib.robuq import mixed_recipe
 from ditq.errors import DitqError, shown
 from ditq.exporter.export import export
 from ditq.exporter.reference import quantize_model
 from ditq.graphs.targets import QDQ, Target, target_named
-from ditq.models import load_model
-from ditq.recipe import AUTO_GROUP, LayerQuant, Recipe, Rule, auto_group_size
+from ditq.models import LoadedModel, load_model
+from ditq.options import MAX_CFG, MAX_SAMPLES, MAX_STEPS, SEED_MAX, check_float, check_int
+from ditq.recipe import TERNARY, LayerQuant, Recipe
 from ditq.runtime.generate import ExportedDiT
 from ditq.runtime.images import grid_image, save_png
-from ditq.runtime.metrics import DigitJudge, FeatureFn, fid
+from ditq.runtime.metrics import DigitJudge, FeatureFn, fid, inception_features, load_images
 from ditq.runtime.samplers import seeded_noise
+from ditq.workflows.export import SAME_GROUP, BuiltRecipe, CalibrationOptions, RecipeOptions, build_recipe, calibrate
 
 _CONFIG_RE = re.compile(r"^w([2-8])a([2-8]|16|fp)(?:g(\d+|ch))?$")
 _ROBUQ_RE = re.compile(r"^w1\.58a([1-8])(h?)(m?)$")  # RobuQ: ternary, A bits, +Hadamard, +mixed precision
+FLOAT_RECIPE = Recipe(LayerQuant(None, None, None), ())  # ``fp``: nothing covered
 
 
 @dataclass(frozen=True)
@@ -67,34 +69,24 @@ class EvalConfig:
         """``fp``: the float model, no quantization."""
         return not self.ternary and self.recipe_file is None and self.wbits is None
 
-    def recipe(self, coverage, symmetric: bool = False, method: str | None = None, act_bits: dict[str, int] | None = None):
-        """The configuration's recipe; ``coverage``: the model family's (``adapter_for(model).coverage``)."""
-
+    def options(self, symmetric: bool = False, method: str | None = None) -> RecipeOptions | None:
+        """The :class:`~ditq.workflows.export.RecipeOptions` of this configuration (None: the float model);
+        ``symmetric`` and ``method`` apply to the Q-DiT configurations and recipe files."""
         if self.ternary:
-            return Recipe.robuq(coverage, self.abits, rotate=self.rotate, act_bits=act_bits)
+            return RecipeOptions(TERNARY, self.abits, None, rotate=self.rotate, mixed=self.mixed)
         if self.is_float:
-            return Recipe(LayerQuant(None, None, None), ())
+            return None
         if self.recipe_file is not None:
-            r = Recipe.load(self.recipe_file)
-        else:
-            r = Recipe.qdit(coverage, self.wbits, self.abits, self.base_group, symmetric)
-            if self.group_size != self.base_group:  # gN: Q-DiT's searched layers only, as the search's genes
-                searched = coverage.activation_linears
-                r = replace(r, rules=r.rules + tuple(Rule(m, {"group_size": self.group_size}) for m in searched))
-        return replace(r, method=method) if method else r
+            return RecipeOptions(recipe_file=self.recipe_file, method=method)
+        block = SAME_GROUP if self.group_size == self.base_group else self.group_size
+        return RecipeOptions(self.wbits, self.abits, self.base_group, symmetric, block_group_size=block, method=method)
 
-    def with_auto_group(self, model) -> "EvalConfig":
-        """This configuration with a group size of ``auto`` (``--group-size auto``) resolved against ``model``
-        (:func:`ditq.recipe.auto_group_size`)."""
-
-        if AUTO_GROUP not in (self.group_size, self.base_group):
-            return self
-
-        def fixed(g):
-            return replace(self, group_size=g if self.group_size == AUTO_GROUP else self.group_size,
-                           base_group=g if self.base_group == AUTO_GROUP else self.base_group)  # fmt: skip
-
-        return fixed(auto_group_size(model, lambda g: fixed(g).recipe(adapter_for(model).coverage)))
+    def build(self, loaded: LoadedModel | None, symmetric: bool = False, method: str | None = None, *,
+              progress: bool = False) -> BuiltRecipe:  # fmt: skip
+        """This configuration's recipe for ``loaded`` (:func:`~ditq.workflows.export.build_recipe`: a group
+        size of ``auto`` and mixed activation bits are resolved on the model; None: no model)."""
+        options = self.options(symmetric, method)
+        return BuiltRecipe(FLOAT_RECIPE) if options is None else build_recipe(options, loaded, progress=progress)
 
 
 def parse_config(raw: str, group_size: int | None, default_target: str = "qdq") -> EvalConfig:
@@ -220,6 +212,21 @@ def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
     return float("inf") if err == 0 else 10 * np.log10(float(np.sum(ref.astype(np.float64) ** 2)) / err)
 
 
+def feature_space(features: FeatureFn | str | Path | None, real_images: np.ndarray | str | Path | None
+                  ) -> tuple[FeatureFn | None, np.ndarray | None]:  # fmt: skip
+    """The Frechet distance's feature extractor and real images: both None (the digit judge's space), or
+    both given: ``features`` a callable (images ``[N,C,H,W]`` in [0,1] -> ``[N,D]``) or Inception weights
+    (:func:`~ditq.runtime.metrics.inception_features`); ``real_images`` an array ``[N,C,H,W]`` in [0,1] or
+    a folder/file :func:`~ditq.runtime.metrics.load_images` reads."""
+    if (features is None) != (real_images is None):
+        raise DitqError("--inception and --real-images go together (a feature space needs real images to compare with)")
+    if isinstance(features, (str, Path)):
+        features = inception_features(features)
+    if isinstance(real_images, (str, Path)):
+        real_images = load_images(real_images)
+    return features, real_images
+
+
 def evaluate(
     model_spec: str = "digits",
     configs: list[EvalConfig] | None = None,
@@ -237,25 +244,27 @@ def evaluate(
     grid_path: str | Path | None = None,
     grid_columns: int = 10,
     judge_path: str | Path | None = None,
-    features: FeatureFn | None = None,
-    real_images: np.ndarray | None = None,
-    calib_fn=None,
+    features: FeatureFn | str | Path | None = None,
+    real_images: np.ndarray | str | Path | None = None,
+    calibration: CalibrationOptions = CalibrationOptions(),
     layer_error: bool = False,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate ``configs`` of ``model_spec`` (see the module docstring).
 
-    ``features``/``real_images``: another feature space for the Frechet distance (e.g.
-    :func:`ditq.runtime.metrics.inception_features`) and the real images ([N,C,H,W] in [0,1]) to compare
-    with; by default the digit judge's features and the held-out digits. Class accuracy needs the judge,
-    so it is reported for digit models only. ``method`` overrides the quantized configurations' weight
-    method (``gptq`` needs ``calib_fn(loaded, recipe) -> calibration inputs``).
+    ``features``/``real_images``: another feature space for the Frechet distance and the real images to
+    compare with, given together (:func:`feature_space`); by default the digit judge's features and the
+    held-out digits. Class accuracy needs the judge, so it is reported for digit models only. ``method``
+    overrides the quantized configurations' weight method; ``gptq`` is calibrated as ``calibration`` says
+    (:func:`ditq.workflows.export.calibrate`).
     """
 
     configs = configs or parse_configs("fp,w8a8,w6a8,w4a8,w4a16", group_size)
-    seeds = list(seeds)
-    if num_samples < 2:
-        raise DitqError("--num-samples must be at least 2 (FID needs a covariance)")
+    features, real_images = feature_space(features, real_images)
+    check_int(num_samples, "num_samples", 2, MAX_SAMPLES)  # FID needs a covariance: 2 samples at least
+    check_int(steps, "steps", 1, MAX_STEPS)
+    check_float(cfg, "cfg", 0.0, MAX_CFG)
+    seeds = [check_int(s, "seeds", 0, SEED_MAX) for s in seeds]
     loaded = load_model(model_spec)
     mcfg = dict(loaded.model.config)
     pipe, schedule = loaded.pipeline, loaded.schedule
@@ -274,8 +283,6 @@ def evaluate(
                 "give a feature extractor (--inception WEIGHTS) and --real-images"
             )
         features, real_images = judge.features, to_unit_range(split.x_test)
-    elif real_images is None:
-        raise DitqError("a custom feature space needs real images to compare with (--real-images)")
     real_feats = features(real_images)
     lo, hi = pipe.value_range
     labels = np.arange(num_samples, dtype=np.int64) % ncls
@@ -304,23 +311,21 @@ def evaluate(
             bar.set_postfix_str(f"{conf.name}: quantize + export")
             if conf.mixed:
                 bar.set_postfix_str(f"{conf.name}: activation sensitivity + bit allocation")
-                mixed = mixed_recipe(loaded.model, conf.abits, rotate=conf.rotate, clip_denoised=pipe.clip_denoised,
-                                     schedule=schedule)  # fmt: skip
-                recipe, allocations[conf.name] = mixed.recipe, mixed.bits_per_unit
-            else:
-                recipe = conf.recipe(adapter.coverage, symmetric, method if conf.wbits or conf.recipe_file else None)
-            calibration = None
+            built = conf.build(loaded, symmetric, method)
+            recipe = built.recipe
+            if built.bits_per_unit is not None:
+                allocations[conf.name] = built.bits_per_unit
+            inputs = None
             if recipe.method == "gptq":
-                if calib_fn is None:
-                    raise DitqError("GPTQ configurations need calibration data (pass calibration=...)")
                 bar.set_postfix_str(f"{conf.name}: calibration + GPTQ")
-                calibration = calib_fn(loaded, recipe)
-            qdit = quantize_model(loaded.model, recipe, progress=False, calibration=calibration, target=conf.target)
+                inputs = calibrate(loaded, recipe, calibration, progress=progress)
+            qdit = quantize_model(loaded.model, recipe, progress=False, calibration=inputs, target=conf.target)
             lerr = None
             if layer_error and qdit.plans:
                 if held_out is None:
                     bar.set_postfix_str("record held-out layer inputs")
-                    names = [n for n, m in loaded.model.named_modules() if n.startswith("transformer_blocks.") and isinstance(m, torch_nn.Linear)]
+                    blocks = adapter_for(loaded.model).coverage.blocks + "."
+                    names = [n for n, m in loaded.model.named_modules() if n.startswith(blocks) and isinstance(m, torch_nn.Linear)]
                     held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), schedule=schedule,
                                                   clip_denoised=pipe.clip_denoised, progress=False)  # fmt: skip
                 lerr = _layer_error(qdit, held_out)

@@ -30,8 +30,10 @@ from ditq.exporter.export import ExportResult, export
 from ditq.exporter.reference import quantize_model
 from ditq.files import check_out_dir
 from ditq.models import LoadedModel, load_model, source_paths
-from ditq.options import MAX_SAMPLES, MAX_STEPS, check_int
-from ditq.recipe import AUTO_GROUP, AUTO_GROUP_CANDIDATES, METHODS, TERNARY, Recipe, auto_group_size
+from ditq.options import MAX_SAMPLES, MAX_STEPS, check_int, check_path
+from ditq.recipe import AUTO_GROUP, AUTO_GROUP_CANDIDATES, METHODS, TERNARY, Recipe, Rule, auto_group_size
+
+SAME_GROUP = "same"  # RecipeOptions.block_group_size: the block linears take ``group_size`` too
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class RecipeOptions:
     mixed: bool = False  # RobuQ: activation bits per layer, averaging ``abits`` (needs the model)
     recipe_file: str | Path | None = None  # a recipe JSON instead of the fields above
     method: str | None = None  # "rtn" or "gptq" over the recipe's own; None: the recipe's
+    # Q-DiT: group size of the weight+activation block linears (the search's genes; ``ditq eval``'s gN)
+    # when it differs from ``group_size``; None: per channel / token; SAME_GROUP (or "auto"): ``group_size``
+    block_group_size: int | str | None = SAME_GROUP
 
     def __post_init__(self) -> None:
         if isinstance(self.wbits, bool) or not isinstance(self.wbits, (int, float)):
@@ -58,6 +63,9 @@ class RecipeOptions:
         for name in ("symmetric", "rotate", "mixed"):
             if not isinstance(getattr(self, name), bool):
                 raise DitqError(f"{name}: expected True or False, got {shown(getattr(self, name))}")
+        b = self.block_group_size
+        if b is not None and b not in (SAME_GROUP, AUTO_GROUP) and (isinstance(b, bool) or not isinstance(b, int)):
+            raise DitqError(f"block_group_size: expected a positive integer, None (per channel) or {SAME_GROUP!r}, got {shown(b)}")
         if self.recipe_file is not None and not isinstance(self.recipe_file, (str, Path)):
             raise DitqError(f"recipe_file: expected a path, got {shown(self.recipe_file)}")
         if self.method is not None and self.method not in METHODS:
@@ -94,7 +102,11 @@ def build_recipe(options: RecipeOptions, loaded: LoadedModel | None = None, *, p
     else:
 
         def qdit(group_size):
-            return Recipe.qdit(coverage, o.wbits, o.abits, group_size, o.symmetric)
+            r = Recipe.qdit(coverage, o.wbits, o.abits, group_size, o.symmetric)
+            block = group_size if o.block_group_size in (SAME_GROUP, AUTO_GROUP) else o.block_group_size
+            if block == group_size:
+                return r
+            return replace(r, rules=r.rules + tuple(Rule(m, {"group_size": block}) for m in coverage.activation_linears))
 
         if o.group_size != AUTO_GROUP:
             recipe = qdit(o.group_size)
@@ -175,7 +187,7 @@ def export_model(
     reads) as ``recipe`` says and export it to the folder ``out`` for ``target``. ``out`` is checked first
     (only an empty folder or an earlier ditq output, never the input model: see :mod:`ditq.files`);
     GPTQ recipes are calibrated as ``calibration`` says."""
-    loaded = load_model(model) if isinstance(model, str) else model
+    loaded = model if isinstance(model, LoadedModel) else load_model(check_path(model, "model"))
     check_out_dir(out, protect=source_paths(loaded.source), force=force)  # before any work
     built = build_recipe(recipe, loaded, progress=progress) if isinstance(recipe, RecipeOptions) else BuiltRecipe(recipe)
     cal = calibrate(loaded, built.recipe, calibration, progress=progress) if built.recipe.method == "gptq" else None

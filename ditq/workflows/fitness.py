@@ -28,6 +28,7 @@ from ditq.calib.digits import load_split, to_unit_range
 from ditq.calib.search import genome_recipe
 from ditq.exporter.reference import quantize_model
 from ditq.models import load_model
+from ditq.options import MAX_CFG, MAX_SAMPLES, MAX_STEPS, SEED_MAX, check_float, check_int
 from ditq.recipe import Recipe
 from ditq.runtime.metrics import DigitJudge, fid
 from ditq.runtime.samplers import sample, seeded_noise
@@ -40,6 +41,13 @@ class FitnessConfig:
     cfg: float = 1.5
     seed: int = 777
     rmse_weight: float = 20.0
+
+    def __post_init__(self) -> None:
+        check_int(self.num_samples, "fitness num_samples", 1, MAX_SAMPLES)
+        check_int(self.steps, "fitness steps", 1, MAX_STEPS)
+        check_int(self.seed, "fitness seed", 0, SEED_MAX)
+        check_float(self.rmse_weight, "fitness rmse_weight", 0.0, 1e6)
+        check_float(self.cfg, "fitness cfg", 0.0, MAX_CFG)
 
 
 _W: dict[str, Any] = {}  # per-worker state

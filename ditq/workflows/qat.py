@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ditq.adapters import adapter_for
 from ditq.calib.digits import load_split
 from ditq.calib.qat import prepare_qat, strip_qat
 from ditq.calib.train import TrainConfig, train_dit
@@ -22,7 +23,7 @@ from ditq.errors import DitqError, shown
 from ditq.files import check_out_dir, staged_dir
 from ditq.manifest import RECIPE_FILE, write_manifest
 from ditq.models import LoadedModel, load_model, source_paths
-from ditq.options import MAX_BATCH, SEED_MAX, check_float, check_int
+from ditq.options import MAX_BATCH, MAX_TRAIN_STEPS, SEED_MAX, check_float, check_int
 from ditq.recipe import TERNARY, Recipe
 from ditq.workflows.export import RecipeOptions, build_recipe
 
@@ -43,7 +44,7 @@ class QATOptions:
 
     def __post_init__(self) -> None:
         check_int(self.abits, "abits", 1, 8)
-        check_int(self.steps, "steps", 1, 10**7)
+        check_int(self.steps, "steps", 1, MAX_TRAIN_STEPS)
         check_int(self.batch_size, "batch_size", 1, MAX_BATCH)
         check_float(self.lr, "lr", 0.0, 1.0, open_lo=True)
         check_int(self.seed, "seed", 0, SEED_MAX)
@@ -85,7 +86,8 @@ def run_qat(model_spec: str, recipe: Recipe, out_dir: str | Path, cfg: TrainConf
     ``loaded``: ``model_spec`` as :func:`~ditq.models.load_model` gave it, when the caller holds it already."""
     if loaded is None:
         loaded = load_model(model_spec)
-    pipe = loaded.pipeline.fitted_to(loaded.model.config, f"{model_spec}: pipeline")
+    adapter, config = adapter_for(loaded.model), loaded.model.config
+    pipe = loaded.pipeline.fitted_to(adapter.conditioning(config), adapter.sample_shape(config), f"{model_spec}: pipeline")
     if not pipe.judged_by_digits:
         raise DitqError(f"{model_spec}: ditq qat trains on scikit-learn's digits; this model is not a digits model")
     protect = source_paths(loaded.source) + ([Path(checkpoint)] if checkpoint else [])

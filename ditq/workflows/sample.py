@@ -14,8 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ditq.errors import DitqError
+from ditq.errors import DitqError, shown
 from ditq.files import atomic_path
+from ditq.options import MAX_COUNT, MAX_ECHO, check_int
 from ditq.runtime.generate import ExportedDiT, parse_classes
 from ditq.runtime.images import check_grid_size, grid_image, save_png
 from ditq.runtime.metrics import DigitJudge
@@ -37,7 +38,9 @@ def sample_to_file(model_path: str | Path, out: str | Path, *, classes: str | Se
     exported model at ``model_path``, written to ``out`` (``.png`` or ``.npy``)."""
     t0 = time.perf_counter()
     model = ExportedDiT.open(model_path, provider=provider)
-    text = classes if classes is None or isinstance(classes, str) else ",".join(str(int(c)) for c in classes)
+    if not (classes is None or isinstance(classes, (str, Sequence, np.ndarray))):
+        raise DitqError(f"classes: expected class ids (a list, or text such as '0,3'), got {shown(classes, MAX_ECHO)}")
+    text = classes if classes is None or isinstance(classes, str) else ",".join(str(check_int(c, "classes", 0, MAX_COUNT)) for c in classes)
     picked = parse_classes(text, model.num_classes)
     out = Path(out)
     png = out.suffix.lower() == ".png"
