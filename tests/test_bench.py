@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -92,3 +93,28 @@ def test_goal_check_reads_the_report():
     fails = check_goals(bad)
     assert len(fails) == 3 and any("2.0x" in f for f in fails) and any("quantize_dynamic" in f for f in fails) and any("RSS" in f for f in fails)
     assert np.isfinite([r.latency_ratio for r in ok.rows]).all()
+
+
+@pytest.mark.slow  # exports digits twice and samples 2 x 20 images: about 40 s
+def test_bench_quality_columns_judge_the_digits_samples(tmp_path):
+    """``--quality`` samples every variant after the torch model is released; the digits judge must then
+    recognise the float model's and the W8A8 file's samples (10 DDIM steps already draw legible digits)."""
+    js = tmp_path / "b.json"
+    assert main(["--quiet", "bench", "--model", "digits", "--variants", "float,w8a8", "--group-size", "64", "--runs", "1",
+                 "--quality", "20", "--steps", "10", "--threads", "1", "--json", str(js)]) == 0  # fmt: skip
+    rows = {r["variant"]: r for r in json.loads(js.read_text())["rows"]}
+    assert list(rows) == ["float", "w8a8@ort"]
+    for r in rows.values():
+        assert r["class_accuracy"] >= 0.8 and 0.0 < r["fid"] < 50.0, r
+
+
+def test_importing_bench_leaves_the_root_logger_alone():
+    """ONNX Runtime's int4 quantizer module calls ``logging.basicConfig(level=INFO)`` when imported; bench
+    must not import it at load time, or every later ONNX pass would print its INFO lines."""
+    import subprocess
+    import sys
+
+    code = "import logging, ditq.workflows.bench as b; r = logging.getLogger(); print(len(r.handlers), r.level)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.split() == ["0", str(logging.WARNING)]

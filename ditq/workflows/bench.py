@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
@@ -193,6 +192,9 @@ def _ort_int8(float_path: Path, out: Path) -> None:
 
 @_quiet_root_logger
 def _ort_int4(float_path: Path, out: Path) -> None:
+    # imported here, under _quiet_root_logger: importing this module calls logging.basicConfig(level=INFO)
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     proto = onnx.load(str(float_path))
     del proto.graph.value_info[:]
     q = MatMulNBitsQuantizer(proto, block_size=ORT_INT4_BLOCK, is_symmetric=False, accuracy_level=4)
@@ -255,6 +257,7 @@ def bench(
     loaded = load_model(model_spec, image_size=image_size)
     adapter = adapter_for(loaded.model)
     config = dict(loaded.model.config)
+    pipeline = loaded.pipeline  # kept for the quality runs after the torch model is released
     tokens = (config["sample_size"] // config["patch_size"]) ** 2
     if quality and not loaded.pipeline.judged_by_digits:
         raise DitqError(f"--quality needs a model with a judge (digits); {model_spec} has none")
@@ -324,7 +327,7 @@ def bench(
 
         qual: dict[str, tuple[float, float]] = {}
         if quality:
-            qual = _quality(paths, config, loaded.pipeline, quality, quality_steps, quality_seed, progress)
+            qual = _quality(paths, config, pipeline, quality, quality_steps, quality_seed, progress)
 
         y_float = np.load(outputs["float"]).astype(np.float64)
         base_t = float(np.median(times["float"]))
