@@ -102,6 +102,7 @@ def test_a_one_generation_search_through_the_api_journals_and_ranks(tmp_path):
     assert found.cost <= found.budget and "group sizes: 0.attn1.qkv=" in found.summary()
 
 
+@pytest.mark.slow  # samples the digits model with ONNX Runtime: about 15 s
 def test_eval_takes_typed_configurations():
     fp = ditq.EvalConfig("fp", None, None, None)
     report = ditq.evaluate("digits", [fp], num_samples=20, steps=3, seeds=[0])
@@ -109,6 +110,7 @@ def test_eval_takes_typed_configurations():
     assert 0.0 <= report.rows[0].class_accuracy <= 1.0 and report.settings["steps"] == 3
 
 
+@pytest.mark.slow  # builds and times two variants in subprocesses: about 7 s
 def test_bench_takes_typed_variants(tiny_source, tmp_path):
     from ditq.workflows.bench import Variant
 
@@ -172,6 +174,7 @@ def test_importing_the_api_imports_no_torch():
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow  # loads and exports the digits model twice: about 13 s
 def test_a_path_names_a_model_as_a_string_does(tiny_source, tmp_path):
     from pathlib import Path
 

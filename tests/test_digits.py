@@ -153,6 +153,7 @@ def test_eval_bad_config_is_one_line(capsys):
     assert "cannot read 'w9a8'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # samples the digits model twice with ONNX Runtime: about 23 s
 def test_eval_takes_any_feature_extractor():
     """The Frechet distance runs in the space it is given: raw pixels here, against a user's real set."""
     from ditq.calib.digits import load_split, to_unit_range

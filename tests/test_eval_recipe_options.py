@@ -70,6 +70,7 @@ def test_recipe_file_config_takes_the_method(digits, tmp_path):
 
 
 # ---------------------------------------------------------------- the eval/bench API reaches what the CLI does
+@pytest.mark.slow  # samples the digits model with ONNX Runtime: about 15 s
 def test_api_eval_takes_a_feature_space():
     """FID in a caller's feature space is reachable from ``ditq.evaluate`` (non-digit models need it)."""
     import ditq
