@@ -123,7 +123,7 @@ def test_sample_of_a_missing_model_is_one_line(tmp_path, capsys):
     assert "no exported model" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # five configurations sampled on digits: about 25 s; test_eval_takes_any_feature_extractor stays in the fast lane
+@pytest.mark.slow  # five configurations sampled on digits: about 25 s (the fast lane runs eval in test_calibration_schedule.py)
 def test_eval_reports_every_config_on_the_same_seeds(tmp_path):
     """A scaled-down eval: the float export reproduces the PyTorch float model's first step (>= 60 dB:
     fp32 reassociation only), W4A8 is measurably worse at the first step and in its samples, its file is
