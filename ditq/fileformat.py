@@ -17,6 +17,7 @@ META_SOURCE = "ditq.source"
 META_VERSION = "ditq.version"
 META_TARGET = "ditq.target"
 META_CONFIG = "ditq.model_config"
+META_FAMILY = "ditq.family"  # the diffusers class (ditq.families); absent: DiTTransformer2DModel
 META_PIPELINE = "ditq.pipeline"  # how to sample: {"space": "pixel"|"latent", "clip_denoised": bool, ...}
 META_SESSION_CONFIG = "ditq.session_config"  # JSON object of the session config entries the model needs
 # JSON object, layer -> the effective plan its kernel computes (ditq.graphs.plan_record): what validate checks

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ditq.adapters import FamilyAdapter, adapter_for, supported
+from ditq.families import spec_for
 from ditq.errors import DitqError, one_line, shown
 from ditq.manifest import file_sha256
 from ditq.pipeline import VAE_DECODER_FILE, Pipeline
@@ -99,14 +100,7 @@ BUILTIN_PIPELINE: dict[str, Pipeline] = {
 
 def build_dit(config: dict[str, Any], seed: int | None = 0):
     """A float32 eval-mode diffusers DiT; random weights drawn from ``seed`` without touching global RNG."""
-    import torch
-    from diffusers import DiTTransformer2DModel
-
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = DiTTransformer2DModel(**config)
-    return model.float().eval()
+    return DIT.build(config, seed)
 
 
 def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_heads: int | None = None) -> LoadedModel:
@@ -195,9 +189,15 @@ def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = Non
 
 
 def _folder_config(root: Path) -> dict[str, Any] | None:
-    """The checked transformer config of a diffusers folder (a pipeline folder's ``transformer/``), if any."""
+    """The checked transformer config of a diffusers folder (a pipeline folder's ``transformer/``), if any,
+    with its ``_class_name`` (the family whose spec checked it)."""
     file = root / ("transformer" if (root / "model_index.json").is_file() else "") / "config.json"
-    return check_dit_config(read_json(file), str(file)) if file.is_file() else None
+    if not file.is_file():
+        return None
+    cfg = read_json(file)
+    name = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    spec = spec_for(name if isinstance(name, str) else DIT.class_name, str(file))
+    return {**spec.check_config(cfg, str(file)), "_class_name": spec.class_name}
 
 
 def load_vae(source: dict[str, Any]):
@@ -237,16 +237,14 @@ def _load_diffusers(path: Path) -> LoadedModel:
     if not isinstance(cls_name, str):
         raise DitqError(f"{path}: config.json names no architecture (_class_name); ditq supports: {', '.join(supported())}")
     try:
-        adapter_for(cls_name)
+        adapter = adapter_for(cls_name)
     except DitqError as e:
         raise DitqError(f"{path}: {e}") from None
-    config = check_dit_config(cfg, str(cfg_file))
-    pipe = pipeline_info({"kind": "diffusers", "path": str(path.resolve())}, config=config)  # before any weights are read
+    config = adapter.spec.check_config(cfg, str(cfg_file))
+    pipe = pipeline_info({"kind": "diffusers", "path": str(path.resolve())}, config=config, adapter=adapter)  # before any weights are read
     tensors = read_weight_files(diffusers_weight_files(folder))
-    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
-    if len(blocks) != config["num_layers"]:  # said before building a model of num_layers blocks
-        raise DitqError(f"{folder}: config.json says num_layers {config['num_layers']}, the weights hold {len(blocks)} blocks")
-    model = load_weights(lambda: build_dit(config, seed=None), tensors, str(folder))
+    adapter.check_weights(config, tensors, str(folder))
+    model = load_weights(lambda: adapter.build(config, seed=None), tensors, str(folder))
     digest = hashlib.sha256()
     for w in sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()):
         digest.update(file_sha256(folder / w).encode())

@@ -38,7 +38,7 @@ class ClassConditioning:
 
 
 # What a pipeline is fitted to (Pipeline.fitted_to): the model's class conditioning and the shape of one sample.
-Fit = tuple[ClassConditioning, tuple[int, ...]]
+Fit = tuple[ClassConditioning | None, tuple[int, ...]]
 
 PIPELINE_FILE = "ditq_pipeline.json"  # a diffusers folder ditq wrote (ditq qat): how to sample it
 VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
@@ -136,10 +136,16 @@ class Pipeline:
         """The digit judge (FID-digits, class accuracy) scores its images: a digits model."""
         return self.judge == "digits"
 
-    def fitted_to(self, conditioning: ClassConditioning, sample_shape: tuple[int, ...], where: str = "pipeline") -> "Pipeline":
-        """This pipeline for a model of class ``conditioning`` (its family adapter's) that denoises samples of
-        ``sample_shape`` (no batch axis): the record's conditioning is ``conditioning`` when it has none; one
-        that differs is refused, and so is a judge that does not score the images the model makes."""
+    def fitted_to(self, conditioning: ClassConditioning | None, sample_shape: tuple[int, ...], where: str = "pipeline") -> "Pipeline":
+        """This pipeline for a model of class ``conditioning`` (its family's; None: a text-conditioned model)
+        that denoises samples of ``sample_shape`` (no batch axis): the record's conditioning is
+        ``conditioning`` when it has none; one that differs is refused, and so is a judge that does not
+        score the images the model makes."""
+        if conditioning is None:
+            if self.conditioning is not None or self.judge is not None:
+                what = "class conditioning" if self.conditioning is not None else f"judge {self.judge!r}"
+                raise DitqError(f"{where}: {what} does not fit a text-conditioned model")
+            return self
         if self.judge is not None:
             jc, js, jn = JUDGES[self.judge]
             if tuple(sample_shape) != (jc, js, js) or conditioning.num_classes != jn:

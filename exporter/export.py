@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ditq.adapters import adapter_for
 from ditq.errors import DitqError
 from ditq.fileformat import (
-    DEFAULT_OPSET, EXACT_QDQ_CONFIG, INT2_OPSET, MAX_OPSET, META_CONFIG, META_PIPELINE, META_PLANS, META_RECIPE,
+    DEFAULT_OPSET, EXACT_QDQ_CONFIG, INT2_OPSET, MAX_OPSET, META_CONFIG, META_FAMILY, META_PIPELINE, META_PLANS, META_RECIPE,
     META_SESSION_CONFIG, META_SOURCE, META_TARGET, META_VERSION, MODEL_FILE,
 )  # fmt: skip
 from ditq.exporter.reference import QuantizedDiT
@@ -182,6 +182,7 @@ def export(
             META_VERSION: tool_version(),
             META_TARGET: target,
             META_CONFIG: json.dumps(config),
+            META_FAMILY: adapter.class_name,
             META_PIPELINE: pipe.to_json(),
             META_SESSION_CONFIG: json.dumps(session_config),
             META_PLANS: plans_to_json(qdit.plans),

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 
 from ditq.errors import DitqError, shown
-from ditq.fileformat import META_CONFIG, META_PIPELINE, MODEL_FILE
+from ditq.families import DEFAULT_CLASS, spec_for
+from ditq.fileformat import META_CONFIG, META_FAMILY, META_PIPELINE, MODEL_FILE
 from ditq.options import int_list
 from ditq.runtime.samplers import sample, seeded_noise
 from ditq.schedule import SchedulerSpec
 from ditq.runtime.session import OrtDiT, create_session, run_session
-from ditq.pipeline import ClassConditioning, Pipeline
-from ditq.untrusted import check_dit_config, inside, parse_json_object
+from ditq.pipeline import Pipeline
+from ditq.untrusted import inside, parse_json_object
 
 # One run's samples (float32: the model-space array, and the decoded images when a VAE decodes them)
 # must fit in this many bytes: 1 GiB is 4M digits (8x8) or 65,536 DiT latents (4x32x32).
@@ -78,9 +79,11 @@ class ExportedDiT:
         if META_CONFIG not in meta:
             raise DitqError(f"{file}: not a ditq export (no {META_CONFIG} metadata)")
         where = f"{file}: {META_CONFIG}"
-        config = check_dit_config(parse_json_object(meta[META_CONFIG], where), where)
-        n, c, size = config["num_embeds_ada_norm"], config["in_channels"], config["sample_size"]  # the DiT signature
-        pipeline = Pipeline.from_metadata(meta, file, fit=(ClassConditioning(n, n), (c, size, size)))
+        spec = spec_for(meta.get(META_FAMILY, DEFAULT_CLASS), f"{file}: {META_FAMILY}")
+        if spec.text_conditioned:
+            raise DitqError(f"{file}: a text-to-image model ({spec.class_name}) samples from a prompt: pass --prompt")
+        config = spec.check_config(parse_json_object(meta[META_CONFIG], where), where)
+        pipeline = Pipeline.from_metadata(meta, file, fit=(spec.conditioning(config), spec.sample_shape(config)))
         if pipeline.has_decoder:  # refused here, before any sampling, if it links out of the folder
             inside(file.parent, pipeline.vae, f"{file}: {META_PIPELINE}.vae")
         check_output_channels(file, fn.session.get_outputs()[0].shape, config)

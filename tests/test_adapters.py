@@ -18,6 +18,7 @@ from ditq.calib.robuq import block_units
 from ditq.calib.search import genes_of
 from ditq.calib.numerics import sqnr_db
 from ditq.errors import DitqError
+from ditq.families import FamilySpec
 from ditq.exporter.trace import bind_modules, export_float
 from ditq.models import digits_config
 from ditq.pipeline import ClassConditioning
@@ -164,8 +165,23 @@ class ToyForward(nn.Module):
         return self.net(tokens, label)
 
 
+class ToySpec(FamilySpec):
+    class_name = "ToyNet"
+    input_names = ("tokens", "label")
+
+    def conditioning(self, config):
+        return ClassConditioning(config["classes"], null_label=config["classes"])
+
+    def output_split(self, config):
+        return config["width"], 0
+
+    def sample_shape(self, config):
+        return config["tokens"], config["width"]
+
+
 class ToyAdapter(FamilyAdapter):
     class_name = "ToyNet"
+    spec = ToySpec()
     coverage = Coverage(
         blocks="blocks",
         activation_groups=(InputGroup("qkv", ("q", "k", "v")), InputGroup("o", ("o",)), InputGroup("fc1", ("fc1",)),
@@ -174,7 +190,6 @@ class ToyAdapter(FamilyAdapter):
         robuq_activation_4bit=("blocks.*.ada",),
         robuq_weight_4bit=("table",),
     )
-    input_names = ("tokens", "label")
     root = "net"
 
     def wrap(self, model):
@@ -187,15 +202,6 @@ class ToyAdapter(FamilyAdapter):
 
     def torch_callable(self, model):
         return lambda tokens, label: model(torch.from_numpy(tokens), torch.from_numpy(label)).detach().numpy()
-
-    def conditioning(self, config):
-        return ClassConditioning(config["classes"], null_label=config["classes"])
-
-    def output_split(self, config):
-        return config["width"], 0
-
-    def sample_shape(self, config):
-        return config["tokens"], config["width"]
 
 
 @pytest.fixture

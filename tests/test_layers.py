@@ -33,7 +33,7 @@ LAYERS = {  # module (or package prefix) -> layer; the longest prefix that match
     "ditq.errors": CORE, "ditq.files": CORE, "ditq.untrusted": CORE, "ditq.manifest": CORE,
     "ditq.patterns": CORE, "ditq.options": CORE, "ditq.recipe": CORE, "ditq.schedule": CORE,
     "ditq.pipeline": CORE, "ditq.fileformat": CORE, "ditq.weights": CORE, "ditq.models": CORE,
-    "ditq.adapters": CORE,
+    "ditq.adapters": CORE, "ditq.families": CORE,
     "ditq.runtime": 1,
     "ditq.calib": 2,
     "ditq.graphs": 3,
@@ -50,8 +50,8 @@ LAZY_OK = {
 }
 # The ONNX Runtime side and what it may import: these import neither torch nor diffusers when loaded.
 TORCH_FREE = ("ditq.runtime", "ditq.errors", "ditq.files", "ditq.untrusted", "ditq.manifest", "ditq.patterns",
-              "ditq.options", "ditq.recipe", "ditq.schedule", "ditq.pipeline", "ditq.fileformat", "ditq.weights")  # fmt: skip
-TORCH_MODULES = ("torch", "diffusers", "torchvision")
+              "ditq.options", "ditq.recipe", "ditq.schedule", "ditq.pipeline", "ditq.fileformat", "ditq.weights", "ditq.families")  # fmt: skip
+TORCH_MODULES = ("torch", "diffusers", "torchvision", "transformers")
 
 
 def module_files(root: Path) -> dict[str, Path]:

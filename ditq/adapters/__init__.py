@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 from ditq.errors import DitqError, shown
+from ditq.families import FamilySpec
 from ditq.pipeline import ClassConditioning
 
 
@@ -44,14 +45,23 @@ class InputGroup:
 
 
 @dataclass(frozen=True)
+class BlockList:
+    """A further list of repeated blocks with its own input groups (Flux's ``single_transformer_blocks``
+    beside its ``transformer_blocks``)."""
+
+    blocks: str
+    activation_groups: tuple[InputGroup, ...]
+
+
+@dataclass(frozen=True)
 class Coverage:
     """Which linears of a family get what, as recipe ``match`` patterns over its torch module names.
 
     ============================  =========================================================================
     field                         Q-DiT (:meth:`ditq.recipe.Recipe.qdit`) / RobuQ (``Recipe.robuq``)
     ============================  =========================================================================
-    ``activation_groups``         weights + input activations, in every block ``<blocks>.<i>.``; grouped
-                                  by the input they read
+    ``activation_groups``         weights + input activations, in every block ``<blocks>.<i>.`` (and of
+                                  every ``more_blocks`` list); grouped by the input they read
     ``float_linears``             float (not covered) in both
     ``robuq_activation_4bit``     RobuQ: ternary weights, 4-bit input activations (adaLN)
     ``robuq_weight_4bit``         RobuQ: 4-bit weight-only (class tables, final modulation)
@@ -64,25 +74,32 @@ class Coverage:
     float_linears: tuple[str, ...] = ()
     robuq_activation_4bit: tuple[str, ...] = ()
     robuq_weight_4bit: tuple[str, ...] = ()
+    more_blocks: tuple[BlockList, ...] = ()
+
+    @property
+    def block_lists(self) -> tuple[BlockList, ...]:
+        """Every list of repeated blocks with its input groups, ``blocks`` first."""
+        return (BlockList(self.blocks, self.activation_groups), *self.more_blocks)
 
     @property
     def activation_linears(self) -> tuple[str, ...]:
         """The patterns of the block linears that get weights and activations, group by group."""
-        return tuple(f"{self.blocks}.*.{m}" for g in self.activation_groups for m in g.members)
+        return tuple(f"{bl.blocks}.*.{m}" for bl in self.block_lists for g in bl.activation_groups for m in g.members)
 
     def groups(self, linears: Iterable[str]) -> dict[str, tuple[str, ...]]:
         """The input groups present among the module names ``linears``: ``"<blocks>.<i>.<group>" ->
-        member module names``, block by block (ascending ``i``), in group order. A group is present when
-        every one of its members is among ``linears``."""
+        member module names``, list by list, block by block (ascending ``i``), in group order. A group is
+        present when every one of its members is among ``linears``."""
         names = set(linears)
-        prefix = self.blocks + "."
-        blocks = sorted({int(i) for n in names if n.startswith(prefix) and (i := n[len(prefix) :].split(".")[0]).isdigit()})
         out: dict[str, tuple[str, ...]] = {}
-        for b in blocks:
-            for g in self.activation_groups:
-                members = tuple(f"{prefix}{b}.{m}" for m in g.members)
-                if all(m in names for m in members):
-                    out[f"{prefix}{b}.{g.name}"] = members
+        for bl in self.block_lists:
+            prefix = bl.blocks + "."
+            blocks = sorted({int(i) for n in names if n.startswith(prefix) and (i := n[len(prefix) :].split(".")[0]).isdigit()})
+            for b in blocks:
+                for g in bl.activation_groups:
+                    members = tuple(f"{prefix}{b}.{m}" for m in g.members)
+                    if all(m in names for m in members):
+                        out[f"{prefix}{b}.{g.name}"] = members
         return out
 
 
@@ -91,10 +108,32 @@ class FamilyAdapter:
     class attributes and implement the methods that raise ``NotImplementedError``."""
 
     class_name: str = ""  # the diffusers class: the model's type name, ``_class_name`` in its config.json
+    spec: FamilySpec  # the family's torch-free half (spec_for(class_name))
     coverage: Coverage
-    input_names: tuple[str, ...] = ()
-    output_names: tuple[str, ...] = ("out",)
     root: str = "model"  # the attribute of :meth:`wrap`'s module that holds the model
+    timestep_index: int = 1  # the position of the timestep among ``input_names``
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self.spec.input_names
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return self.spec.output_names
+
+    def build(self, config: Mapping[str, Any], seed: int | None = 0) -> Any:
+        """A float32 eval-mode model of the checked ``config`` (``spec.check_config``); random weights drawn
+        from ``seed`` without touching the global RNG (None: the constructor's own draw)."""
+        raise NotImplementedError
+
+    def timestep_input(self, timesteps: list[int]) -> Any:
+        """The timestep input (torch) for DDPM-unit timesteps ``0..999`` (validation's cases): what the
+        family's pipeline passes at those points of its schedule."""
+        raise NotImplementedError
+
+    def check_weights(self, config: Mapping[str, Any], names: Iterable[str], where: str) -> None:
+        """Refuse, in one line, weights (tensor ``names``) that do not fit ``config`` in a way the loader's
+        missing/unexpected report would not say clearly (DiT: the block count)."""
 
     def wrap(self, model) -> Any:
         """The ``nn.Module`` the exporter traces: ``input_names`` in, the model output out; the model is
@@ -114,17 +153,29 @@ class FamilyAdapter:
         """``model`` as a sampler callable over numpy arrays in ``input_names`` order."""
         raise NotImplementedError
 
-    def conditioning(self, config: Mapping[str, Any]) -> ClassConditioning:
-        """The class conditioning of a model of this ``config`` (its null label included)."""
-        raise NotImplementedError
+    def conditioning(self, config: Mapping[str, Any]) -> ClassConditioning | None:
+        """The class conditioning of a model of this ``config`` (its null label included); None: text."""
+        return self.spec.conditioning(config)
 
     def output_split(self, config: Mapping[str, Any]) -> tuple[int, int]:
         """``(prediction channels, variance channels)`` of the output (variance 0: no learned sigma)."""
-        raise NotImplementedError
+        return self.spec.output_split(config)
 
     def sample_shape(self, config: Mapping[str, Any]) -> tuple[int, ...]:
         """The shape of one sample the model denoises (no batch axis)."""
-        raise NotImplementedError
+        return self.spec.sample_shape(config)
+
+
+def build_seeded(cls, config: Mapping[str, Any], seed: int | None = 0):
+    """``cls(**config)`` in float32 eval mode, its random weights drawn from ``seed`` without touching the
+    global RNG (None: as the constructor draws them)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = cls(**config)
+    return model.float().eval()
 
 
 _REGISTRY: dict[str, FamilyAdapter] = {}

@@ -12,14 +12,16 @@ Coverage (Q-DiT and RobuQ): ``to_q``, ``to_k``, ``to_v`` (one input: one group),
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ditq.adapters import Coverage, FamilyAdapter, InputGroup, register
-from ditq.pipeline import ClassConditioning
+from ditq.adapters import Coverage, FamilyAdapter, InputGroup, build_seeded, register
+from ditq.errors import DitqError
+from ditq.families import spec_for
 
 COVERAGE = Coverage(
     blocks="transformer_blocks",
@@ -69,8 +71,8 @@ class DiTAdapter(FamilyAdapter):
     """diffusers' ``DiTTransformer2DModel``."""
 
     class_name = "DiTTransformer2DModel"
+    spec = spec_for(class_name)
     coverage = COVERAGE
-    input_names = ("sample", "timestep", "class_labels")
     root = "dit"  # DiTForward's attribute: module paths in the traced graph start with "dit."
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -89,17 +91,15 @@ class DiTAdapter(FamilyAdapter):
     def torch_callable(self, model: nn.Module) -> TorchDiT:
         return TorchDiT(model)
 
-    def conditioning(self, config: Mapping[str, Any]) -> ClassConditioning:
-        n = int(config["num_embeds_ada_norm"])
-        return ClassConditioning(n, null_label=n)
+    def build(self, config: Mapping[str, Any], seed: int | None = 0) -> nn.Module:
+        from diffusers import DiTTransformer2DModel
 
-    def output_split(self, config: Mapping[str, Any]) -> tuple[int, int]:
-        """Learned sigma when ``out_channels`` is twice ``in_channels`` (the first half is the prediction);
-        otherwise the whole output is the prediction (as diffusers' ``DiTPipeline`` reads it)."""
-        c = int(config["in_channels"])
-        out = int(config["out_channels"] or c)
-        return (c, c) if out == 2 * c else (out, 0)
+        return build_seeded(DiTTransformer2DModel, config, seed)
 
-    def sample_shape(self, config: Mapping[str, Any]) -> tuple[int, int, int]:
-        s = int(config["sample_size"])
-        return int(config["in_channels"]), s, s
+    def timestep_input(self, timesteps: list[int]) -> torch.Tensor:
+        return torch.tensor(timesteps, dtype=torch.int64)
+
+    def check_weights(self, config: Mapping[str, Any], names, where: str) -> None:
+        blocks = {int(m.group(1)) for k in names if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
+        if len(blocks) != config["num_layers"]:  # said before building a model of num_layers blocks
+            raise DitqError(f"{where}: config.json says num_layers {config['num_layers']}, the weights hold {len(blocks)} blocks")

@@ -89,7 +89,7 @@ class Check:
 class CaseResult:
     batch: int
     timesteps: list[int]
-    classes: list[int]
+    classes: list[int] | None  # class-conditioned families' labels; None: text-conditioned
     sqnr_ort_vs_ref_db: float
     max_abs_ort_vs_ref: float
     sqnr_ref_vs_float_db: float
@@ -198,6 +198,11 @@ def default_session_check(cases: list[CaseResult], recorded: dict[str, str] | No
     return Check("default ONNX Runtime session within the bound, or the config it needs recorded", ok or needed, detail)
 
 
+def _feeds(adapter, inputs) -> dict[str, np.ndarray]:
+    """The session feeds of one case's torch inputs, by the family's input names."""
+    return {name: x.numpy() for name, x in zip(adapter.input_names, inputs)}
+
+
 def recorded_plans(meta: dict[str, str], path: Path) -> dict[str, LayerPlan]:
     """The effective layer plans a model records (``ditq.plans``: what each layer's kernel computes, as
     the exporting ditq chose it), read as untrusted input; one-line :class:`DitqError` when they are
@@ -293,26 +298,29 @@ def validate(
     config = dict(loaded.model.config)
     cases = []
     for batch, seed, ts in CASES:
-        x, _, y = adapter.example_inputs(config, batch=batch, seed=100 + seed)
-        cases.append((x, torch.tensor(ts, dtype=torch.int64), y))
+        inputs = list(adapter.example_inputs(config, batch=batch, seed=100 + seed))
+        inputs[adapter.timestep_index] = adapter.timestep_input(list(ts))
+        cases.append(tuple(inputs))
     with torch.no_grad():
-        floats = [loaded.model(x, timestep=t, class_labels=y).sample.numpy() for x, t, y in cases]
+        floats = [adapter.wrap(loaded.model)(*inputs).numpy() for inputs in cases]
         steps.update()
         reference = qd.reference(inplace=True)  # the float outputs are taken: reuse the model's memory
-        refs = [reference(x, timestep=t, class_labels=y).sample.numpy() for x, t, y in cases]
+        refs = [adapter.wrap(reference)(*inputs).numpy() for inputs in cases]
     steps.update()
 
     report.session_config = recorded_session_config(meta, str(path))
     session_config = applied_session_config(meta, str(path))
     session = create_session(path, provider=provider, config=session_config)
     quantizes_acts = any(p.abits is not None for p in qd.plans.values())
-    for (x, t, y), f, r in zip(cases, floats, refs):
-        o = run_session(session, dict(zip(adapter.input_names, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
+    labels = [adapter.input_names.index("class_labels")] if "class_labels" in adapter.input_names else []
+    for inputs, f, r in zip(cases, floats, refs):
+        o = run_session(session, _feeds(adapter, inputs), where=str(path))[0]
         ref_vs_float = sqnr_db(f, r)
         bound = output_bound_db(quantizes_acts, ref_vs_float)
         report.cases.append(
             CaseResult(
-                batch=int(x.shape[0]), timesteps=t.tolist(), classes=y.tolist(),
+                batch=int(inputs[0].shape[0]), timesteps=[int(v) for v in CASES[len(report.cases)][2]],
+                classes=inputs[labels[0]].tolist() if labels else None,
                 sqnr_ort_vs_ref_db=sqnr_db(r, o), max_abs_ort_vs_ref=float(np.abs(o - r).max()),
                 sqnr_ref_vs_float_db=ref_vs_float, sqnr_ort_vs_float_db=sqnr_db(f, o), bound_db=bound,
                 passed=within_bound(o, r, f, bound),
@@ -321,8 +329,8 @@ def validate(
         steps.update()
     del session
     session = create_session(path, provider=provider, config={})  # what a plain InferenceSession computes
-    for (x, t, y), f, r, case in zip(cases, floats, refs, report.cases):
-        o = run_session(session, dict(zip(adapter.input_names, (x.numpy(), t.numpy(), y.numpy()))), where=str(path))[0]
+    for inputs, f, r, case in zip(cases, floats, refs, report.cases):
+        o = run_session(session, _feeds(adapter, inputs), where=str(path))[0]
         case.sqnr_default_vs_ref_db, case.default_passed = sqnr_db(r, o), within_bound(o, r, f, case.bound_db)
     del session
     report.checks.append(default_session_check(report.cases, report.session_config, session_config))
@@ -333,9 +341,8 @@ def validate(
         for p in probes:
             proto.graph.output.extend([onnx.ValueInfoProto(name=p.input), onnx.ValueInfoProto(name=p.codes)])
         probe_session = create_session(proto.SerializeToString(), provider=provider, config=session_config)
-        x, t, y = cases[-1]
         names = [n for p in probes for n in (p.input, p.codes)]
-        outs = run_session(probe_session, dict(zip(adapter.input_names, (x.numpy(), t.numpy(), y.numpy()))), names, where=str(path))
+        outs = run_session(probe_session, _feeds(adapter, cases[-1]), names, where=str(path))
         bad, total = [], 0
         for i, p in enumerate(probes):
             xin, got = torch.from_numpy(outs[2 * i]), outs[2 * i + 1].astype(np.int16) - p.offset

@@ -1,0 +1,125 @@
+"""Model families, the torch-free half: what ONNX Runtime sampling and the file readers need to know about
+one diffusers transformer class (the torch half, tracing and coverage, is :mod:`ditq.adapters`).
+
+A family is one module of this package: a :class:`FamilySpec` subclass decorated with :func:`register`;
+:func:`spec_for` finds the spec of a class name (a config.json's ``_class_name``, an exported model's
+``ditq.family``) and refuses any other in one line naming the supported classes. Nothing here imports
+torch: ``ditq sample`` reads an exported model's config and builds its inputs through its spec.
+
+A spec gives:
+
+- :meth:`~FamilySpec.check_config`: the model's config (config.json, or the ``ditq.model_config`` an
+  exported model records) read as untrusted input: every field checked and bounded, the constructor's
+  keyword arguments returned;
+- the graph's signature: ``input_names``, ``output_names``;
+- :meth:`~FamilySpec.sample_shape`, :meth:`~FamilySpec.output_split`, :meth:`~FamilySpec.conditioning`;
+- :meth:`~FamilySpec.feeds`: the graph's inputs for one denoising step (numpy), and
+  :meth:`~FamilySpec.prediction`: the step's prediction from the graph's output;
+- text families: ``text_encoders`` (what ``ditq export`` writes next to the transformer) and
+  :meth:`~FamilySpec.compose_prompt` (the encoders' outputs -> the transformer's text inputs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ditq.errors import DitqError, shown
+from ditq.pipeline import ClassConditioning
+
+PREDICTIONS = ("epsilon", "flow")  # epsilon (DDPM family schedules) or velocity (rectified flow)
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a text-to-image pipeline folder, as ``ditq export`` writes it."""
+
+    folder: str  # the pipeline's subfolder: "text_encoder", "text_encoder_2", ...
+    tokenizer: str  # the tokenizer's subfolder: "tokenizer", "tokenizer_2", ...
+    kind: str  # "clip" (CLIPTextModel), "clip-projection" (CLIPTextModelWithProjection), "t5" (T5EncoderModel)
+    max_length: int  # tokens the pipeline pads (and truncates) every prompt to
+    outputs: tuple[str, ...]  # the ONNX file's outputs, in order (the file takes ``input_ids`` [B, T] int64)
+
+
+class FamilySpec:
+    """One model family (one diffusers transformer class), torch-free; see the module docstring.
+    Subclasses set the class attributes and implement what raises ``NotImplementedError``."""
+
+    class_name: str = ""
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ("out",)
+    prediction_type: str = "epsilon"  # see PREDICTIONS
+    text_encoders: tuple[TextEncoderSpec, ...] = ()  # empty: class-conditioned
+
+    @property
+    def text_conditioned(self) -> bool:
+        return bool(self.text_encoders)
+
+    def check_config(self, obj: Any, where: str) -> dict[str, Any]:
+        """The constructor keyword arguments of a config object (untrusted; other keys dropped), every field
+        checked and bounded; one :class:`DitqError` naming ``where`` and the field otherwise."""
+        raise NotImplementedError
+
+    def sample_shape(self, config: Mapping[str, Any]) -> tuple[int, ...]:
+        """The shape of one sample the model denoises (no batch axis): ``(C, H, W)`` latents."""
+        raise NotImplementedError
+
+    def output_split(self, config: Mapping[str, Any]) -> tuple[int, int]:
+        """``(prediction channels, variance channels)`` of the output (variance 0: no learned sigma)."""
+        raise NotImplementedError
+
+    def conditioning(self, config: Mapping[str, Any]) -> ClassConditioning | None:
+        """The class conditioning (its null label included); None for a text-conditioned family."""
+        return None
+
+    def feeds(self, config: Mapping[str, Any], x: np.ndarray, t: np.ndarray, cond: Mapping[str, np.ndarray],
+              guidance: float | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+        """The graph's inputs for one step: samples ``x [B, C, H, W]``, the scheduler's timesteps ``t [B]``
+        (what the diffusers pipeline passes the transformer), ``cond`` (per-row conditioning arrays:
+        ``class_labels``, or :meth:`compose_prompt`'s), ``guidance`` (guidance-distilled models)."""
+        raise NotImplementedError
+
+    def prediction(self, config: Mapping[str, Any], out: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The prediction ``[B, C, H, W]`` of the graph's output (the learned variance dropped)."""
+        return out[:, : self.output_split(config)[0]]
+
+    def compose_prompt(self, encoded: Mapping[str, Mapping[str, np.ndarray]], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The transformer's text inputs from each encoder's outputs (``encoded[folder][output]``) and the
+        tokenizers' attention masks (``masks[folder]``, ``[B, T]`` int64)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, FamilySpec] = {}
+DEFAULT_CLASS = "DiTTransformer2DModel"  # the family of a model that records none (files before families)
+
+
+def register(cls: type[FamilySpec]) -> type[FamilySpec]:
+    """Class decorator: make ``cls`` (an instance of it) the spec of ``cls.class_name``."""
+    if not cls.class_name:
+        raise ValueError(f"{cls.__name__} names no class_name")
+    if cls.prediction_type not in PREDICTIONS:
+        raise ValueError(f"{cls.__name__}: prediction_type {cls.prediction_type!r} is not one of {PREDICTIONS}")
+    _REGISTRY[cls.class_name] = cls()
+    return cls
+
+
+def supported() -> tuple[str, ...]:
+    """The class names that have a family, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def spec_for(class_name: Any, where: str = "") -> FamilySpec:
+    """The spec of ``class_name``; any other value is refused in one line naming the supported classes."""
+    if isinstance(class_name, str) and class_name in _REGISTRY:
+        return _REGISTRY[class_name]
+    at = f"{where}: " if where else ""
+    raise DitqError(f"{at}unsupported architecture {shown(class_name)}; ditq supports: {', '.join(supported())}")
+
+
+# every module of this package is a family: importing it registers its spec
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
