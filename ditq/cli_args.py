@@ -38,8 +38,9 @@ def _group_or_auto(text: str) -> int | str | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--model", required=required, help="digits (shipped), a preset (dit-s-2, dit-b-2, dit-l-2, dit-xl-2), a diffusers folder, or an original DiT .pt/.safetensors")
-    p.add_argument("--image-size", type=int, choices=(256, 512), help="image size of an original DiT checkpoint (latents = size/8)")
+    p.add_argument("--model", required=required, help="digits (shipped), a preset (dit-s-2, dit-b-2, dit-l-2, dit-xl-2; random-weight "
+                   "pixart-sigma, sd3-medium), a diffusers folder or pipeline folder, or an original DiT .pt/.safetensors")
+    p.add_argument("--image-size", type=int, choices=(256, 512, 1024), help="image size of a preset or an original DiT checkpoint (latents = size/8)")
     p.add_argument("--num-heads", type=int_in(1, 1024), help="attention heads of an original DiT checkpoint with a non-standard width")
     p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="seed of a preset's random weights (default 0)")
 
@@ -153,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="latency, size, peak RSS and error of quantized exports vs float ONNX Runtime")
     p.add_argument("--model", default="digits", help="built-in model, preset (dit-xl-2, ...) or path (default digits)")
-    p.add_argument("--image-size", type=int, choices=(256, 512), help="presets: image size (latents of size/8)")
+    p.add_argument("--image-size", type=int, choices=(256, 512, 1024), help="presets: image size (latents of size/8)")
     p.add_argument("--variants", default="float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq",
                    help="float, ort-int8 (quantize_dynamic), ort-int4 (MatMulNBitsQuantizer), or eval's configurations "
                         "(wXaY[gN], w1.58aY[h], recipe .json), target ort unless @qdq "

@@ -30,6 +30,22 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "dit-l-2": (1024, 24, 16),
     "dit-xl-2": (1152, 28, 16),
 }
+# Published text-to-image transformers by their configs (transformer/config.json of the diffusers
+# repositories), built with seeded random weights: no weights can be downloaded here, and speed, size and
+# memory depend on the shapes only. ``--image-size`` sets ``sample_size`` (latents are 1/8 of the image).
+FAMILY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    # PixArt-alpha/PixArt-Sigma-XL-2-512-MS: 28 blocks of 1152 (16 heads of 72), T5-XXL captions (4096)
+    "pixart-sigma": ("PixArtTransformer2DModel", dict(
+        sample_size=64, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+        patch_size=2, caption_channels=4096, cross_attention_dim=1152, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+        use_additional_conditions=False, interpolation_scale=None)),
+    # stabilityai/stable-diffusion-3-medium-diffusers: 24 MMDiT blocks of 1536 (24 heads of 64), 16 latent channels
+    "sd3-medium": ("SD3Transformer2DModel", dict(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+        pos_embed_max_size=192)),
+}  # fmt: skip
 # Heads of the original DiT models by hidden size (the checkpoint does not record them).
 _HEADS_BY_HIDDEN = {h: n for h, _, n in PRESETS.values()}
 DIT = adapter_for("DiTTransformer2DModel")  # the family the presets and checkpoint loaders build
@@ -119,15 +135,31 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
         model = build_dit(config, seed)
         source = {"kind": "preset", "name": spec, "seed": seed, "image_size": image_size}
         return LoadedModel(model, source, pipeline_info(source, config=config))
+    if spec in FAMILY_PRESETS:
+        config = family_preset_config(spec, image_size)
+        adapter = adapter_for(FAMILY_PRESETS[spec][0])
+        source = {"kind": "preset", "name": spec, "seed": seed, "image_size": image_size}
+        return LoadedModel(adapter.build(config, seed), source, pipeline_info(source, config=config, adapter=adapter))
     path = Path(spec)
     if not path.exists():
         raise DitqError(
             f"model not found: {spec!r} is neither a built-in model ({', '.join(BUILTIN)}), "
-            f"a preset ({', '.join(PRESETS)}) nor an existing file or folder"
+            f"a preset ({', '.join([*PRESETS, *FAMILY_PRESETS])}) nor an existing file or folder"
         )
     if path.is_dir():
         return _load_diffusers(path)
     return _load_original(path, image_size=image_size, num_heads=num_heads)
+
+
+def family_preset_config(name: str, image_size: int | None = None) -> dict[str, Any]:
+    """The checked config of the text-to-image preset ``name`` at ``image_size`` (None: as published)."""
+    class_name, config = FAMILY_PRESETS[name]
+    config = dict(config)
+    if image_size is not None:
+        if image_size not in (256, 512, 1024):
+            raise DitqError(f"--image-size must be 256, 512 or 1024 for {name}, got {image_size}")
+        config["sample_size"] = image_size // 8
+    return spec_for(class_name).check_config(config, f"preset {name}")
 
 
 def load_from_source(source: dict[str, Any]) -> LoadedModel:
@@ -165,6 +197,9 @@ def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = Non
     root = Path(source.get("path", "")) if kind == "diffusers" else None
     if config is None and kind == "preset" and name in PRESETS:
         config = dit_config(*PRESETS[name])
+    if kind == "preset" and name in FAMILY_PRESETS:
+        config = family_preset_config(name, source.get("image_size")) if config is None else config
+        adapter = adapter or adapter_for(FAMILY_PRESETS[name][0])
     if config is None and root is not None:
         config = _folder_config(root)
     if adapter is None:

@@ -390,7 +390,7 @@ def check_source(obj: Any, where: str) -> dict[str, Any]:
         ("name" if by_name else "path"): Text(),
         "sha256": Text(64, None, nullable=True),
         "seed": Int(0, 2**32 - 1, 0),
-        "image_size": Int(256, 512, None, nullable=True),  # 256 or 512: load_model says so
+        "image_size": Int(256, 1024, None, nullable=True),  # 256, 512 (DiT) or 1024 (text-to-image presets): load_model says so
         "num_heads": Int(1, 1024, None, nullable=True),
     }
     return check_fields(obj, schema, where, required=("name",) if by_name else ("path",))

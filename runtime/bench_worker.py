@@ -43,8 +43,9 @@ def peak_rss_bytes() -> int:
 
 
 def _feeds(session, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    return {n: inputs[k] for n, k in zip(names, ("sample", "timestep", "class_labels"))}
+    """The arrays of ``inputs`` (keyed by the family's input names) in the session's input order: a graph
+    written by another tool (ONNX Runtime's quantizers) keeps the float graph's names and order."""
+    return {i.name: inputs[i.name] for i in session.get_inputs()}
 
 
 def op_times(profile_json: str) -> dict[str, float]:
@@ -62,7 +63,7 @@ def op_times(profile_json: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--inputs", required=True, help=".npz with sample, timestep, class_labels")
+    ap.add_argument("--inputs", required=True, help=".npz with the graph's inputs by name")
     ap.add_argument("--output", help="write the warm-up run's output here (.npy)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--provider", default="cpu")
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     fn = OrtDiT(args.model, provider=args.provider, threads=args.threads or None)  # IO binding on CUDA
-    feeds = (data["sample"], data["timestep"], data["class_labels"])
-    out = fn(*feeds)
+    feeds = {n: data[n] for n in fn.input_names}
+    out = fn.run_feeds(feeds)
     if args.output:
         np.save(args.output, out)
     _reply({"ready": True, "load_s": time.perf_counter() - t0})
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = line.strip()
         if cmd == "run":
             t = time.perf_counter()
-            fn(*feeds)
+            fn.run_feeds(feeds)
             _reply({"s": time.perf_counter() - t})
         elif cmd == "quit":
             break

@@ -135,8 +135,14 @@ def run_session(session, feeds: dict[str, np.ndarray], outputs: list[str] | None
         raise _failure(where, e) from None
 
 
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                "tensor(bool)": np.bool_, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
 class OrtDiT:
-    """A DiT as a callable over numpy arrays: ``(sample, timestep, class_labels) -> output``.
+    """An exported model as a callable over numpy arrays in its graph's input order (a DiT's ``(sample,
+    timestep, class_labels)``; any family's inputs by :meth:`run_feeds`) -> the first output. Each array
+    is converted to the element type the graph declares for it.
 
     ``io_binding`` (default: on for CUDA) binds the inputs and lets ONNX Runtime allocate the output on
     the provider's device, copying it back once per call, instead of ``run``'s per-call staging."""
@@ -145,18 +151,23 @@ class OrtDiT:
         self.session = create_session(model_path, **session_kwargs)
         self.where = "in-memory model" if isinstance(model_path, bytes) else str(model_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.input_types = {i.name: _NUMPY_TYPES.get(i.type) for i in self.session.get_inputs()}
         self.output_name = self.session.get_outputs()[0].name
         provider = session_kwargs.get("provider", "cpu")
         self.io_binding = provider == "cuda" if io_binding is None else io_binding
         self.device = "cuda" if provider == "cuda" else "cpu"
 
-    def __call__(self, sample: np.ndarray, timestep: np.ndarray, class_labels: np.ndarray) -> np.ndarray:
-        arrays = (np.ascontiguousarray(sample, np.float32), np.ascontiguousarray(timestep, np.int64), np.ascontiguousarray(class_labels, np.int64))
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        return self.run_feeds(dict(zip(self.input_names, arrays)))
+
+    def run_feeds(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The first output for ``feeds`` (input name -> array)."""
+        feeds = {n: np.ascontiguousarray(a, self.input_types.get(n)) for n, a in feeds.items()}
         if not self.io_binding:
-            return run_session(self.session, dict(zip(self.input_names, arrays)), where=self.where)[0]
+            return run_session(self.session, feeds, where=self.where)[0]
         try:
             binding = self.session.io_binding()
-            for name, arr in zip(self.input_names, arrays):
+            for name, arr in feeds.items():
                 binding.bind_cpu_input(name, arr)
             binding.bind_output(self.output_name, self.device)
             self.session.run_with_iobinding(binding, _run_options())

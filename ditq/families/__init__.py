@@ -68,6 +68,12 @@ class FamilySpec:
         """The shape of one sample the model denoises (no batch axis): ``(C, H, W)`` latents."""
         raise NotImplementedError
 
+    def image_tokens(self, config: Mapping[str, Any]) -> int:
+        """The image tokens the transformer attends over at :meth:`sample_shape` (patches of ``patch_size``)."""
+        _, h, w = self.sample_shape(config)
+        p = int(config.get("patch_size") or 1)
+        return (h // p) * (w // p)
+
     def output_split(self, config: Mapping[str, Any]) -> tuple[int, int]:
         """``(prediction channels, variance channels)`` of the output (variance 0: no learned sigma)."""
         raise NotImplementedError

@@ -258,7 +258,7 @@ def bench(
     adapter = adapter_for(loaded.model)
     config = dict(loaded.model.config)
     pipeline = loaded.pipeline  # kept for the quality runs after the torch model is released
-    tokens = (config["sample_size"] // config["patch_size"]) ** 2
+    tokens = adapter.spec.image_tokens(config)
     if quality and not loaded.pipeline.judged_by_digits:
         raise DitqError(f"--quality needs a model with a judge (digits); {model_spec} has none")
     tmp = None
@@ -294,10 +294,10 @@ def bench(
                 gc.collect()
             bar.update()
         bar.close()
-        x, t, y = adapter.example_inputs(config, batch=batch, seed=1234)
+        example = adapter.example_inputs(config, batch=batch, seed=1234)
         inputs = work / "inputs.npz"
-        np.savez(inputs, sample=x.numpy(), timestep=t.numpy(), class_labels=y.numpy())
-        del loaded, x, t, y  # the workers need the memory, not the torch model
+        np.savez(inputs, **{name: x.numpy() for name, x in zip(adapter.input_names, example)})
+        del loaded, example  # the workers need the memory, not the torch model
         gc.collect()
 
         outputs = {v.name: work / f"out-{v.name.replace('@', '-')}.npy" for v in variants}
