@@ -6,7 +6,7 @@ ORT     ?= cpu          # cpu | gpu  (which ONNX Runtime build to install)
 OUT     ?= out
 D       := $(OUT)/digits-w4a8
 
-.PHONY: setup demo eval bench train-digits test test-all clean
+.PHONY: setup demo eval bench bench-export-memory train-digits test test-all clean
 
 # The stamp is remade when pyproject.toml changes; torch is pinned so pip never pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +35,11 @@ eval: setup
 bench: setup
 	$(BIN)/ditq bench --model digits --group-size 64 --variants float,ort-int8,ort-int4,w8a8,w4a8,w4a8@qdq --runs 20 --quality 500 --json $(OUT)/bench-digits.json
 	$(BIN)/ditq bench --model dit-xl-2 --runs 10 --profile --check --json $(OUT)/bench-dit-xl-2.json
+
+# Peak RSS of `ditq export` over the model's float32 weight bytes, each export in its own process
+# (ditq.workflows.export_memory): digits, DiT-S/2, DiT-B/2 and DiT-XL/2 (3.0 GB of weights); about 10 min.
+bench-export-memory: setup
+	$(BIN)/python -m ditq.workflows.export_memory --models digits,dit-s-2,dit-b-2,dit-xl-2 --variants w4a8,w8a8@ort --json $(OUT)/export-memory.json
 
 # Recreate the shipped judge and digits DiT from scratch (seeded; about 30 min on 2 CPU cores; resumable).
 train-digits: setup

@@ -60,7 +60,7 @@ def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, sche
 
     labels = np.arange(cfg.num_samples) % cond.num_classes
     c, size, _ = shape  # seeded_noise draws square samples of c channels
-    sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, schedule=spec, steps=cfg.steps,
+    sample(model_fn, seeded_noise(cfg.seed, cfg.num_samples, c, size), labels, schedule=spec, steps=cfg.steps, method="ddim",
            cfg=cfg.cfg, null_class=cond.null_label, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
 
 

@@ -146,5 +146,5 @@ def mixed_recipe(model, avg_bits: int, *, rotate: bool = True, clip_denoised: bo
     ``avg_bits`` over the block linears."""
     inputs = sensitivity_inputs(model, clip_denoised=clip_denoised, schedule=schedule)
     per_module, table, per_unit = mixed_activation_bits(model, avg_bits, rotate=rotate, inputs=inputs, progress=progress)
-    recipe = Recipe.robuq(adapter_for(model).coverage, avg_bits, rotate=rotate, act_bits=per_module)
+    recipe = Recipe.robuq(adapter_for(model).coverage_of(model), avg_bits, rotate=rotate, act_bits=per_module)
     return MixedRecipe(recipe, per_unit, table)

@@ -110,11 +110,13 @@ def export(qdit, out_dir: str | Path, *, source: dict | None = None, pipeline=No
 def export_model(model, recipe: RecipeOptions | Recipe, out: str | Path, *, target: str = "qdq", opset: int | None = None,
                  calibration: CalibrationOptions | None = None, force: bool = False, progress: bool = False):  # fmt: skip
     """``ditq export``: load (``model``: a ``LoadedModel`` or a spec) -> recipe -> calibrate (GPTQ) ->
-    quantize -> export to ``out``: see :func:`ditq.workflows.export.export_model`."""
+    quantize -> export to ``out``: see :func:`ditq.workflows.export.export_model` (a model read from a spec
+    is used up by the export; a ``LoadedModel`` is left as it was)."""
     from ditq.workflows.export import CalibrationOptions, export_model as _export_model
 
-    return _export_model(_loaded(model), recipe, check_path(out, "out"), target=target, opset=opset, calibration=calibration or CalibrationOptions(),
-                         force=force, progress=progress)  # fmt: skip
+    loaded = _loaded(model)
+    return _export_model(loaded, recipe, check_path(out, "out"), target=target, opset=opset, calibration=calibration or CalibrationOptions(),
+                         force=force, progress=progress, consume_model=loaded is not model)  # fmt: skip
 
 
 def validate(model_path: str | Path, *, model_spec: str | None = None, recipe_path: str | Path | None = None,
@@ -128,7 +130,7 @@ def validate(model_path: str | Path, *, model_spec: str | None = None, recipe_pa
 
 
 def sample(model_path: str | Path, out: str | Path, *, classes: str | Sequence[int] | None = None, per_class: int = 8,
-           seed: int = 0, steps: int = 50, cfg: float = 1.5, sampler: str = "ddim", batch_size: int = 256,
+           seed: int = 0, steps: int = 50, cfg: float = 1.5, sampler: str | None = None, batch_size: int = 256,
            provider: str = "cpu", progress: bool = False):  # fmt: skip
     """``ditq sample`` (ONNX Runtime alone): see :func:`ditq.workflows.sample.sample_to_file`."""
     from ditq.workflows.sample import sample_to_file
@@ -138,7 +140,7 @@ def sample(model_path: str | Path, out: str | Path, *, classes: str | Sequence[i
 
 
 def evaluate(model: str = "digits", configs: str | Sequence = "fp,w8a8,w6a8,w4a8,w4a16", *, num_samples: int = 500,
-             steps: int = 50, cfg: float = 1.5, sampler: str = "ddim", seeds: Sequence[int] = (0,), group_size: int | None = 64,
+             steps: int = 50, cfg: float = 1.5, sampler: str | None = None, seeds: Sequence[int] = (0,), group_size: int | None = 64,
              symmetric: bool = False, method: str | None = None, calibration: CalibrationOptions | None = None,
              provider: str = "cpu", exports_dir: str | Path | None = None, grid_path: str | Path | None = None,
              features=None, real_images=None, layer_error: bool = False, progress: bool = False):  # fmt: skip

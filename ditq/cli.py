@@ -44,7 +44,7 @@ def cmd_export(args) -> int:
 
     loaded = load_model(args.model, image_size=args.image_size, seed=args.seed, num_heads=args.num_heads)
     done = export_model(loaded, _recipe_options(args), args.out, target=args.target, opset=args.opset,
-                        calibration=_calibration_options(args), force=args.force, progress=not args.quiet)  # fmt: skip
+                        calibration=_calibration_options(args), force=args.force, progress=not args.quiet, consume_model=True)  # fmt: skip
     _print_allocation(done.bits_per_unit)
     res = done.result
     kernels = f", {res.kernels} layers on ONNX Runtime kernels" if res.kernels else ""
@@ -84,12 +84,21 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from ditq.workflows.sample import sample_to_file
+    from ditq.workflows.sample import check_prompt_options, prompt_to_file, sample_to_file
 
+    check_prompt_options(prompt=args.prompt, negative_prompt=args.negative_prompt, guidance=args.guidance, classes=args.classes,
+                         images=args.images)  # fmt: skip
+    if args.prompt is not None:
+        res = prompt_to_file(args.path, args.out, prompt=args.prompt, negative_prompt=args.negative_prompt, images=args.images,
+                             seed=args.seed, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                             batch_size=min(args.batch_size, 16), provider=args.provider, progress=not args.quiet)  # fmt: skip
+        print(f"wrote {res.out}: {res.images} image(s) of the prompt, {res.sampler}-{args.steps}, guidance {res.guidance:g}, "
+              f"seed {args.seed} ({res.seconds:.1f} s)")  # fmt: skip
+        return 0
     res = sample_to_file(args.path, args.out, classes=args.classes, per_class=args.per_class, seed=args.seed, steps=args.steps,
                          cfg=args.cfg, sampler=args.sampler, batch_size=args.batch_size, provider=args.provider,
                          progress=not args.quiet)  # fmt: skip
-    msg = f"wrote {res.out}: {len(res.classes)} classes x {res.per_class}, {args.sampler}-{args.steps}, cfg {args.cfg}, seed {args.seed}"
+    msg = f"wrote {res.out}: {len(res.classes)} classes x {res.per_class}, {res.sampler}-{args.steps}, cfg {args.cfg}, seed {args.seed}"
     if res.judge_accuracy is not None:
         msg += f"; the digit judge recognises {100 * res.judge_accuracy:.1f}% of them"
     print(f"{msg} ({res.seconds:.1f} s)")

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int_in(1, MAX_BATCH), default=256, help="samples per ONNX Runtime call (doubled by guidance)")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", required=True, help="grid.png (labelled image grid) or samples.npy (raw samples)")
+    p.add_argument("--prompt", help="text-to-image models: the prompt (the images go side by side into --out .png)")
+    p.add_argument("--negative-prompt", help="text-to-image models: what classifier-free guidance steers away from (default: empty)")
+    p.add_argument("--guidance", type=float_in(0.0, MAX_CFG), default=None,
+                   help="text-to-image models: guidance scale (default: the family's pipeline default, SD3 7, PixArt 4.5, Flux 3.5): classifier-free guidance with the negative prompt "
+                        "when > 1, or the model's own guidance input (guidance-distilled Flux); flow-matching models step with Euler")
+    p.add_argument("--images", type=int_in(1, MAX_COUNT), default=1, help="text-to-image models: images of the prompt (default 1)")
 
     p = sub.add_parser("eval", help="quantize, export and sample several configurations; FID-digits and class accuracy")
     p.add_argument("--model", default="digits", help="model to evaluate (default: the shipped digits model)")
@@ -217,6 +223,8 @@ def _add_fitness_args(p: argparse.ArgumentParser) -> None:
 def _add_sampler_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=50, help="denoising steps (default 50)")
     p.add_argument("--cfg", type=float_in(0.0, MAX_CFG), default=1.5, help="classifier-free guidance scale; 1 = none (default 1.5)")
-    p.add_argument("--sampler", default="ddim", choices=METHODS, help="ddim (deterministic) or ddpm (default ddim)")
+    p.add_argument("--sampler", default=None, choices=METHODS,
+                   help="ddim (deterministic), ddpm, or dpm++2m (DPM-Solver++(2M), deterministic); default: the one the model's "
+                        "scheduler config asks for (dpm++2m for a DPMSolverMultistepScheduler config ditq implements), else ddim")  # fmt: skip
     if seed:
         p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="seed of the starting noise (default 0)")

@@ -15,11 +15,14 @@ from typing import Any
 
 from ditq.adapters import FamilyAdapter, adapter_for, supported
 from ditq.families import spec_for
+from ditq.presets import FAMILY_PRESETS, family_preset_config
+from ditq.encoders import text_encoders_of
 from ditq.errors import DitqError, one_line, shown
 from ditq.manifest import file_sha256
 from ditq.pipeline import VAE_DECODER_FILE, Pipeline
 from ditq.untrusted import VAE_CONFIG, check_dit_config, check_fields, read_json
 from ditq.weights import diffusers_weight_files, load_weights, read_pickle, read_safetensors, read_weight_files, tensor_names
+from ditq.flow import FlowMatchSpec, schedule_from_config
 from ditq.schedule import SchedulerSpec
 
 # The DiT paper's configurations: hidden size, depth, heads (patch 2, 4 latent channels, learned sigma,
@@ -30,22 +33,6 @@ PRESETS: dict[str, tuple[int, int, int]] = {
     "dit-l-2": (1024, 24, 16),
     "dit-xl-2": (1152, 28, 16),
 }
-# Published text-to-image transformers by their configs (transformer/config.json of the diffusers
-# repositories), built with seeded random weights: no weights can be downloaded here, and speed, size and
-# memory depend on the shapes only. ``--image-size`` sets ``sample_size`` (latents are 1/8 of the image).
-FAMILY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    # PixArt-alpha/PixArt-Sigma-XL-2-512-MS: 28 blocks of 1152 (16 heads of 72), T5-XXL captions (4096)
-    "pixart-sigma": ("PixArtTransformer2DModel", dict(
-        sample_size=64, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
-        patch_size=2, caption_channels=4096, cross_attention_dim=1152, attention_bias=True, activation_fn="gelu-approximate",
-        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-        use_additional_conditions=False, interpolation_scale=None)),
-    # stabilityai/stable-diffusion-3-medium-diffusers: 24 MMDiT blocks of 1536 (24 heads of 64), 16 latent channels
-    "sd3-medium": ("SD3Transformer2DModel", dict(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-        joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-        pos_embed_max_size=192)),
-}  # fmt: skip
 # Heads of the original DiT models by hidden size (the checkpoint does not record them).
 _HEADS_BY_HIDDEN = {h: n for h, _, n in PRESETS.values()}
 DIT = adapter_for("DiTTransformer2DModel")  # the family the presets and checkpoint loaders build
@@ -151,17 +138,6 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
     return _load_original(path, image_size=image_size, num_heads=num_heads)
 
 
-def family_preset_config(name: str, image_size: int | None = None) -> dict[str, Any]:
-    """The checked config of the text-to-image preset ``name`` at ``image_size`` (None: as published)."""
-    class_name, config = FAMILY_PRESETS[name]
-    config = dict(config)
-    if image_size is not None:
-        if image_size not in (256, 512, 1024):
-            raise DitqError(f"--image-size must be 256, 512 or 1024 for {name}, got {image_size}")
-        config["sample_size"] = image_size // 8
-    return spec_for(class_name).check_config(config, f"preset {name}")
-
-
 def load_from_source(source: dict[str, Any]) -> LoadedModel:
     """Reload a model from the ``source`` record an exported model carries."""
     kind = source.get("kind")
@@ -185,8 +161,10 @@ def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = Non
     """How to sample a model from this source (the loaders compute it once, as :attr:`LoadedModel.pipeline`):
     a built-in model's :data:`BUILTIN_PIPELINE`; a diffusers folder's :data:`~ditq.pipeline.PIPELINE_FILE`
     (written by ditq) read by :meth:`Pipeline.read_from`; a pipeline folder's scheduler config read as a
-    :class:`SchedulerSpec` (a setting ditq's samplers do not implement is refused here, naming it) and, with
-    a ``vae/``, the decoder file and the latent scaling factor; else DiT's, in latent space. ``config``: the
+    :class:`SchedulerSpec` or :class:`~ditq.flow.FlowMatchSpec` (a setting ditq's samplers do not implement, or a
+    scheduler of the other kind than the model's prediction, is refused here, naming it) and, with
+    a ``vae/``, the decoder file and the latent scaling (and shift) factor, and for a text family its text
+    encoders and tokenizers (:func:`~ditq.encoders.text_encoders_of`); else DiT's, in latent space. ``config``: the
     transformer's checked config (:func:`~ditq.untrusted.check_dit_config`) when the caller has it; else
     read here where the source names it (a folder's, a preset's), to give the class conditioning and the
     sample shape through ``adapter``, the model's family adapter (None: the one the config's
@@ -211,16 +189,25 @@ def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = Non
     conditioning = None if fit is None else fit[0]
     if root is None or not (root / "model_index.json").is_file():
         return Pipeline(conditioning=conditioning)
-    schedule, vae, scaling_factor = SchedulerSpec(), None, None
+    schedule, vae, scaling_factor, shift_factor = SchedulerSpec(), None, None, None
     sched = root / "scheduler" / "scheduler_config.json"
     if sched.is_file():
         learned_sigma = None if config is None else adapter.output_split(config)[1] > 0
-        schedule = SchedulerSpec.from_scheduler_config(read_json(sched), where=str(sched), learned_sigma=learned_sigma)
+        index, sched_cfg = read_json(root / "model_index.json"), read_json(sched)
+        schedule = schedule_from_config(sched_cfg, where=str(sched), learned_sigma=learned_sigma, pipeline_class=index.get("_class_name"),
+                                        grids=adapter.spec.flow_grids)  # fmt: skip
+    flow = adapter.spec.prediction_type == "flow"
+    if flow != isinstance(schedule, FlowMatchSpec):
+        what = "velocity (flow matching)" if flow else "noise (epsilon)"
+        scheduler = shown(sched_cfg.get("_class_name"), 60, as_json=True) if sched.is_file() else "no scheduler config"
+        raise DitqError(f"{sched}: {scheduler} does not sample {adapter.spec.class_name}, which predicts {what}")
     vae_file = root / "vae" / "config.json"
     if vae_file.is_file():
         vae_cfg = check_fields(read_json(vae_file), VAE_CONFIG, str(vae_file))
-        vae, scaling_factor = VAE_DECODER_FILE, float(vae_cfg["scaling_factor"] or 0.18215)
-    return Pipeline(space="latent", schedule=schedule, vae=vae, scaling_factor=scaling_factor, conditioning=conditioning)
+        vae, scaling_factor, shift_factor = VAE_DECODER_FILE, float(vae_cfg["scaling_factor"] or 0.18215), vae_cfg["shift_factor"]
+    text = text_encoders_of(root, adapter.spec)  # a text family's encoders; one it needs and the folder lacks is refused
+    return Pipeline(space="latent", schedule=schedule, vae=vae, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                    conditioning=conditioning, text=text)  # fmt: skip
 
 
 def _folder_config(root: Path) -> dict[str, Any] | None:

@@ -15,9 +15,11 @@ from typing import Any, Mapping
 
 from ditq.errors import DitqError, shown
 from ditq.fileformat import META_PIPELINE
+from ditq.flow import FlowMatchSpec, Schedule, read_schedule
 from ditq.schedule import SchedulerSpec
 from ditq.options import is_finite_real
-from ditq.untrusted import DIT_CONFIG, MAX_SCALING_FACTOR, MAX_VALUE, Bool, Float, Int, Object, OneOf, Pair, Text, check_fields, parse_json_object, read_json
+from ditq.text import MAX_TEXT_ENCODERS, TextEncoder
+from ditq.untrusted import DIT_CONFIG, MAX_SCALING_FACTOR, MAX_VALUE, Bool, Float, Int, ListOf, Object, OneOf, Pair, Text, check_fields, parse_json_object, read_json
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,12 @@ FIELDS: dict[str, Any] = {
     "clip_denoised": Bool(False),
     "value_range": Pair([-1.0, 1.0]),
     "judge": OneOf((None, *JUDGES), None),
-    "schedule": Object(None),  # SchedulerSpec.to_dict(); absent or null: DiT's
+    "schedule": Object(None),  # SchedulerSpec.to_dict() or FlowMatchSpec.to_dict(); absent or null: DiT's
     "vae": Text(255, None, nullable=True),  # a file in the model's folder: VAE_DECODER_FILE only
     "scaling_factor": Float(0.0, MAX_SCALING_FACTOR, None, open_lo=True, nullable=True),
+    "shift_factor": Float(-MAX_SCALING_FACTOR, MAX_SCALING_FACTOR, None, nullable=True),  # with vae; null: no shift
     "conditioning": Object(None),  # absent or null: the model's, set by a reader that has it
+    "text": ListOf(Object(), MAX_TEXT_ENCODERS, None),  # TextEncoder.to_dict() each; absent: none
 }
 CONDITIONING_FIELDS: dict[str, Any] = {
     "num_classes": Int(1, DIT_CONFIG["num_embeds_ada_norm"].hi),
@@ -72,17 +76,21 @@ def _number(v: Any) -> bool:
 class Pipeline:
     """How a model samples: in pixel space (the predicted x0 clipped to ``value_range`` when
     ``clip_denoised``) or in latent space (decoded by the float VAE decoder ``vae``, which divides the
-    latents by ``scaling_factor``), with which noise schedule and sampler settings (``schedule``), which
-    class labels (``conditioning``), and which judge scores its images (``judge``)."""
+    latents by ``scaling_factor`` and adds ``shift_factor``), with which noise schedule and sampler settings
+    (``schedule``: a DDPM-family :class:`SchedulerSpec` or a flow-matching :class:`~ditq.flow.FlowMatchSpec`),
+    which class labels (``conditioning``) or which text encoders (``text``), and which judge scores its
+    images (``judge``)."""
 
     space: str = "latent"
     clip_denoised: bool = False
-    schedule: SchedulerSpec = field(default_factory=SchedulerSpec)
+    schedule: Schedule = field(default_factory=SchedulerSpec)
     value_range: tuple[float, float] = (-1.0, 1.0)
     vae: str | None = None
     scaling_factor: float | None = None
     judge: str | None = None
     conditioning: ClassConditioning | None = None
+    shift_factor: float | None = None  # the decoder adds it after dividing by scaling_factor (SD3, Flux)
+    text: tuple[TextEncoder, ...] = ()  # a text-to-image model's encoders and tokenizers, in the family's order
 
     def __post_init__(self) -> None:
         def bad(name: str, takes: str) -> DitqError:
@@ -92,8 +100,8 @@ class Pipeline:
             raise bad("space", "one of " + ", ".join(SPACES))
         if not isinstance(self.clip_denoised, bool):
             raise bad("clip_denoised", "true or false")
-        if not isinstance(self.schedule, SchedulerSpec):
-            raise bad("schedule", "a SchedulerSpec")
+        if not isinstance(self.schedule, (SchedulerSpec, FlowMatchSpec)):
+            raise bad("schedule", "a SchedulerSpec or a FlowMatchSpec")
         vr = self.value_range
         if not (isinstance(vr, tuple) and len(vr) == 2 and all(_number(v) and abs(v) <= MAX_VALUE for v in vr) and vr[0] < vr[1]):
             raise bad("value_range", "two finite numbers (lo, hi) with lo < hi")
@@ -114,6 +122,19 @@ class Pipeline:
             raise DitqError(f"judge {self.judge!r} scores images, but space is {self.space!r}")
         if self.conditioning is not None and not isinstance(self.conditioning, ClassConditioning):
             raise bad("conditioning", "null or a ClassConditioning")
+        if self.shift_factor is not None:
+            if not (_number(self.shift_factor) and abs(self.shift_factor) <= MAX_SCALING_FACTOR):
+                raise bad("shift_factor", f"a finite number in [-{MAX_SCALING_FACTOR:g}, {MAX_SCALING_FACTOR:g}]")
+            if self.vae is None:
+                raise DitqError("shift_factor comes with vae (the decoder adds it to the scaled latents)")
+            object.__setattr__(self, "shift_factor", float(self.shift_factor))
+        if not (isinstance(self.text, tuple) and len(self.text) <= MAX_TEXT_ENCODERS and all(isinstance(t, TextEncoder) for t in self.text)):
+            raise bad("text", f"a tuple of at most {MAX_TEXT_ENCODERS} TextEncoders")
+        folders = [t.folder for t in self.text]
+        if len(set(folders)) != len(folders):
+            raise DitqError(f"text names a text encoder twice: {', '.join(folders)}")
+        if self.text and self.conditioning is not None:
+            raise DitqError("text encoders and class conditioning do not go together (a model takes a prompt or a class)")
 
     # ----------------------------------------------------------------------------------------- questions
     @property
@@ -140,7 +161,9 @@ class Pipeline:
         """This pipeline for a model of class ``conditioning`` (its family's; None: a text-conditioned model)
         that denoises samples of ``sample_shape`` (no batch axis): the record's conditioning is
         ``conditioning`` when it has none; one that differs is refused, and so is a judge that does not
-        score the images the model makes."""
+        score the images the model makes, and text encoders for a class-conditioned model."""
+        if conditioning is not None and self.text:
+            raise DitqError(f"{where}: text encoders ({', '.join(t.folder for t in self.text)}) do not fit a class-conditioned model")
         if conditioning is None:
             if self.conditioning is not None or self.judge is not None:
                 what = "class conditioning" if self.conditioning is not None else f"judge {self.judge!r}"
@@ -163,8 +186,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------- reading and writing
     def to_dict(self) -> dict[str, Any]:
         """The JSON record: ``space``, ``value_range``, ``clip_denoised`` always; ``judge``, ``vae`` and
-        ``scaling_factor``, ``conditioning`` when set; ``schedule`` unless it is DiT's (what an absent one
-        reads as)."""
+        ``scaling_factor``, ``shift_factor``, ``conditioning``, ``text`` when set; ``schedule`` unless it is
+        DiT's (what an absent one reads as)."""
         d: dict[str, Any] = {"space": self.space, "value_range": list(self.value_range), "clip_denoised": self.clip_denoised}
         if self.judge is not None:
             d["judge"] = self.judge
@@ -172,6 +195,10 @@ class Pipeline:
             d["schedule"] = self.schedule.to_dict()
         if self.vae is not None:
             d["vae"], d["scaling_factor"] = self.vae, self.scaling_factor
+        if self.shift_factor is not None:
+            d["shift_factor"] = self.shift_factor
+        if self.text:
+            d["text"] = [t.to_dict() for t in self.text]
         if self.conditioning is not None:
             d["conditioning"] = {"num_classes": self.conditioning.num_classes, "null_label": self.conditioning.null_label}
         return d
@@ -192,11 +219,12 @@ class Pipeline:
                 conditioning = ClassConditioning(c["num_classes"], c["null_label"])
             except DitqError as e:
                 raise DitqError(f"{where}: {e}") from None
+        text = tuple(TextEncoder.from_dict(t, f"{where}.text[{i}]") for i, t in enumerate(rec["text"] or ()))
         try:
             pipe = cls(
-                space=rec["space"], clip_denoised=rec["clip_denoised"], schedule=SchedulerSpec.from_dict(rec["schedule"] or {}),
+                space=rec["space"], clip_denoised=rec["clip_denoised"], schedule=read_schedule(rec["schedule"] or {}),
                 value_range=tuple(rec["value_range"]), vae=rec["vae"], scaling_factor=rec["scaling_factor"], judge=rec["judge"],
-                conditioning=conditioning,
+                conditioning=conditioning, shift_factor=rec["shift_factor"], text=text,
             )  # fmt: skip
         except DitqError as e:
             raise DitqError(f"{where}: {e}") from None

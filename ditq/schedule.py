@@ -44,6 +44,8 @@ spacing       timesteps                                             previous, DD
 
 A previous timestep below 0 is the end: ``abar_prev = 1`` (DDIM with ``set_alpha_to_one`` false:
 ``abar_0``). These are the rules of diffusers' ``DDIMScheduler`` and ``DDPMScheduler``; ``dit`` is DiT's.
+DPM-Solver++ (``dpm++2m``, the default sampler of a ``DPMSolverMultistepScheduler`` config whose solver ditq
+implements: :attr:`SchedulerSpec.dpm_solver`) has its own timesteps and steps: :mod:`ditq.dpm_solver`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ditq.dpm_solver import SAMPLER as DPM_SAMPLER, DPMPlan, DPMSolverSettings, alphas_cumprod_f32, dpm_plan
 from ditq.errors import DitqError, shown
 from ditq.options import is_finite_real
 
@@ -66,7 +69,8 @@ SPACINGS = ("dit", "leading", "trailing", "linspace")
 VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "learned_range")
 
 # Scheduler classes whose configs ditq reads, with diffusers' defaults for the settings it accepts. ditq
-# samples with its own DDIM or DDPM (the spec's rules); a config's class only decides these defaults.
+# samples with its own DDIM, DDPM (the spec's rules) or DPM-Solver++ (ditq.dpm_solver); a config's class
+# decides these defaults, and a DPMSolverMultistepScheduler's makes DPM-Solver++ the default sampler.
 _COMMON: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "prediction_type": "epsilon", "rescale_betas_zero_snr": False, "steps_offset": 0,
@@ -78,7 +82,8 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "DPMSolverMultistepScheduler": {**_COMMON, "timestep_spacing": "linspace", "variance_type": None,
                                     "use_flow_sigmas": False, "use_dynamic_shifting": False},
 }  # fmt: skip
-# Settings of DPMSolverMultistepScheduler's own solver: ditq's DDIM/DDPM replace the solver, so they do not apply.
+# Settings of DPMSolverMultistepScheduler's own solver: read into SchedulerSpec.dpm_solver when ditq implements
+# the solver they describe (DPMSolverSettings.from_scheduler_config); otherwise ditq's DDIM/DDPM replace it.
 SOLVER_ONLY: dict[str, frozenset[str]] = {
     "DPMSolverMultistepScheduler": frozenset({
         "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas",
@@ -93,6 +98,18 @@ _ONLY_AT: dict[str, tuple[Any, str]] = {
     "use_dynamic_shifting": (False, "timestep shifting belongs to flow-matching models"),
 }
 _MAX_TIMESTEPS = 100_000
+
+
+def check_record_fields(cls: type, d: Any) -> Mapping[str, Any]:
+    """``d``, an untrusted schedule record, when it is a JSON object naming only fields of the dataclass
+    ``cls``; one :class:`DitqError` otherwise."""
+    if not isinstance(d, Mapping):
+        raise DitqError(f"the schedule record is not a JSON object: {shown(d, 60, as_json=True)}")
+    names = {f.name for f in fields(cls)}
+    unknown = [k for k in d if k not in names]
+    if unknown:
+        raise DitqError(f"unknown schedule field {shown(unknown[0], 60, quote=False)}={shown(d[unknown[0]], 60, as_json=True)} (written by a newer ditq?)")
+    return d
 
 
 def dit_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
@@ -167,6 +184,7 @@ class SchedulerSpec:
     use_clipped_model_output: bool = True
     variance_type: str | None = None
     scheduler_class: str | None = None  # the diffusers config's class; None: DiT's conventions
+    dpm_solver: DPMSolverSettings | None = None  # the DPM-Solver++ its config asks for; None: DDIM by default
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> DitqError:
@@ -203,6 +221,8 @@ class SchedulerSpec:
             raise bad("clip_sample_range", "a positive number")
         if self.variance_type not in VARIANCE_TYPES:
             raise bad("variance_type", f"ditq's DDPM implements {', '.join(str(v) for v in VARIANCE_TYPES[1:])}")
+        if self.dpm_solver is not None and not isinstance(self.dpm_solver, DPMSolverSettings):
+            raise bad("dpm_solver", "null or the settings of ditq's DPM-Solver++")
         if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
             raise bad("rescale_betas_zero_snr", "an epsilon model cannot predict x0 at zero SNR; it needs v_prediction or sample")
         betas = self.betas  # zero terminal SNR makes the last beta exactly 1
@@ -228,12 +248,27 @@ class SchedulerSpec:
     def num_timesteps(self) -> int:
         return self.num_train_timesteps
 
+    @property
+    def default_sampler(self) -> str:
+        """The sampler the model's scheduler config asks for: ``dpm++2m`` with :attr:`dpm_solver`, else ``ddim``."""
+        return DPM_SAMPLER if self.dpm_solver is not None else "ddim"
+
+    def dpm_plan(self, steps: int) -> DPMPlan:
+        """The timesteps and sigmas of ``steps`` steps of DPM-Solver++ (:func:`ditq.dpm_solver.dpm_plan`; DiT's
+        spacing takes the scheduler's default, ``linspace``)."""
+        abar = alphas_cumprod_f32(self.betas, self.rescale_betas_zero_snr)
+        return dpm_plan(abar, steps, spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                        settings=self.dpm_solver or DPMSolverSettings(), round_karras=self.beta_schedule != "squaredcos_cap_v2")  # fmt: skip
+
     def plan(self, steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(timesteps, previous)`` of ``steps`` steps of ``method`` (``ddim``/``ddpm``), descending;
-        ``previous`` -1 is the end (see the module docstring's table)."""
+        """``(timesteps, previous)`` of ``steps`` steps of ``method`` (``ddim``/``ddpm``/``dpm++2m``),
+        descending; ``previous`` -1 is the end (see the module docstring's table)."""
         n = self.num_train_timesteps
         if not 1 <= steps <= n:
             raise DitqError(f"steps must be in 1..{n} (the timesteps of this model's noise schedule), got {steps}")
+        if method == DPM_SAMPLER:
+            ts = self.dpm_plan(steps).timesteps
+            return ts, np.append(ts[1:], -1)
         spacing = self.timestep_spacing
         if spacing == "dit":
             ts = dit_timesteps(n, steps)[::-1].copy()
@@ -273,15 +308,11 @@ class SchedulerSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> "SchedulerSpec":
         """The record :meth:`to_dict` wrote; absent fields take DiT's defaults (records of ditq 0.1 hold only
         the four beta fields)."""
-        if not isinstance(d, Mapping):
-            raise DitqError(f"the schedule record is not a JSON object: {shown(d, 60, as_json=True)}")
-        names = {f.name for f in fields(cls)}
-        unknown = [k for k in d if k not in names]
-        if unknown:
-            raise DitqError(f"unknown schedule field {shown(unknown[0], 60, quote=False)}={shown(d[unknown[0]], 60, as_json=True)} (written by a newer ditq?)")
-        d = dict(d)
+        d = dict(check_record_fields(cls, d))
         if isinstance(d.get("trained_betas"), list):
             d["trained_betas"] = tuple(d["trained_betas"])
+        if isinstance(d.get("dpm_solver"), Mapping):
+            d["dpm_solver"] = DPMSolverSettings(**check_record_fields(DPMSolverSettings, d["dpm_solver"]))
         return cls(**d)
 
     @classmethod
@@ -289,7 +320,8 @@ class SchedulerSpec:
         cls, cfg: Mapping[str, Any], *, where: str = "scheduler config", learned_sigma: bool | None = None
     ) -> "SchedulerSpec":
         """The spec of a diffusers ``scheduler_config.json``; every setting that changes sampling is read or
-        refused (a :class:`DitqError` naming it and its value). ``learned_sigma``: whether the model outputs
+        refused (a :class:`DitqError` naming it and its value), except a ``DPMSolverMultistepScheduler``'s
+        solver settings: read into :attr:`dpm_solver` when ditq implements that solver, else left to DDIM/DDPM. ``learned_sigma``: whether the model outputs
         variance channels (``variance_type: learned_range`` needs them)."""
         name = cfg.get("_class_name")
         if not isinstance(name, str) or name not in CLASS_DEFAULTS:
@@ -314,7 +346,8 @@ class SchedulerSpec:
             raise DitqError(f"{where}: variance_type=\"learned_range\" needs a model that predicts variance; "
                             "this transformer's out_channels equal its in_channels")  # fmt: skip
         kept = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        dpm = DPMSolverSettings.from_scheduler_config(cfg) if name == "DPMSolverMultistepScheduler" else None
         try:
-            return cls(**kept, use_clipped_model_output=False, scheduler_class=name)
+            return cls(**kept, use_clipped_model_output=False, scheduler_class=name, dpm_solver=dpm)
         except DitqError as e:
             raise DitqError(f"{where}: {e}") from None

@@ -225,11 +225,14 @@ class Float:
 
 @dataclass(frozen=True)
 class Bool:
-    default: bool
+    """A JSON ``true`` or ``false`` (``null`` too when ``nullable``)."""
+
+    default: Any
+    nullable: bool = False
 
     def check(self, value: Any, field: str, where: str) -> bool:
         if not isinstance(value, bool):
-            raise _bad(where, field, "true or false", value)
+            raise _bad(where, field, "true or false" + (" or null" if self.nullable else ""), value)
         return value
 
 
@@ -355,14 +358,23 @@ def check_dit_config(obj: Any, where: str) -> dict[str, Any]:
     field checked against :data:`DIT_CONFIG`, and the fields consistent with each other."""
     cfg = check_fields(obj, DIT_CONFIG, where)
     cfg = {k: cfg[k] for k in DIT_CONFIG}
+    check_width(cfg, where)
+    return cfg
+
+
+def check_width(cfg: dict[str, Any], where: str, *, grid: bool = True) -> int:
+    """The blocks' width ``num_attention_heads x attention_head_dim`` of a checked config, at most
+    :data:`MAX_HIDDEN`; with ``grid`` (a 2-D sin-cos position table over ``patch_size`` patches: DiT,
+    PixArt, SD3) also a multiple of 4, with ``sample_size`` a multiple of ``patch_size``. One
+    :class:`DitqError` naming ``where`` otherwise."""
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     if hidden > MAX_HIDDEN:
         raise DitqError(f"{where}: num_attention_heads x attention_head_dim = {hidden}, more than {MAX_HIDDEN}")
-    if hidden % 4:  # the 2-D sin-cos position table gives each axis half the width, as sin and cos halves
+    if grid and hidden % 4:  # the 2-D sin-cos position table gives each axis half the width, as sin and cos halves
         raise DitqError(f"{where}: num_attention_heads x attention_head_dim = {hidden} is not a multiple of 4")
-    if cfg["sample_size"] % cfg["patch_size"]:
+    if grid and cfg["sample_size"] % cfg["patch_size"]:
         raise DitqError(f"{where}: sample_size {cfg['sample_size']} is not a multiple of patch_size {cfg['patch_size']}")
-    return cfg
+    return hidden
 
 
 # The fields of a diffusers AutoencoderKL config that set its size (the rest are checked by building it
@@ -377,6 +389,7 @@ VAE_CONFIG: dict[str, Any] = {
     "up_block_types": ListOf(Text(64), 16, ["UpDecoderBlock2D"]),
     "norm_num_groups": Int(1, 1024, 32),
     "scaling_factor": Float(0.0, MAX_SCALING_FACTOR, 0.18215, open_lo=True, nullable=True),
+    "shift_factor": Float(-MAX_SCALING_FACTOR, MAX_SCALING_FACTOR, None, nullable=True),  # SD3, Flux: latents / scale + shift
 }
 
 SOURCE_KINDS = ("builtin", "preset", "diffusers", "dit-checkpoint")

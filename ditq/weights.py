@@ -29,6 +29,7 @@ SHOWN = 3  # names listed in a message, then a count
 
 # diffusers' weight file names, in the order ``from_pretrained(use_safetensors=...)`` prefers them
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+TRANSFORMERS_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # a transformers model folder's (text encoders)
 
 
 def read_safetensors(path: Path) -> dict[str, Any]:
@@ -86,10 +87,11 @@ def read_tensors(path: Path) -> dict[str, Any]:
     return obj
 
 
-def diffusers_weight_files(folder: Path) -> list[Path]:
+def diffusers_weight_files(folder: Path, names: tuple[str, ...] = WEIGHT_FILES) -> list[Path]:
     """The weights of a diffusers model folder: ``diffusion_pytorch_model.safetensors`` (else ``.bin``),
-    or the shards a ``*.index.json`` names (each one inside the folder)."""
-    for name in WEIGHT_FILES:
+    or the shards a ``*.index.json`` names (each one inside the folder). ``names``: the file names to look
+    for, in order of preference (a transformers model folder's: :data:`TRANSFORMERS_WEIGHT_FILES`)."""
+    for name in names:
         if (folder / name).is_file():
             return [folder / name]
         index = folder / f"{name}.index.json"
@@ -102,7 +104,7 @@ def diffusers_weight_files(folder: Path) -> list[Path]:
             if missing:
                 raise DitqError(f"{index}: names shard {shown(missing[0])}, which is not a file in {folder}")
             return shards
-    raise DitqError(f"{folder}: no weights file ({' or '.join(WEIGHT_FILES)})")
+    raise DitqError(f"{folder}: no weights file ({' or '.join(names)})")
 
 
 def read_weight_files(files: list[Path]) -> dict[str, Any]:

@@ -6,6 +6,9 @@ Output folder::
     recipe.json         the recipe it was made with
     manifest.json       tool version, source, target, the ONNX Runtime session config entries the model
                         needs (also in its ``ditq.session_config`` metadata), files with their SHA-256 and sizes
+    vae_decoder.onnx    a pipeline folder's float VAE decoder (latents / scaling_factor + shift_factor -> images)
+    text_encoder*.onnx  a text-to-image pipeline's float text encoders and their tokenizers, tokenizer*.json
+                        (:mod:`ditq.text`)
 
 The folder is assembled under a temporary sibling name and renamed into place only when complete, so a
 crash never leaves a half-written model under the final name, and re-exporting over an old folder starts
@@ -22,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx.external_data_helper import load_external_data_for_model
 from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
@@ -32,8 +34,10 @@ from ditq.fileformat import (
     META_SESSION_CONFIG, META_SOURCE, META_TARGET, META_VERSION, MODEL_FILE,
 )  # fmt: skip
 from ditq.exporter.reference import QuantizedDiT
-from ditq.exporter.trace import bind_modules, export_float, export_vae_decoder
+from ditq.exporter.text_encoders import write_text_encoders
+from ditq.exporter.trace import bind_modules, export_float, export_vae_decoder, strip_trace_metadata
 from ditq.files import staged_dir
+from ditq.graphs.external import load_initializers, offload_initializers
 from ditq.graphs.lower_ort import KERNEL_QDQ, LowerToOrtKernelsPass, kernel_counts
 from ditq.graphs.opset import INT2_TYPES, RaiseOpsetForInt2Pass
 from ditq.graphs.passes import PassSequence
@@ -65,24 +69,12 @@ def _jsonable_config(config: Any) -> dict[str, Any]:
     return {k: v for k, v in dict(config).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-def strip_trace_metadata(proto: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node metadata (stack traces with local paths, FX names, module scopes: 0.7
-    MB on the digits DiT) once the modules are bound; the passes' own ``ditq.*`` tags stay."""
-    for node in proto.graph.node:
-        keep = [p for p in node.metadata_props if p.key.startswith("ditq.")]
-        del node.metadata_props[:]
-        node.metadata_props.extend(keep)
-
-
 def required_opset(qdit: QuantizedDiT) -> int:
     """The lowest opset whose types hold every tensor of ``qdit``'s graph: ``INT2_OPSET`` (25) when a layer
     kept as standard QDQ stores 2-bit codes (INT2/UINT2, see :func:`ditq.graphs.tensors.code_type`; the
-    ``ort`` kernels pack theirs into uint8), else ``DEFAULT_OPSET`` (21: blocked Q/DQ, INT4/UINT4)."""
-    int2 = any(
-        code_type(qdit.weights[n].bits, qdit.weights[n].symmetric) in INT2_TYPES
-        for n, p in qdit.plans.items()
-        if p.kernel == KERNEL_QDQ and n in qdit.weights
-    )
+    ``ort`` kernels pack theirs into uint8), else ``DEFAULT_OPSET`` (21: blocked Q/DQ, INT4/UINT4). Read
+    from the plans (ternary's 1.58 bits are 2-bit codes), so known before any weight is quantized."""
+    int2 = any(code_type(p.quant.wbits, p.quant.symmetric) in INT2_TYPES for p in qdit.plans.values() if p.kernel == KERNEL_QDQ)
     return INT2_OPSET if int2 else DEFAULT_OPSET
 
 
@@ -111,7 +103,9 @@ def build_quantized_graph(
 ) -> tuple[onnx.ModelProto, int, int, int]:
     """Trace the float model into ``work_dir`` and run the passes of ``qdit.target`` (each checked by its
     postcondition, :mod:`ditq.graphs.passes`); returns the proto (its remaining float initializers loaded)
-    and how many weights, activation Q/DQ subgraphs and ORT kernels were inserted.
+    and how many weights, activation Q/DQ subgraphs and ORT kernels were inserted. Layers not quantized
+    yet (``quantize_model(..., consume=True)``) are quantized once the float graph is traced, releasing
+    the model's weights; the built graph is checked from disk without its data (:mod:`ditq.graphs.external`).
 
     The graph is written at ``resolve_opset(qdit, opset)``. An explicit ``opset`` is also the one traced at;
     without one the float graph is traced at ``DEFAULT_OPSET`` and, when 2-bit codes need ``INT2_OPSET``,
@@ -127,22 +121,27 @@ def build_quantized_graph(
     steps.set_postfix_str("bind modules to nodes")
     proto = onnx.load(str(float_path), load_external_data=False)
     bound = bind_modules(adapter, proto, qdit.model, qdit.plans, work_dir)
+    qdit.quantize_pending(progress)  # consume: the float graph now holds the weights the export reads
     steps.update()
 
     steps.set_postfix_str("store low-bit weights, insert activation quantization")
     passes = PassSequence([*as_target(qdit.target).passes(qdit.plans, qdit.weights, bound), RaiseOpsetForInt2Pass(written)])
     done = passes(proto)
-    proto = done.model
-    load_external_data_for_model(proto, str(work_dir))  # the float tensors that stay (biases, norms, conv)
+    counts = (done.count(StoreQuantizedWeightsPass), done.count(InsertActivationQDQPass), done.count(LowerToOrtKernelsPass))
+    proto, moved = offload_initializers(done.model, work_dir / "quantized.onnx.data")
+    del done, passes  # the passes' proto and all its arena holds
+    if qdit.consume:  # used up: the graph holds the codes now
+        qdit.weights.clear()
     steps.update()
     steps.set_postfix_str("check")
+    onnx.save_model(proto, str(work_dir / "quantized.onnx"))
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(str(work_dir / "quantized.onnx"))
     except onnx.checker.ValidationError as e:  # a bug of ours, not bad input: let it be reported loudly
         raise RuntimeError(f"the quantized graph fails the ONNX checker: {e}") from e
+    load_initializers(proto, work_dir, moved)  # + the float tensors that stay (biases, norms, conv)
     steps.update()
     steps.close()
-    counts = (done.count(StoreQuantizedWeightsPass), done.count(InsertActivationQDQPass), done.count(LowerToOrtKernelsPass))
     return (proto, *counts)
 
 
@@ -204,13 +203,15 @@ def export(
             onnx.save_model(proto, str(model_path))
         del proto
         if pipe.has_decoder:  # a pipeline folder: the float VAE decoder goes next to the transformer
-            vae_path = stage / pipe.vae
-            export_vae_decoder(load_vae(source), vae_path, channels=config["in_channels"], size=config["sample_size"],
-                               scaling_factor=pipe.scaling_factor, opset=opset or DEFAULT_OPSET)  # fmt: skip
+            vae_path, vae = stage / pipe.vae, load_vae(source)
+            export_vae_decoder(vae, vae_path, channels=vae.config.latent_channels, size=adapter.sample_shape(config)[1:],
+                               scaling_factor=pipe.scaling_factor, shift_factor=pipe.shift_factor, opset=opset or DEFAULT_OPSET)  # fmt: skip
             vae_proto = onnx.load(str(vae_path))  # one self-contained file (the decoder is small)
             for f in stage.glob(pipe.vae + ".data"):
                 f.unlink()
             onnx.save_model(vae_proto, str(vae_path))
+        text = write_text_encoders(source["path"], pipe.text, stage, work, opset=opset or DEFAULT_OPSET,
+                                   external_data_bytes=external_data_bytes) if pipe.text else []  # fmt: skip
         shutil.rmtree(work)
         (stage / RECIPE_FILE).write_text(qdit.recipe.to_json() + "\n")
         manifest = write_manifest(stage, {
@@ -222,6 +223,7 @@ def export(
             "lowered_kernels": n_kernels,
             "session_config": session_config,  # ONNX Runtime session config entries the model needs
             "kernels": kernel_counts(qdit.plans),
+            **({"text_encoders": text} if text else {}),  # the text-to-image export's encoders and tokenizers
         })  # fmt: skip
     model_bytes = sum(f["bytes"] for n, f in manifest["files"].items() if n in (MODEL_FILE, DATA_FILE))  # the transformer
     return ExportResult(out_dir, out_dir / MODEL_FILE, model_bytes, time.perf_counter() - t0, n_weights, n_acts, n_kernels)

@@ -182,7 +182,6 @@ class LowerToOrtKernelsPass(GraphPass):
         dq_of = {m: nodes[0] for m, nodes in nodes_by_module(graph, ROLE_WEIGHT_DQ).items()}
         readers = consumers(graph)
         replace_: dict[str, list] = {}
-        inits: list[TensorProto] = []
         shared: dict[str, TensorProto] = {}
         for name, plan in self.plans.items():
             dq = dq_of.get(name)
@@ -196,9 +195,9 @@ class LowerToOrtKernelsPass(GraphPass):
             else:
                 nodes, new = self._int8(name, plan, mm, shared)
             replace_[mm.name] = nodes
-            inits += new
+            graph.initializer.extend(new)  # as made: the graph holds the only copy (ditq.graphs.tensors)
         rebuild_nodes(graph, {}, replace_)
-        graph.initializer.extend(inits + list(shared.values()))
+        graph.initializer.extend(shared.values())
         remove_unused_initializers(graph)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import) and self.plans:
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

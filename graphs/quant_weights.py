@@ -96,7 +96,6 @@ class StoreQuantizedWeightsPass(GraphPass):
             raise ValueError(f"nodes not in the graph: {sorted(missing)[:5]}")
         before: dict[str, list] = {}
         replace: dict[str, list] = {}
-        new_inits = []
         for name, target in self.targets.items():
             node = nodes[name]
             reason = self.check(node, inits, target)
@@ -109,10 +108,12 @@ class StoreQuantizedWeightsPass(GraphPass):
             scale = qt.scale.numpy() if table else qt.scale.numpy().T
             zero = qt.zero.numpy() if table else qt.zero.numpy().T
             names = [f"{mod}.qweight", f"{mod}.qscale"]
-            new_inits += [code_tensor(names[0], codes, qt.bits, qt.symmetric), float_tensor(names[1], scale)]
+            # appended as made, so that the graph holds the only copy of the codes (ditq.graphs.tensors)
+            graph.initializer.append(code_tensor(names[0], codes, qt.bits, qt.symmetric))
+            graph.initializer.append(float_tensor(names[1], scale))
             if not qt.symmetric:
                 names.append(f"{mod}.qzero")
-                new_inits.append(code_tensor(names[2], zero, qt.bits, False))
+                graph.initializer.append(code_tensor(names[2], zero, qt.bits, False))
             dq_out = f"{mod}.weight_dq"
             if table and qt.bits > 4:  # gather the rows' codes and scales first, dequantize only those rows
                 ids = node.input[1]
@@ -146,7 +147,6 @@ class StoreQuantizedWeightsPass(GraphPass):
                     add.metadata_props.extend(node.metadata_props)
                     replace[name].append(add)
         rebuild_nodes(graph, before, replace)
-        graph.initializer.extend(new_inits)
         remove_unused_initializers(graph)
         return PassResult(model, bool(self.targets), len(self.targets))
 

@@ -98,15 +98,14 @@ def rebuild_nodes(graph: onnx.GraphProto, before: dict[str, list], replace: dict
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> int:
-    """Drop initializers no node or graph output reads; returns how many were removed."""
+    """Drop initializers no node or graph output reads, in place (the others are not copied: see
+    :mod:`ditq.graphs.external`); returns how many were removed."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for n in graph.node:  # subgraphs (If/Loop) may read outer initializers
         for a in n.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
                 used |= {i for sn in a.g.node for i in sn.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    removed = len(graph.initializer) - len(keep)
-    if removed:
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    return removed
+    unused = [i for i, t in enumerate(graph.initializer) if t.name not in used]
+    for i in reversed(unused):
+        del graph.initializer[i]
+    return len(unused)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from ditq.errors import DitqError, shown
-from ditq.families import DEFAULT_CLASS, spec_for
+from ditq.families import DEFAULT_CLASS, FamilySpec, spec_for
 from ditq.fileformat import META_CONFIG, META_FAMILY, META_PIPELINE, MODEL_FILE
 from ditq.options import int_list
 from ditq.runtime.samplers import sample, seeded_noise
@@ -47,6 +47,23 @@ def resolve_model_file(path: str | Path) -> Path:
     return p
 
 
+def open_export(path: str | Path, *, provider: str = "cpu", threads: int | None = None) -> tuple[Path, OrtDiT, dict[str, str], FamilySpec]:
+    """``(model file, its ONNX Runtime session, its metadata, its family's spec)`` of an exported folder or
+    ``.onnx`` file; a file without ditq's metadata, or of a family ditq does not know, is refused."""
+    file = resolve_model_file(path)
+    fn = OrtDiT(file, provider=provider, threads=threads)
+    meta = dict(fn.session.get_modelmeta().custom_metadata_map)
+    if META_CONFIG not in meta:
+        raise DitqError(f"{file}: not a ditq export (no {META_CONFIG} metadata)")
+    return file, fn, meta, spec_for(meta.get(META_FAMILY, DEFAULT_CLASS), f"{file}: {META_FAMILY}")
+
+
+def export_config(file: Path, meta: Mapping[str, str], spec: FamilySpec) -> dict[str, Any]:
+    """The model config an export's metadata records (untrusted), checked by its family's ``spec``."""
+    where = f"{file}: {META_CONFIG}"
+    return spec.check_config(parse_json_object(meta[META_CONFIG], where), where)
+
+
 def check_output_channels(file: Path, shape: list, config: dict[str, Any]) -> None:
     """Refuse a graph whose output ``shape`` (as ONNX Runtime reports it) is ``[batch, channels, h, w]``
     with ``channels`` other than what ``config`` states: its ``out_channels`` (``in_channels`` when null),
@@ -73,16 +90,10 @@ class ExportedDiT:
 
     @classmethod
     def open(cls, path: str | Path, *, provider: str = "cpu", threads: int | None = None) -> "ExportedDiT":
-        file = resolve_model_file(path)
-        fn = OrtDiT(file, provider=provider, threads=threads)
-        meta = fn.session.get_modelmeta().custom_metadata_map
-        if META_CONFIG not in meta:
-            raise DitqError(f"{file}: not a ditq export (no {META_CONFIG} metadata)")
-        where = f"{file}: {META_CONFIG}"
-        spec = spec_for(meta.get(META_FAMILY, DEFAULT_CLASS), f"{file}: {META_FAMILY}")
+        file, fn, meta, spec = open_export(path, provider=provider, threads=threads)
         if spec.text_conditioned:
             raise DitqError(f"{file}: a text-to-image model ({spec.class_name}) samples from a prompt: pass --prompt")
-        config = spec.check_config(parse_json_object(meta[META_CONFIG], where), where)
+        config = export_config(file, meta, spec)
         pipeline = Pipeline.from_metadata(meta, file, fit=(spec.conditioning(config), spec.sample_shape(config)))
         if pipeline.has_decoder:  # refused here, before any sampling, if it links out of the folder
             inside(file.parent, pipeline.vae, f"{file}: {META_PIPELINE}.vae")
@@ -140,12 +151,13 @@ class ExportedDiT:
         seed: int = 0,
         steps: int = 50,
         cfg: float = 1.5,
-        method: str = "ddim",
+        method: str | None = None,
         batch_size: int = 256,
         progress: bool = False,
         noise: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Samples of ``labels`` in model space ([-1, 1] for pixel models), from :func:`seeded_noise`."""
+        """Samples of ``labels`` in model space ([-1, 1] for pixel models), from :func:`seeded_noise`;
+        ``method`` None: the schedule's default sampler."""
         labels = np.asarray(labels, np.int64)
         self.check_labels(labels)
         self.check_count(len(labels))
@@ -165,7 +177,7 @@ def generate(
     *,
     steps: int,
     cfg: float,
-    method: str,
+    method: str | None,
     null_class: int,
     clip_denoised: bool,
     seed: int,

@@ -61,6 +61,21 @@ def grid_image(
     return canvas
 
 
+def image_row(images: np.ndarray, *, pad: int = 2):
+    """A ``PIL.Image`` of ``images`` ([N, C, H, W] in [0, 1]) at their own size, side by side with ``pad``
+    white pixels between them (one image: the image itself)."""
+    from PIL import Image
+
+    tiles = to_uint8(images)
+    n, h, w, _ = tiles.shape
+    check_grid_size(1, n, cell=max(h, w), pad=pad)
+    canvas = Image.new("RGB", (n * w + (n - 1) * pad, h), (255, 255, 255))
+    for i, img in enumerate(tiles):
+        tile = Image.fromarray(img[..., 0], "L") if img.shape[-1] == 1 else Image.fromarray(img[..., :3], "RGB")
+        canvas.paste(tile.convert("RGB"), (i * (w + pad), 0))
+    return canvas
+
+
 def save_png(image, path: str | Path) -> Path:
     """Write ``image`` atomically (a temporary sibling renamed into place)."""
     path = Path(path)

@@ -22,6 +22,13 @@ DDIM ``x' = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z`` with
 sqrt(1 - beta) (1 - a') / (1 - a) x + std z`` with noise only for ``t > 0``, where ``std^2`` is the
 posterior variance ``(1 - a') / (1 - a) beta`` (``fixed_small``), ``beta`` (``fixed_large``) or, for
 ``learned_range``, ``exp(f log beta + (1 - f) log posterior)`` with ``f = (v + 1) / 2``.
+
+``dpm++2m`` steps as diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++, :mod:`ditq.dpm_solver`) with
+the spec's :attr:`~ditq.schedule.SchedulerSpec.dpm_solver` settings (diffusers' defaults when the spec has
+none), in float32 as diffusers does; the variance values of a learned-sigma model are dropped.
+
+Flow-matching models (velocity prediction: SD3, Flux) sample with :func:`sample_flow`: the Euler steps of
+a :class:`~ditq.flow.FlowMatchSpec` over a velocity callable.
 """
 
 from __future__ import annotations
@@ -31,11 +38,13 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from ditq.dpm_solver import SAMPLER as DPM_SAMPLER, DPMSolverPP, DPMSolverSettings
 from ditq.errors import DitqError
+from ditq.flow import FlowMatchSpec
 from ditq.schedule import SchedulerSpec
 
 ModelFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-METHODS = ("ddim", "ddpm")
+METHODS = ("ddim", "ddpm", DPM_SAMPLER)
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -56,7 +65,7 @@ def _guided(model: ModelFn, x: np.ndarray, t: int, labels: np.ndarray, cfg: floa
     return np.concatenate([eps, cond[:, c:]], axis=1)
 
 
-def _finite_output(out: np.ndarray, t: int) -> np.ndarray:
+def _finite_output(out: np.ndarray, t: int | str) -> np.ndarray:
     """``out`` when all of it is finite: a model that produces NaN or Inf stops the sampler."""
     if not np.isfinite(out).all():
         raise DitqError(f"sampling stopped at timestep {t}: the model's output holds NaN or Inf values")
@@ -70,7 +79,7 @@ def sample(
     *,
     schedule: SchedulerSpec | None = None,
     steps: int = 50,
-    method: str = "ddim",
+    method: str | None = None,
     cfg: float = 1.0,
     null_class: int | None = None,
     eta: float = 0.0,
@@ -82,21 +91,25 @@ def sample(
 ) -> np.ndarray:
     """Denoise ``noise`` ([B,C,H,W]) into samples of ``labels`` ([B]) in ``steps`` model evaluations.
 
-    ``method`` ``ddim`` is deterministic for ``eta=0``; ``ddpm`` (and DDIM with ``eta>0``) draws its
-    per-step noise from ``rng`` (anything with ``standard_normal(shape)``; default
-    ``numpy.random.default_rng(seed)``). ``schedule`` defaults to DiT's (``SchedulerSpec()``).
+    ``method`` ``ddim`` is deterministic for ``eta=0``, and so is ``dpm++2m``; ``ddpm`` (and DDIM with
+    ``eta>0``) draws its per-step noise from ``rng`` (anything with ``standard_normal(shape)``; default
+    ``numpy.random.default_rng(seed)``); None: the schedule's ``default_sampler``. ``schedule`` defaults to
+    DiT's (``SchedulerSpec()``).
     ``clip_denoised`` clamps the predicted ``x_0`` to [-1, 1] (pixel-space models) when the schedule does
     not clip itself (``clip_sample``). When ``trajectory`` is a list, each step appends
     ``(timestep, model output, x_prev)``. A model output or a step that is not finite (NaN, Inf) stops
     the sampler with a :class:`DitqError`.
     """
+    spec = schedule or SchedulerSpec()
+    method = method or spec.default_sampler
     if method not in METHODS:
         raise ValueError(f"unknown sampler {method!r}; choose from {METHODS}")
-    spec = schedule or SchedulerSpec()
+    clip = spec.clip_sample_range if spec.clip_sample else (1.0 if clip_denoised else None)
+    if method == DPM_SAMPLER:
+        return _sample_dpm(model, noise, labels, spec, steps, cfg, null_class, clip, progress, trajectory)
     ts, prev = spec.plan(steps, method)
     abar_all = spec.alphas_cumprod
     final = 1.0 if method == "ddpm" or spec.set_alpha_to_one else float(abar_all[0])  # abar after the last step
-    clip = spec.clip_sample_range if spec.clip_sample else (1.0 if clip_denoised else None)
     rng = rng if rng is not None else np.random.default_rng(seed)
     x = noise.astype(np.float64)
     labels = np.asarray(labels, np.int64)
@@ -104,8 +117,7 @@ def sample(
     for i in tqdm(range(len(ts)), desc=f"{method} sampling", unit="step", disable=not progress, leave=False):
         t = int(ts[i])
         out = _guided(model, x.astype(np.float32), t, labels, cfg, null_class).astype(np.float64)
-        if out.shape[1] not in (c, 2 * c):
-            raise DitqError(f"the model's output has {out.shape[1]} channels; expected {c} or {2 * c} for {c} input channels")
+        _check_channels(out, c)
         abar = float(abar_all[t])
         abar_prev = float(abar_all[prev[i]]) if prev[i] >= 0 else final
         x0, eps = spec.predict(x, out[:, :c], abar)
@@ -128,6 +140,31 @@ def sample(
     return x.astype(np.float32)
 
 
+def _check_channels(out: np.ndarray, c: int) -> None:
+    if out.shape[1] not in (c, 2 * c):
+        raise DitqError(f"the model's output has {out.shape[1]} channels; expected {c} or {2 * c} for {c} input channels")
+
+
+def _sample_dpm(model: ModelFn, noise, labels, spec: SchedulerSpec, steps: int, cfg: float, null_class, clip, progress,
+                trajectory) -> np.ndarray:  # fmt: skip
+    """:func:`sample` with DPM-Solver++ (float32 samples and model outputs, as diffusers steps them)."""
+    plan = spec.dpm_plan(steps)
+    solver = DPMSolverPP(plan, spec.dpm_solver or DPMSolverSettings(), spec.prediction_type, clip=clip)
+    x = np.asarray(noise, np.float32)
+    labels = np.asarray(labels, np.int64)
+    c = x.shape[1]
+    for i in tqdm(range(len(plan.timesteps)), desc=f"{DPM_SAMPLER} sampling", unit="step", disable=not progress, leave=False):
+        t = int(plan.timesteps[i])
+        out = _guided(model, x, t, labels, cfg, null_class)
+        _check_channels(out, c)
+        x = solver.step(i, x, out[:, :c])
+        if not np.isfinite(x).all():
+            raise DitqError(f"sampling stopped at timestep {t}: the samples became NaN or Inf (guidance scale {cfg:g})")
+        if trajectory is not None:
+            trajectory.append((t, np.asarray(out, np.float32), x))
+    return x
+
+
 def _ddpm_step(spec: SchedulerSpec, x, x0, abar: float, abar_prev: float, v, t: int, rng) -> np.ndarray:
     """The posterior ``q(x_prev | x_t, x0)`` mean, plus noise of the spec's variance type when ``t > 0``;
     ``v``: the model's variance values, or None."""
@@ -148,6 +185,37 @@ def _ddpm_step(spec: SchedulerSpec, x, x0, abar: float, abar_prev: float, v, t: 
     else:  # fixed_small, fixed_small_log
         std = np.sqrt(post_var)
     return mean + std * rng.standard_normal(x.shape)
+
+
+def sample_flow(
+    velocity: Callable[[np.ndarray, np.float32], np.ndarray],
+    noise: np.ndarray,
+    *,
+    schedule: FlowMatchSpec,
+    steps: int,
+    image_tokens: int,
+    progress: bool = False,
+    trajectory: list | None = None,
+) -> np.ndarray:
+    """Denoise ``noise`` (sigma 1) to sigma 0 in ``steps`` Euler steps of a flow-matching ``schedule``
+    (:mod:`ditq.flow`; ``image_tokens``: what its dynamic shift reads). ``velocity(x, t)`` is the model's
+    (guided) velocity at samples ``x`` (float32) and the scheduler's timestep ``t`` (float32, ``N sigma``);
+    the samples stay float32, as in diffusers' ``FlowMatchEulerDiscreteScheduler``. When ``trajectory`` is
+    a list, each step appends ``(timestep, velocity, x_next)``. A non-finite velocity or step stops the
+    sampler with a :class:`DitqError`."""
+    sigmas, timesteps = schedule.plan(steps, image_tokens)
+    x = np.asarray(noise, np.float32)
+    for i in tqdm(range(len(timesteps)), desc="flow sampling", unit="step", disable=not progress, leave=False):
+        t = timesteps[i]
+        v = _finite_output(np.asarray(velocity(x, t), np.float32), f"{t:g}")
+        if v.shape != x.shape:
+            raise DitqError(f"the model's velocity has shape {list(v.shape)}; the samples have {list(x.shape)}")
+        x = schedule.step(x, v, sigmas[i], sigmas[i + 1])
+        if not np.isfinite(x).all():
+            raise DitqError(f"sampling stopped at timestep {t:g}: the samples became NaN or Inf (check the guidance scale)")
+        if trajectory is not None:
+            trajectory.append((float(t), v, x))
+    return x
 
 
 def seeded_noise(seed: int, n: int, channels: int, size: int) -> np.ndarray:

@@ -43,8 +43,26 @@ def tiny_source(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def t2i_pipeline(tmp_path_factory):
+    """``t2i_pipeline(name)``: the folder of a tiny text-to-image pipeline of tests/t2i_fixtures.py ("sd3",
+    "pixart" or "flux"), built and saved on first use, once per session; read-only."""
+    from tests.t2i_fixtures import BUILDERS
+
+    built = {}
+
+    def folder(name: str):
+        if name not in built:
+            built[name] = BUILDERS[name](tmp_path_factory.mktemp(f"t2i-{name}") / name)
+        return built[name]
+
+    return folder
+
+
 def run(argv, capsys):
-    """``ditq --quiet argv`` in this process: (exit code, stdout, stderr)."""
+    """``ditq --quiet argv`` in this process: (exit code, stdout, stderr) of that command alone (what the test
+    printed before, e.g. a fixture built on first use, is dropped)."""
+    capsys.readouterr()
     code = main(["--quiet", *argv])
     out, err = capsys.readouterr()
     return code, out, err

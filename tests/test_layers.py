@@ -31,9 +31,9 @@ PACKAGES = {"ditq": "ditq", "calib": "ditq.calib", "runtime": "ditq.runtime", "g
 CORE = 0
 LAYERS = {  # module (or package prefix) -> layer; the longest prefix that matches a module wins
     "ditq.errors": CORE, "ditq.files": CORE, "ditq.untrusted": CORE, "ditq.manifest": CORE,
-    "ditq.patterns": CORE, "ditq.options": CORE, "ditq.recipe": CORE, "ditq.schedule": CORE,
+    "ditq.patterns": CORE, "ditq.options": CORE, "ditq.recipe": CORE, "ditq.schedule": CORE, "ditq.flow": CORE,
     "ditq.pipeline": CORE, "ditq.fileformat": CORE, "ditq.weights": CORE, "ditq.models": CORE,
-    "ditq.adapters": CORE, "ditq.families": CORE,
+    "ditq.adapters": CORE, "ditq.families": CORE, "ditq.presets": CORE, "ditq.dpm_solver": CORE, "ditq.text": CORE, "ditq.encoders": CORE,
     "ditq.runtime": 1,
     "ditq.calib": 2,
     "ditq.graphs": 3,
@@ -50,7 +50,7 @@ LAZY_OK = {
 }
 # The ONNX Runtime side and what it may import: these import neither torch nor diffusers when loaded.
 TORCH_FREE = ("ditq.runtime", "ditq.errors", "ditq.files", "ditq.untrusted", "ditq.manifest", "ditq.patterns",
-              "ditq.options", "ditq.recipe", "ditq.schedule", "ditq.pipeline", "ditq.fileformat", "ditq.weights", "ditq.families")  # fmt: skip
+              "ditq.options", "ditq.recipe", "ditq.schedule", "ditq.flow", "ditq.pipeline", "ditq.fileformat", "ditq.weights", "ditq.families", "ditq.presets", "ditq.dpm_solver", "ditq.text")  # fmt: skip
 TORCH_MODULES = ("torch", "diffusers", "torchvision", "transformers")
 
 

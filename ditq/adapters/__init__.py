@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from ditq.errors import DitqError, shown
@@ -86,6 +87,23 @@ class Coverage:
         """The patterns of the block linears that get weights and activations, group by group."""
         return tuple(f"{bl.blocks}.*.{m}" for bl in self.block_lists for g in bl.activation_groups for m in g.members)
 
+    def present_in(self, modules: Iterable[str]) -> "Coverage":
+        """This coverage without the input groups that no block of a model with the module names
+        ``modules`` holds (a family whose blocks differ: SD3.5's dual attention, absent from SD3), so that
+        every rule a recipe builds from it selects a module of that model."""
+        in_blocks: dict[str, set[str]] = {}  # block list -> the module names inside its blocks ("attn.to_q")
+        for n in modules:
+            for bl in self.block_lists:
+                i, _, inner = n[len(bl.blocks) + 1 :].partition(".")
+                if n.startswith(bl.blocks + ".") and i.isdigit():
+                    in_blocks.setdefault(bl.blocks, set()).add(inner)
+
+        def held(bl: BlockList, g: InputGroup) -> bool:
+            return all(m in in_blocks.get(bl.blocks, ()) for m in g.members)
+
+        lists = [replace(bl, activation_groups=tuple(g for g in bl.activation_groups if held(bl, g))) for bl in self.block_lists]
+        return replace(self, activation_groups=lists[0].activation_groups, more_blocks=tuple(lists[1:]))
+
     def groups(self, linears: Iterable[str]) -> dict[str, tuple[str, ...]]:
         """The input groups present among the module names ``linears``: ``"<blocks>.<i>.<group>" ->
         member module names``, list by list, block by block (ascending ``i``), in group order. A group is
@@ -112,6 +130,9 @@ class FamilyAdapter:
     coverage: Coverage
     root: str = "model"  # the attribute of :meth:`wrap`'s module that holds the model
     timestep_index: int = 1  # the position of the timestep among ``input_names``
+    input_dtypes: tuple[str, ...] = ()  # numpy dtypes of the graph's inputs by position; float32 past the end
+    # the repeated blocks a config counts: (the module list, the config field with its length)
+    block_counts: tuple[tuple[str, str], ...] = (("transformer_blocks", "num_layers"),)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -133,7 +154,14 @@ class FamilyAdapter:
 
     def check_weights(self, config: Mapping[str, Any], names: Iterable[str], where: str) -> None:
         """Refuse, in one line, weights (tensor ``names``) that do not fit ``config`` in a way the loader's
-        missing/unexpected report would not say clearly (DiT: the block count)."""
+        missing/unexpected report would not say clearly: the blocks of each list of :attr:`block_counts`,
+        said before a model of the config's count is built."""
+        names = list(names)
+        for blocks, field in self.block_counts:
+            held = len({int(m.group(1)) for k in names if (m := re.match(rf"{re.escape(blocks)}\.(\d+)\.", k))})
+            if held != config[field]:
+                raise DitqError(f"{where}: config.json says {field} {config[field]}, the weights hold {held} "
+                                f"block{'' if held == 1 else 's'} in {blocks}")  # fmt: skip
 
     def wrap(self, model) -> Any:
         """The ``nn.Module`` the exporter traces: ``input_names`` in, the model output out; the model is
@@ -146,12 +174,18 @@ class FamilyAdapter:
 
     def dynamic_shapes(self, batch) -> tuple[dict[int, Any], ...]:
         """The dynamic axes of the traced inputs for ``torch.onnx.export``: axis 0 of every input is the
-        batch ``batch`` (a ``torch.export.Dim``)."""
+        batch ``batch`` (a ``torch.export.Dim``). One entry per ``input_names``; the tracer takes as many as
+        :meth:`example_inputs` gives (a model without a trailing optional input)."""
         return tuple({0: batch} for _ in self.input_names)
 
+    def coverage_of(self, model) -> Coverage:
+        """:attr:`coverage` as ``model`` holds it (:meth:`Coverage.present_in`): what recipes are built from."""
+        return self.coverage.present_in(name for name, _ in model.named_modules())
+
     def torch_callable(self, model) -> Callable[..., Any]:
-        """``model`` as a sampler callable over numpy arrays in ``input_names`` order."""
-        raise NotImplementedError
+        """``model`` as a sampler callable over numpy arrays in ``input_names`` order: :meth:`wrap` of it in
+        eval mode, each array as its :attr:`input_dtypes` entry (:class:`TorchGraph`)."""
+        return TorchGraph(self.wrap(model.eval()), self.input_dtypes)
 
     def conditioning(self, config: Mapping[str, Any]) -> ClassConditioning | None:
         """The class conditioning of a model of this ``config`` (its null label included); None: text."""
@@ -164,6 +198,23 @@ class FamilyAdapter:
     def sample_shape(self, config: Mapping[str, Any]) -> tuple[int, ...]:
         """The shape of one sample the model denoises (no batch axis)."""
         return self.spec.sample_shape(config)
+
+
+class TorchGraph:
+    """A wrapped PyTorch model (:meth:`FamilyAdapter.wrap`: the float model or the quantized reference) as a
+    callable over numpy arrays in the graph's input order, like :class:`ditq.runtime.session.OrtDiT`: each
+    array converted to ``dtypes[i]`` (float32 past the end)."""
+
+    def __init__(self, forward: Any, dtypes: tuple[str, ...] = ()):
+        self.forward, self.dtypes = forward, dtypes
+
+    def __call__(self, *arrays: Any) -> Any:
+        import numpy as np
+        import torch
+
+        dtypes = (*self.dtypes, *("float32",) * (len(arrays) - len(self.dtypes)))
+        with torch.no_grad():
+            return self.forward(*(torch.from_numpy(np.ascontiguousarray(a, d)) for a, d in zip(arrays, dtypes))).numpy()
 
 
 def build_seeded(cls, config: Mapping[str, Any], seed: int | None = 0):

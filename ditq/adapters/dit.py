@@ -12,7 +12,6 @@ Coverage (Q-DiT and RobuQ): ``to_q``, ``to_k``, ``to_v`` (one input: one group),
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -20,7 +19,6 @@ import torch
 import torch.nn as nn
 
 from ditq.adapters import Coverage, FamilyAdapter, InputGroup, build_seeded, register
-from ditq.errors import DitqError
 from ditq.families import spec_for
 
 COVERAGE = Coverage(
@@ -98,8 +96,3 @@ class DiTAdapter(FamilyAdapter):
 
     def timestep_input(self, timesteps: list[int]) -> torch.Tensor:
         return torch.tensor(timesteps, dtype=torch.int64)
-
-    def check_weights(self, config: Mapping[str, Any], names, where: str) -> None:
-        blocks = {int(m.group(1)) for k in names if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
-        if len(blocks) != config["num_layers"]:  # said before building a model of num_layers blocks
-            raise DitqError(f"{where}: config.json says num_layers {config['num_layers']}, the weights hold {len(blocks)} blocks")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -43,6 +43,9 @@ class TextEncoderSpec:
     kind: str  # "clip" (CLIPTextModel), "clip-projection" (CLIPTextModelWithProjection), "t5" (T5EncoderModel)
     max_length: int  # tokens the pipeline pads (and truncates) every prompt to
     outputs: tuple[str, ...]  # the ONNX file's outputs, in order (the file takes ``input_ids`` [B, T] int64)
+    attention_mask: bool = False  # the pipeline passes the tokenizer's mask to the encoder (PixArt's T5): an ONNX input
+    pad_to_max_length: bool = True  # the pipeline's tokenizer call: padding="max_length"
+    truncation: bool = True  # ... truncation=True
 
 
 class FamilySpec:
@@ -50,14 +53,59 @@ class FamilySpec:
     Subclasses set the class attributes and implement what raises ``NotImplementedError``."""
 
     class_name: str = ""
+    # the graph's inputs in order; an input only some models of the family take (Flux's guidance) comes
+    # last, and a model's graph takes as many as its adapter's example_inputs give
     input_names: tuple[str, ...] = ()
     output_names: tuple[str, ...] = ("out",)
     prediction_type: str = "epsilon"  # see PREDICTIONS
     text_encoders: tuple[TextEncoderSpec, ...] = ()  # empty: class-conditioned
+    # the family's pipeline guides with a negative prompt (classifier-free guidance) when the guidance scale
+    # is over 1; False: its guidance scale is only ever the model's own guidance input (FluxPipeline)
+    negative_prompt_guidance: bool = True
+    default_guidance: float = 5.0  # the guidance scale the family's diffusers pipeline defaults to
+    # flow-matching families: how each of their diffusers pipeline classes spaces the scheduler's steps
+    # (ditq.flow's grids: "timesteps", the scheduler's default, or "sigmas", the pipeline's own linspace)
+    flow_grids: Mapping[str, str] = {}
 
     @property
     def text_conditioned(self) -> bool:
         return bool(self.text_encoders)
+
+    def text_encoders_for(self, pipeline_class: Any) -> tuple[TextEncoderSpec, ...]:
+        """The text encoders of a pipeline folder whose ``model_index.json`` names ``pipeline_class``:
+        :attr:`text_encoders` (a family whose pipelines differ in them overrides this)."""
+        return self.text_encoders
+
+    def text_encoder_variants(self) -> tuple[tuple[TextEncoderSpec, ...], ...]:
+        """Every list of text encoders a pipeline folder of this family can have (:meth:`text_encoders_for`
+        each pipeline class it knows; a family whose pipelines differ in them overrides this)."""
+        return (self.text_encoders,)
+
+    def check_text(self, text: Sequence[Any], where: str) -> None:
+        """Refuse, in one line naming ``where``, an exported model's text encoder records (``text``:
+        :class:`ditq.text.TextEncoder`, read from its metadata) that are not those of a pipeline of this
+        family (:meth:`text_encoder_variants`): the same subfolders and kinds in order, each with its
+        tokenizer file, ``max_length``, ``attention_mask`` and tokenizer flags. :meth:`compose_prompt` and
+        the encoders' graphs take exactly those."""
+
+        def key(e: Any, tokenizer: str) -> tuple:
+            return (e.folder, e.kind, tokenizer, e.max_length, e.attention_mask, e.pad_to_max_length, e.truncation)
+
+        got = [key(t, t.tokenizer) for t in text]
+        variants = [[key(e, e.tokenizer + ".json") for e in v] for v in self.text_encoder_variants()]
+        if got in variants:
+            return
+        names = ("folder", "kind", "tokenizer", "max_length", "attention_mask", "pad_to_max_length", "truncation")
+        for i, rec in enumerate(got):
+            for j, name in enumerate(names):
+                allowed = sorted({str(v[i][j]) for v in variants if len(v) > i})
+                if str(rec[j]) not in allowed:
+                    held = shown(rec[j], 60) if isinstance(rec[j], str) else rec[j]
+                    raise DitqError(f"{where}: text encoder {i + 1} has {name} {held}; a {self.class_name} pipeline's has "
+                                    f"{' or '.join(allowed) or 'no such encoder'}")  # fmt: skip
+        want = " or ".join(", ".join(e[0] for e in v) for v in variants)
+        raise DitqError(f"{where}: the text encoders {', '.join(r[0] for r in got) or '(none)'} are not those of a "
+                        f"{self.class_name} pipeline ({want})")  # fmt: skip
 
     def check_config(self, obj: Any, where: str) -> dict[str, Any]:
         """The constructor keyword arguments of a config object (untrusted; other keys dropped), every field
@@ -97,6 +145,11 @@ class FamilySpec:
         """The transformer's text inputs from each encoder's outputs (``encoded[folder][output]``) and the
         tokenizers' attention masks (``masks[folder]``, ``[B, T]`` int64)."""
         raise NotImplementedError
+
+    def prompt_text(self, prompt: str) -> str:
+        """The text the family's pipeline tokenizes for ``prompt`` (a family whose pipeline edits prompts
+        first overrides this)."""
+        return prompt
 
 
 _REGISTRY: dict[str, FamilySpec] = {}

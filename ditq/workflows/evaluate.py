@@ -44,7 +44,7 @@ from ditq.runtime.generate import ExportedDiT
 from ditq.runtime.images import grid_image, save_png
 from ditq.runtime.metrics import DigitJudge, FeatureFn, fid, inception_features, load_images
 from ditq.runtime.samplers import seeded_noise
-from ditq.workflows.export import SAME_GROUP, BuiltRecipe, CalibrationOptions, RecipeOptions, build_recipe, calibrate
+from ditq.workflows.export import SAME_GROUP, BuiltRecipe, CalibrationOptions, RecipeOptions, build_recipe, calibrate, require_class_conditioned
 
 _CONFIG_RE = re.compile(r"^w([2-8])a([2-8]|16|fp)(?:g(\d+|ch))?$")
 _ROBUQ_RE = re.compile(r"^w1\.58a([1-8])(h?)(m?)$")  # RobuQ: ternary, A bits, +Hadamard, +mixed precision
@@ -234,7 +234,7 @@ def evaluate(
     num_samples: int = 500,
     steps: int = 50,
     cfg: float = 1.5,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     seeds: list[int] = (0,),
     group_size: int | None = 64,
     symmetric: bool = False,
@@ -266,8 +266,11 @@ def evaluate(
     check_float(cfg, "cfg", 0.0, MAX_CFG)
     seeds = [check_int(s, "seeds", 0, SEED_MAX) for s in seeds]
     loaded = load_model(model_spec)
+    require_class_conditioned(loaded, "ditq eval samples class-conditioned models (one grid row per class)",
+                              "evaluate it with ditq validate and ditq sample --prompt")  # fmt: skip
     mcfg = dict(loaded.model.config)
     pipe, schedule = loaded.pipeline, loaded.schedule
+    sampler = sampler or schedule.default_sampler
     c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], pipe.conditioning.num_classes
     if not pipe.samples_pixels:
         raise DitqError(f"{model_spec}: samples latents and has no VAE decoder here; ditq eval judges images")

@@ -72,6 +72,13 @@ class RecipeOptions:
             raise DitqError(f"method: expected one of {list(METHODS)}, got {shown(self.method)}")
 
 
+def require_class_conditioned(loaded: LoadedModel, what: str, instead: str) -> None:
+    """Refuse, in one line, work that samples a model from class labels when ``loaded`` is text-conditioned
+    (its family has no class conditioning): calibration trajectories, sensitivity, eval, the search."""
+    if loaded.pipeline.conditioning is None and adapter_for(loaded.model).conditioning(dict(loaded.model.config)) is None:
+        raise DitqError(f"{what}; {type(loaded.model).__name__} is text-conditioned, which this does not support yet: {instead}")
+
+
 @dataclass(frozen=True)
 class BuiltRecipe:
     recipe: Recipe
@@ -83,7 +90,7 @@ def build_recipe(options: RecipeOptions, loaded: LoadedModel | None = None, *, p
     """The recipe ``options`` describe. ``loaded``, when given, resolves ``group_size="auto"`` and
     ``mixed`` and is checked to take the recipe; without it ``auto`` means 128 and ``mixed`` is refused."""
     o, bits = options, None
-    coverage = adapter_for(loaded.model if loaded is not None else DEFAULT_CLASS).coverage
+    coverage = adapter_for(DEFAULT_CLASS).coverage if loaded is None else adapter_for(loaded.model).coverage_of(loaded.model)
     if o.recipe_file is not None:
         recipe = Recipe.load(o.recipe_file)
     elif o.wbits == TERNARY:
@@ -94,6 +101,8 @@ def build_recipe(options: RecipeOptions, loaded: LoadedModel | None = None, *, p
         elif loaded is None:
             raise DitqError("--mixed allocates activation bits on a model's measured sensitivity: give --model")
         else:
+            require_class_conditioned(loaded, "--mixed measures sensitivity on sampling trajectories of class-conditioned models",
+                                      "give --abits without --mixed")  # fmt: skip
             mixed = mixed_recipe(loaded.model, o.abits, rotate=o.rotate, schedule=loaded.schedule,
                                  clip_denoised=loaded.pipeline.clip_denoised, progress=progress)  # fmt: skip
             recipe, bits = mixed.recipe, mixed.bits_per_unit
@@ -155,6 +164,8 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, options: CalibrationOptions =
     """Calibration inputs ``[rows, K]`` of every linear ``recipe`` covers on ``loaded`` (what
     :func:`~ditq.exporter.reference.quantize_model` takes for ``method: gptq``), read from the cache when
     it holds them for this model and these settings."""
+    require_class_conditioned(loaded, "GPTQ's calibration (--method gptq) records sampling trajectories of class-conditioned models",
+                              "use --method rtn")  # fmt: skip
     cfg = CalibConfig(num_samples=options.num_samples, timesteps_per_sample=options.timesteps)
     linears = [n for n, p in recipe.resolve(loaded.model).items() if p.kind == "linear"]
     clip = loaded.pipeline.clip_denoised
@@ -182,15 +193,23 @@ def export_model(
     calibration: CalibrationOptions = CalibrationOptions(),
     force: bool = False,
     progress: bool = False,
+    consume_model: bool = False,
 ) -> ExportOutcome:
     """Quantize ``model`` (a :class:`~ditq.models.LoadedModel`, or a spec :func:`~ditq.models.load_model`
     reads) as ``recipe`` says and export it to the folder ``out`` for ``target``. ``out`` is checked first
     (only an empty folder or an earlier ditq output, never the input model: see :mod:`ditq.files`);
-    GPTQ recipes are calibrated as ``calibration`` says."""
+    GPTQ recipes are calibrated as ``calibration`` says.
+
+    A model read from a spec, or given with ``consume_model=True`` (``ditq export``), is used up: the
+    export quantizes it after tracing it and releases its weights as it goes, so that its peak memory is
+    about one float copy of the weights (``quantize_model(..., consume=True)``). Otherwise the caller's
+    model is left as it was, and the export also holds the codes of every layer while tracing it."""
+    consume = consume_model or not isinstance(model, LoadedModel)
     loaded = model if isinstance(model, LoadedModel) else load_model(check_path(model, "model"))
     check_out_dir(out, protect=source_paths(loaded.source), force=force)  # before any work
     built = build_recipe(recipe, loaded, progress=progress) if isinstance(recipe, RecipeOptions) else BuiltRecipe(recipe)
     cal = calibrate(loaded, built.recipe, calibration, progress=progress) if built.recipe.method == "gptq" else None
-    qdit = quantize_model(loaded.model, built.recipe, progress=progress, calibration=cal, target=target)
+    qdit = quantize_model(loaded.model, built.recipe, progress=progress, calibration=cal, target=target, consume=consume)
+    del cal  # with consume, the QuantizedDiT holds the calibration until it quantizes
     res = export(qdit, out, source=loaded.source, pipeline=loaded.pipeline, opset=opset, progress=progress, force=force)
     return ExportOutcome(res, built.recipe, built.bits_per_unit)

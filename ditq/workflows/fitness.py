@@ -78,7 +78,7 @@ def _sample(fn) -> np.ndarray:
     cfg: FitnessConfig = _W["cfg"]
     mc = dict(_W["model"].config)
     noise = seeded_noise(cfg.seed, cfg.num_samples, mc["in_channels"], mc["sample_size"])
-    return sample(fn, noise, _W["labels"], schedule=_W["schedule"], steps=cfg.steps, cfg=cfg.cfg,
+    return sample(fn, noise, _W["labels"], schedule=_W["schedule"], steps=cfg.steps, method="ddim", cfg=cfg.cfg,
                   null_class=_W["null_label"], clip_denoised=_W["clip"])  # fmt: skip
 
 

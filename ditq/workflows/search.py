@@ -29,6 +29,7 @@ from ditq.models import load_model
 from ditq.options import SEED_MAX, check_int
 from ditq.recipe import METHODS, Recipe
 from ditq.workflows.evaluate import EvalConfig
+from ditq.workflows.export import require_class_conditioned
 from ditq.workflows.fitness import FitnessConfig, ParallelFitness
 
 
@@ -95,7 +96,9 @@ class SearchRun:
         o = self.options = options
         self.model_spec = model_spec
         loaded = load_model(model_spec)
-        coverage = adapter_for(loaded.model).coverage
+        require_class_conditioned(loaded, "the group-size search scores class-conditioned samples",
+                                  "export with uniform --group-size")  # fmt: skip
+        coverage = adapter_for(loaded.model).coverage_of(loaded.model)
         self.base = Recipe.qdit(coverage, o.wbits, o.abits, o.group_size, o.symmetric)
         self.genes = genes_of(self.base.resolve(loaded.model), coverage, o.space)
         self.budget = parse_budget(o.budget, self.genes, o.wbits, o.abits)
@@ -182,6 +185,7 @@ def compare_fitness(model_spec: str, configs: list[EvalConfig], *, seeds: list[i
     if not seeds:
         raise DitqError("seeds is empty")
     loaded = load_model(model_spec)
+    require_class_conditioned(loaded, "fitness scores class-conditioned samples", "use ditq validate")
     named = {c.name: c.build(loaded, symmetric).recipe for c in configs}  # fails here, not inside a worker
     del loaded
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in named}

@@ -1,0 +1,53 @@
+"""Work that samples from class labels (GPTQ calibration, --mixed sensitivity, eval, the search, fitness)
+refuses a text-to-image model in one line, exit 2, writing nothing, instead of failing inside."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import assert_no_output, assert_one_line_refusal, run
+from tests.test_family_sd3 import tiny
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd3") / "sd3"
+    tiny().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["export", "--wbits", "4", "--abits", "8", "--group-size", "16", "--method", "gptq"], "use --method rtn"),
+    (["export", "--wbits", "1.58", "--abits", "4", "--mixed"], "without --mixed"),
+])  # fmt: skip
+def test_export_work_that_samples_class_labels_is_refused(sd3, tmp_path, capsys, argv, needle):
+    code, _, err = run([argv[0], "--model", sd3, *argv[1:], "--out", str(tmp_path / "out")], capsys)
+    assert_one_line_refusal(code, err, "SD3Transformer2DModel is text-conditioned", needle)
+    assert_no_output(tmp_path)
+
+
+def test_eval_and_search_refuse_a_text_model(sd3, tmp_path, capsys):
+    code, _, err = run(["eval", "--model", sd3, "--configs", "fp,w8a8", "--num-samples", "8"], capsys)
+    assert_one_line_refusal(code, err, "ditq eval samples class-conditioned models", "text-conditioned")
+    code, _, err = run(["search", "--model", sd3, "--journal", str(tmp_path / "j.jsonl"), "--generations", "1",
+                        "--out", str(tmp_path / "r.json")], capsys)
+    assert_one_line_refusal(code, err, "text-conditioned")
+    assert not (tmp_path / "j.jsonl").exists()
+
+
+@pytest.mark.parametrize("family, pipeline", [
+    ("SD3Transformer2DModel", "StableDiffusion3Pipeline"),
+    ("PixArtTransformer2DModel", "PixArtAlphaPipeline"),
+    ("PixArtTransformer2DModel", "PixArtSigmaPipeline"),
+    ("FluxTransformer2DModel", "FluxPipeline"),
+])  # fmt: skip
+def test_sampling_without_guidance_takes_the_pipelines_default(family, pipeline):
+    """`ditq sample --prompt` without --guidance samples at the guidance scale diffusers' pipeline defaults to."""
+    import inspect
+
+    import diffusers
+
+    from ditq.families import spec_for
+
+    want = inspect.signature(getattr(diffusers, pipeline).__call__).parameters["guidance_scale"].default
+    assert spec_for(family).default_guidance == want
