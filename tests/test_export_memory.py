@@ -43,6 +43,7 @@ GOLDEN = {
 DIGITS_W4A8 = "8289347df288daef21ffcdd22379fa403ebf4ff72f2b2a00fe5408a15090f58e"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["w4a8-qdq", "w8a8-ort"])
 def test_ditq_export_writes_the_same_graph_as_before(tmp_path, tiny_source, name):
     """``export_model`` on a spec: the model is consumed (quantized after the trace, weights released)."""
@@ -52,6 +53,7 @@ def test_ditq_export_writes_the_same_graph_as_before(tmp_path, tiny_source, name
     assert graph_digest(tmp_path / "out") == GOLDEN[name]
 
 
+@pytest.mark.slow
 def test_api_export_with_external_data_writes_the_same_files_as_before(tmp_path, tiny_source):
     """The eager path (the caller keeps its model and codes) and the external-data writer."""
     loaded = load_model(str(tiny_source))
@@ -68,6 +70,7 @@ def test_digits_w4a8_export_writes_the_same_graph_as_before(tmp_path):
     assert graph_digest(tmp_path / "out") == DIGITS_W4A8
 
 
+@pytest.mark.slow
 def test_a_consumed_export_releases_the_model_and_writes_what_a_kept_one_does(tmp_path):
     kept, used = build_dit(tiny_config(), seed=0), build_dit(tiny_config(), seed=0)
     recipe = build_recipe(RecipeOptions(4, 8, 32)).recipe
@@ -83,6 +86,7 @@ def test_a_consumed_export_releases_the_model_and_writes_what_a_kept_one_does(tm
         qdit.reference()
 
 
+@pytest.mark.slow
 def test_the_float_trace_keeps_no_reference_to_the_model(tmp_path):
     """onnxscript's rewrite rules remember the last graph they matched, which holds the model's parameters;
     the trace clears them, so a released model's weights are freed."""
@@ -133,6 +137,7 @@ def test_an_initializer_shorter_than_its_shape_is_refused(tmp_path):
         offload_initializers(_model([t]), tmp_path / "d.data")
 
 
+@pytest.mark.slow
 def test_the_memory_benchmark_measures_the_export_process(tiny_source):
     """The child's own peak, over the model's float32 parameter bytes: with a 700 MB array held here, a
     peak read in (or inherited from) this process could not be below this process's RSS."""

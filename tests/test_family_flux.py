@@ -192,6 +192,7 @@ def test_prompt_encoders_and_composition_follow_flux_pipeline():
 
 
 # ------------------------------------------------------------------------------------------- float graph
+@pytest.mark.slow
 def test_the_float_graph_runs_at_another_batch_text_length_and_image_size(schnell_folder, tmp_path):
     """Traced at batch 2, 7 text tokens and 6x10 latents (15 image tokens); run at batch 3, 11 tokens and
     8x12 latents (24 tokens, other ids). Only fp32 reassociation (MatMul, attention, norms) separates ONNX
@@ -216,6 +217,7 @@ def test_the_float_graph_runs_at_another_batch_text_length_and_image_size(schnel
 
 
 # ------------------------------------------------------------------------------------------- exports
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "wbits,target",
     [(4, "qdq"), pytest.param(8, "qdq", marks=pytest.mark.slow), pytest.param(4, "ort", marks=pytest.mark.slow),

@@ -145,6 +145,7 @@ def test_the_wrapper_is_diffusers_forward_bit_for_bit(folders, which):
 
 
 # ------------------------------------------------------------------------------------------ ONNX
+@pytest.mark.slow
 def test_the_float_graph_runs_at_another_batch_and_text_length(folders, tmp_path):
     """Traced at batch 2 and 7 text tokens, run at batch 5 and 11 (rows padded differently): ONNX Runtime
     equals torch to >= 80 dB, the fp32 floor of validation (no quantization: only fp32 reassociation in
@@ -170,6 +171,7 @@ def test_the_float_graph_runs_at_another_batch_and_text_length(folders, tmp_path
     assert got.shape == (5, 8, 8, 8) and sqnr_db(want, got) >= 80.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wbits, target", [
     (4, "qdq"),
     pytest.param(8, "qdq", marks=pytest.mark.slow),

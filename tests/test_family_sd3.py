@@ -253,6 +253,7 @@ def _session(path):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_the_float_export_runs_at_another_batch_and_text_length_as_the_float_model(sd3_folder, tmp_path):
     """Traced at batch 2 with 333 text tokens; run at batch 3 with 20 and batch 1 with 400. Bound 80 dB
     (relative error 1e-4): nothing is quantized, only fp32 reassociation in MatMul, attention and the
@@ -279,6 +280,7 @@ EXPORTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,wbits", EXPORTS)
 def test_w_a8_exports_validate_and_run_at_another_text_length(sd3_folder, tmp_path, target, wbits):
     """``validate`` passes (batches 1-3); and at batch 4 with 21 text tokens ONNX Runtime meets validate's

@@ -95,6 +95,7 @@ CASES = [  # (family, guidance, negative prompt)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,guidance,negative", CASES)
 def test_float_export_matches_the_diffusers_pipeline_step_for_step(pipelines, family, guidance, negative):
     folder, export = pipelines(family)
@@ -128,7 +129,8 @@ def _run_without_torch(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-@pytest.mark.parametrize("family", ["sd3", pytest.param("pixart", marks=pytest.mark.slow), pytest.param("flux", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "pixart", "flux"])
 def test_w4a8_export_validates_and_samples_a_png_without_torch(pipelines, tmp_path, family):
     from PIL import Image
 
@@ -164,6 +166,7 @@ def test_prompt_options_are_checked(pipelines, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_a_class_conditioned_model_refuses_a_prompt(tiny_folder, tmp_path, capsys):
     out = tmp_path / "dit-w8a8"
     assert run(["export", "--model", tiny_folder, "--wbits", "8", "--abits", "8", "--out", str(out)], capsys)[0] == 0
@@ -177,6 +180,7 @@ def test_a_guidance_distilled_model_has_no_negative_prompt(pipelines, tmp_path, 
     assert_one_line_refusal(code, err, "guidance-distilled", "no negative prompt")
 
 
+@pytest.mark.slow
 def test_latents_go_to_npy_and_follow_the_seed(pipelines, tmp_path, capsys):
     _, sd3 = pipelines("sd3")
     arrays = []

@@ -45,6 +45,7 @@ def _diffusers(folder):
 
 
 # ------------------------------------------------------------------------------------------ the fixtures
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd3", "pixart", "flux"])
 def test_each_tiny_pipeline_runs_in_diffusers_from_its_saved_folder(t2i_pipeline, name):
     pipe = _diffusers(t2i_pipeline(name))
@@ -64,6 +65,7 @@ KINDS = [  # (pipeline, subfolder, kind, transformers class, mask input)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,folder,kind,cls,mask", KINDS, ids=[k[2] for k in KINDS])
 def test_each_kind_exports_to_onnx_that_equals_transformers_own_model(t2i_pipeline, tmp_path, name, folder, kind, cls, mask):
     """ONNX Runtime vs transformers' model loaded by its own from_pretrained (its default attention), at a
@@ -95,6 +97,7 @@ def test_each_kind_exports_to_onnx_that_equals_transformers_own_model(t2i_pipeli
     assert len(sess.run(None, {k: v[:1, :7] for k, v in feeds.items()})[0]) == 1  # batch 1, 7 tokens: dynamic both
 
 
+@pytest.mark.slow
 def test_an_export_that_differs_from_transformers_is_caught(t2i_pipeline, tmp_path):
     """The export's own check fails when the ONNX file is another encoder's (here: its last layer altered)."""
     root = t2i_pipeline("flux")
@@ -109,6 +112,7 @@ def test_an_export_that_differs_from_transformers_is_caught(t2i_pipeline, tmp_pa
         check_text_encoder(model, enc, tmp_path / enc.onnx, ids, np.ones_like(ids))
 
 
+@pytest.mark.slow
 def test_a_large_encoder_keeps_its_weights_in_a_data_file_beside_it_and_a_small_one_is_one_file(t2i_pipeline, tmp_path):
     import onnx
 
@@ -181,6 +185,7 @@ def test_a_folder_tokenizer_json_that_gives_other_ids_is_replaced_by_the_tokeniz
 
 
 # ------------------------------------------------------------------------------------- the VAE decoder
+@pytest.mark.slow
 def test_the_vae_decoder_undoes_sd3s_scaling_and_shift_as_the_pipeline_does(t2i_pipeline, tmp_path):
     import onnxruntime as ort
 
