@@ -36,6 +36,7 @@ def _initializers(model_dir) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
 
 
+@pytest.mark.slow
 def test_gptq_through_the_api_equals_gptq_from_scratch_and_the_cli_export(tiny_source, tmp_path, capsys):
     loaded = ditq.load_model(str(tiny_source))
     recipe = ditq.build_recipe(ditq.RecipeOptions(wbits=4, abits=8, group_size=16, method="gptq"), loaded).recipe

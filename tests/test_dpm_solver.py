@@ -201,6 +201,7 @@ def test_a_recorded_dpm_solver_is_checked_when_read(record, needle):
     assert Pipeline.from_dict({"schedule": {"dpm_solver": {}}}, "p").schedule.dpm_solver == DPMSolverSettings()
 
 
+@pytest.mark.slow
 def test_a_pipeline_with_a_dpm_solver_config_exports_it_and_samples_with_it_by_default(tmp_path, capsys):
     """A DiT pipeline folder (learned sigma) with a DPMSolverMultistepScheduler config: the export records
     the solver's settings, ``ditq sample`` takes DPM-Solver++(2M) unless ``--sampler`` says otherwise."""

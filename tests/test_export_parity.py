@@ -91,6 +91,7 @@ def test_validate_fails_on_a_wrong_activation_step(tmp_path, dit_s):
     assert all(c.sqnr_ort_vs_float_db < c.sqnr_ref_vs_float_db - 1 for c in report.cases)
 
 
+@pytest.mark.slow
 def test_reexport_does_not_grow_the_data_file(tmp_path, tiny_dit):
     qdit = ditq.quantize(tiny_dit, Recipe.qdit(DIT, 4, 8, 16))
     sizes = []
@@ -122,6 +123,7 @@ def test_crash_leaves_the_old_export_intact(tmp_path, tiny_dit, monkeypatch):
     assert not (tmp_path / "fresh").exists()
 
 
+@pytest.mark.slow
 def test_validate_with_explicit_model_and_recipe(tmp_path, tiny_dit):
     folder = tmp_path / "dit"
     tiny_dit.save_pretrained(folder)

@@ -65,6 +65,7 @@ def test_dead_channels_and_bad_shapes():
         gptq_quantize(torch.randn(4, 8), torch.eye(6), 4, 4)
 
 
+@pytest.mark.slow
 def test_gptq_recipe_on_a_dit_lowers_layer_error_and_exports_valid(tiny_dit, tmp_path):
     """Calibrate on one set of trajectories, measure on another: the block linears' output error is lower
     with GPTQ than with RTN on average, and the exported GPTQ graph computes what its reference computes."""

@@ -125,6 +125,7 @@ def test_w8a8_lowers_every_linear_and_validates(tmp_path, tiny_dit):
     assert f"in {6 * depth} activation quantizers" in codes.detail  # the int8 kernel's per-token codes, bit exact
 
 
+@pytest.mark.slow
 def test_w4a4_keeps_the_exact_activation_qdq(tmp_path, tiny_dit):
     qdit, out = _export(tiny_dit, Recipe.qdit(DIT, 4, 4, 32), tmp_path, "w4a4")
     ops = _ops(out / "model.onnx")
@@ -154,6 +155,7 @@ def test_the_reference_emulates_the_kernels(tmp_path, tiny_dit):
     assert sqnr_db(r_emu, o) >= sqnr_db(r_plain, o) + 15.0
 
 
+@pytest.mark.slow
 def test_validate_catches_a_tampered_kernel_scale(tmp_path, tiny_dit):
     _, out = _export(tiny_dit, Recipe.qdit(DIT, 4, 8, 32), tmp_path, "w4a8")
     proto = onnx.load(str(out / "model.onnx"))

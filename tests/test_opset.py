@@ -42,6 +42,7 @@ def test_default_opset_is_what_the_recipe_needs_and_the_manifest_says_it(tmp_pat
     assert (int2 > 0) == (wbits == "2")
 
 
+@pytest.mark.slow
 def test_explicit_opset_25_holds_2bit_codes_and_validates(tmp_path, capsys, tiny_folder):
     out = tmp_path / "out"
     code, _, err = run(["export", "--model", tiny_folder, "--wbits", "2", "--abits", "8", "--opset", "25", "--out", str(out)], capsys)

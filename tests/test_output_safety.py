@@ -116,6 +116,7 @@ def test_a_previous_export_is_replaced_with_its_reports(tmp_path, old_export, ti
     assert hidden(out.parent) == []
 
 
+@pytest.mark.slow
 def test_force_replaces_a_changed_ditq_output_only(tmp_path, capsys, old_export, tiny_source):
     out = tmp_path / "m"
     shutil.copytree(old_export, out)

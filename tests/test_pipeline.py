@@ -84,6 +84,7 @@ def test_schedule_from_a_scheduler_config():
     np.testing.assert_allclose(np.sqrt(s.betas), np.linspace(0.1, 0.2, 10))
 
 
+@pytest.mark.slow
 def test_latent_pipeline_end_to_end(tmp_path, pipeline_folder, capsys):
     from diffusers import AutoencoderKL
 

@@ -118,6 +118,7 @@ def test_validate_fails_when_the_recorded_config_is_removed(w4a16, tmp_path, cap
     assert all(c["passed"] for c in report["cases"])
 
 
+@pytest.mark.slow
 def test_ort_target_needs_no_session_config(tiny_source, tmp_path):
     """The ``ort`` target writes its kernels explicitly: a default session computes what is validated."""
     _export(tiny_source, tmp_path / "m", None, "ort")

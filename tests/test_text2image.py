@@ -150,6 +150,7 @@ def test_w4a8_export_validates_and_samples_a_png_without_torch(pipelines, tmp_pa
     assert img.mode == "RGB" and img.size == (2 * side + 2, side) and side % h == 0 and side // h == side // w
 
 
+@pytest.mark.slow
 def test_prompt_options_are_checked(pipelines, tmp_path, capsys):
     _, sd3 = pipelines("sd3")
     png = str(tmp_path / "x.png")
@@ -174,6 +175,7 @@ def test_a_class_conditioned_model_refuses_a_prompt(tiny_folder, tmp_path, capsy
     assert_one_line_refusal(code, err, "DiTTransformer2DModel is class-conditioned")
 
 
+@pytest.mark.slow
 def test_a_guidance_distilled_model_has_no_negative_prompt(pipelines, tmp_path, capsys):
     _, flux = pipelines("flux")
     code, _, err = run(["sample", str(flux), "--prompt", "cat", "--negative-prompt", "dog", "--out", str(tmp_path / "x.png")], capsys)
