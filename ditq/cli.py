@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from ditq.cli_args import build_parser
@@ -225,6 +226,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not sys.warnoptions:  # libraries' deprecation notices are not the user's to act on (``python -W`` shows them)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -58,7 +58,9 @@ def drop_rewriter_state() -> None:
     except ImportError:  # an onnxscript without it keeps nothing there
         return
     for obj in gc.get_objects():
-        if isinstance(obj, SimplePatternMatcher):
+        # type(), not isinstance(): isinstance reads obj.__class__, and some module-level objects warn on
+        # any attribute read (torch.distributed.reduce_op: a FutureWarning on stderr of every export)
+        if issubclass(type(obj), SimplePatternMatcher):
             for attr in ("_graph", "_match", "_current_node", "_tracer"):
                 if attr in vars(obj):
                     setattr(obj, attr, None)

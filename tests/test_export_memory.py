@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import warnings
 import weakref
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ditq.adapters import adapter_for
 from ditq.calib.numerics import pack_2bit_u8, pack_4bit_u8
 from ditq.exporter.export import export
 from ditq.exporter.reference import quantize_model
-from ditq.exporter.trace import export_float
+from ditq.exporter.trace import drop_rewriter_state, export_float
 from ditq.graphs.external import load_initializers, offload_initializers
 from ditq.models import build_dit, load_model
 from ditq.workflows.export import RecipeOptions, build_recipe, export_model
@@ -96,6 +97,24 @@ def test_the_float_trace_keeps_no_reference_to_the_model(tmp_path):
     model.to("meta")
     gc.collect()
     assert weight() is None
+
+
+class _WarnsOnEveryRead:
+    """Like ``torch.distributed.reduce_op``: any attribute read, ``__class__`` included, warns."""
+
+    def __getattribute__(self, name):
+        warnings.warn("deprecated", FutureWarning, stacklevel=2)
+        return object.__getattribute__(self, name)
+
+
+def test_clearing_the_rewriter_state_reads_no_attribute_of_unrelated_objects():
+    """The rewriter-state sweep looks at every live object; one that warns when read must stay silent
+    (else every export printed a library FutureWarning before ditq's one-line errors)."""
+    held = _WarnsOnEveryRead()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drop_rewriter_state()
+    assert type(held) is _WarnsOnEveryRead
 
 
 def _model(initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
