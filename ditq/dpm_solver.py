@@ -50,7 +50,7 @@ SAMPLER = "dpm++2m"  # the --sampler name
 SOLVER_TYPES = ("midpoint", "heun")
 FINAL_SIGMAS = ("zero", "sigma_min")
 # Settings of DPMSolverMultistepScheduler's solver that must keep diffusers' default for ditq's DPM-Solver++
-# to be the one the config asks for (otherwise ditq's DDIM/DDPM replace the solver: SchedulerSpec).
+# to be the one the config asks for (otherwise the config is refused at export).
 FIXED: dict[str, Any] = {
     "algorithm_type": "dpmsolver++", "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
     "lambda_min_clipped": -math.inf,
@@ -86,17 +86,16 @@ class DPMSolverSettings:
             raise bad("final_sigmas_type", " or ".join(FINAL_SIGMAS))
 
     @classmethod
-    def from_scheduler_config(cls, cfg: Mapping[str, Any]) -> "DPMSolverSettings | None":
-        """The settings of a ``DPMSolverMultistepScheduler`` config when ditq implements its solver (every
-        :data:`FIXED` setting at its default, the others valid); None otherwise."""
+    def from_scheduler_config(cls, cfg: Mapping[str, Any]) -> "DPMSolverSettings":
+        """The settings of a ``DPMSolverMultistepScheduler`` config; a solver ditq does not implement (a
+        :data:`FIXED` setting off its default, or a setting :meth:`__post_init__` refuses) raises a
+        :class:`DitqError` naming the setting: ditq does not sample such a config with another solver."""
         for key, want in FIXED.items():
             v = cfg.get(key, want)
             if type(v) is not type(want) or v != want:
-                return None
-        try:
-            return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
-        except DitqError:
-            return None
+                raise DitqError(f"DPMSolverMultistepScheduler {key}={shown(v, 60, as_json=True)} is not supported (ditq's "
+                                f"DPM-Solver++ needs {key}={shown(want, 60, as_json=True)}); ditq samples no other solver in its place")  # fmt: skip
+        return cls(**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg})
 
 
 @dataclass(frozen=True)

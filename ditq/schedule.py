@@ -83,7 +83,7 @@ CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
                                     "use_flow_sigmas": False, "use_dynamic_shifting": False},
 }  # fmt: skip
 # Settings of DPMSolverMultistepScheduler's own solver: read into SchedulerSpec.dpm_solver when ditq implements
-# the solver they describe (DPMSolverSettings.from_scheduler_config); otherwise ditq's DDIM/DDPM replace it.
+# the solver they describe (DPMSolverSettings.from_scheduler_config); otherwise the config is refused.
 SOLVER_ONLY: dict[str, frozenset[str]] = {
     "DPMSolverMultistepScheduler": frozenset({
         "solver_order", "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas",
@@ -321,7 +321,7 @@ class SchedulerSpec:
     ) -> "SchedulerSpec":
         """The spec of a diffusers ``scheduler_config.json``; every setting that changes sampling is read or
         refused (a :class:`DitqError` naming it and its value), except a ``DPMSolverMultistepScheduler``'s
-        solver settings: read into :attr:`dpm_solver` when ditq implements that solver, else left to DDIM/DDPM. ``learned_sigma``: whether the model outputs
+        solver settings: read into :attr:`dpm_solver`, refused when ditq does not implement that solver. ``learned_sigma``: whether the model outputs
         variance channels (``variance_type: learned_range`` needs them)."""
         name = cfg.get("_class_name")
         if not isinstance(name, str) or name not in CLASS_DEFAULTS:
@@ -346,8 +346,8 @@ class SchedulerSpec:
             raise DitqError(f"{where}: variance_type=\"learned_range\" needs a model that predicts variance; "
                             "this transformer's out_channels equal its in_channels")  # fmt: skip
         kept = {f.name: values[f.name] for f in fields(cls) if f.name in values}
-        dpm = DPMSolverSettings.from_scheduler_config(cfg) if name == "DPMSolverMultistepScheduler" else None
         try:
+            dpm = DPMSolverSettings.from_scheduler_config(cfg) if name == "DPMSolverMultistepScheduler" else None
             return cls(**kept, use_clipped_model_output=False, scheduler_class=name, dpm_solver=dpm)
         except DitqError as e:
             raise DitqError(f"{where}: {e}") from None

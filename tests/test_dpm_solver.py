@@ -175,11 +175,15 @@ def test_configs_of_other_schedulers_sample_with_ddim_by_default_and_dpm_on_requ
     [{"solver_order": 3}, {"algorithm_type": "sde-dpmsolver++"}, {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"},
      {"use_lu_lambdas": True}, {"use_exponential_sigmas": True}, {"lambda_min_clipped": -5.1}, {"solver_type": "bh2"}],
 )  # fmt: skip
-def test_a_solver_ditq_does_not_implement_keeps_ddim_as_the_default(over):
-    """Kept behaviour: such configs are read as before (ditq's DDIM/DDPM over the config's schedule); ditq
-    does not claim to sample them with the config's solver."""
-    spec = SchedulerSpec.from_scheduler_config({**PIXART_DPM, **over})
-    assert spec.dpm_solver is None and spec.default_sampler == "ddim"
+def test_a_solver_ditq_does_not_implement_is_refused_naming_the_setting(over):
+    """Such a config is refused in one line naming the setting and its value: ditq samples no other solver
+    (DDIM before) in place of the one the config asks for."""
+    key, value = next(iter(over.items()))
+    with pytest.raises(DitqError) as e:
+        SchedulerSpec.from_scheduler_config({**PIXART_DPM, **over}, where="scheduler/scheduler_config.json")
+    msg = str(e.value)
+    assert msg.startswith("scheduler/scheduler_config.json: ") and "\n" not in msg
+    assert f"{key}={json.dumps(value)}" in msg, msg
 
 
 @pytest.mark.parametrize(

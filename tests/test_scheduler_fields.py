@@ -188,7 +188,7 @@ def test_dpm_solver_config_samples_with_its_training_schedule(method):
     over the config's training schedule, prediction type and spacing, i.e. as diffusers' DDIM/DDPM scheduler
     built from the same config (no clipping: DPM-Solver has none); the solver settings do not apply."""
     cfg = dict(prediction_type="v_prediction", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-               solver_order=3, use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")  # fmt: skip
+               solver_order=1, use_karras_sigmas=True, solver_type="heun")  # fmt: skip
     _parity("DPMSolverMultistepScheduler", cfg, method=method, steps=9, clip_sample=False)
 
 
@@ -273,6 +273,17 @@ def test_unsupported_scheduler_settings_are_refused_at_export(tmp_path, capsys, 
     assert not (tmp_path / "outs").exists()
 
 
+def test_a_dpm_solver_ditq_does_not_implement_is_refused_at_export(tmp_path, capsys):
+    """Not sampled with DDIM in its place (as before): one line naming the setting, exit 2, no output."""
+    folder = _pipeline_folder(tmp_path, {**_saved_config("DPMSolverMultistepScheduler"), "use_lu_lambdas": True})
+    out = tmp_path / "outs" / "m"
+    capsys.readouterr()
+    code, _, err = run(["export", "--model", str(folder), "--wbits", "8", "--abits", "16", "--group-size", "32",
+                        "--out", str(out)], capsys)  # fmt: skip
+    assert_one_line_refusal(code, err, "use_lu_lambdas=true")
+    assert not (tmp_path / "outs").exists()
+
+
 @pytest.mark.parametrize(
     "cls_name,change,named",
     [
@@ -280,6 +291,8 @@ def test_unsupported_scheduler_settings_are_refused_at_export(tmp_path, capsys, 
         ("DDPMScheduler", {"variance_type": "fixed_large_log"}, 'variance_type="fixed_large_log"'),
         ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True}, "use_flow_sigmas=true"),
         ("DPMSolverMultistepScheduler", {"clip_sample": True}, "clip_sample=true"),  # not a DPM-Solver setting
+        ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order=3"),  # a solver ditq does not implement
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, 'algorithm_type="sde-dpmsolver++"'),
         ("DDIMScheduler", {"clip_sample_range": -1}, "clip_sample_range=-1"),
         ("DDIMScheduler", {"steps_offset": 1.5}, "steps_offset=1.5"),
     ],
