@@ -23,6 +23,13 @@ FAMILY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
         joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
         pos_embed_max_size=192)),
+    # black-forest-labs/FLUX.1-dev at full width (blocks of 3072: 24 heads of 128, T5-XXL 4096, CLIP-L pooled 768,
+    # guidance-distilled) with 1 of its 19 double-stream and 1 of its 38 single-stream blocks: the 12B model
+    # does not fit this machine in float32; its blocks, embedders and output layer do (0.56B parameters)
+    "flux-dev-2blocks": ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
 }  # fmt: skip
 
 
@@ -31,6 +38,8 @@ def family_preset_config(name: str, image_size: int | None = None) -> dict[str, 
     class_name, config = FAMILY_PRESETS[name]
     config = dict(config)
     if image_size is not None:
+        if "sample_size" not in config:
+            raise DitqError(f"--image-size does not apply to {name}: its graph takes any image size (the bench uses the pipeline's default, 1024 px)")
         if image_size not in (256, 512, 1024):
             raise DitqError(f"--image-size must be 256, 512 or 1024 for {name}, got {image_size}")
         config["sample_size"] = image_size // 8

@@ -172,6 +172,12 @@ class FamilyAdapter:
         """Seeded torch inputs of the traced signature, ``batch`` rows each."""
         raise NotImplementedError
 
+    def serving_inputs(self, config: Mapping[str, Any], batch: int = 1, seed: int = 0) -> tuple[Any, ...]:
+        """Seeded torch inputs at the sizes the family's pipeline runs the model at (image tokens of
+        :meth:`~ditq.families.FamilySpec.sample_shape`, the pipeline's text length): what ``ditq bench``
+        times. :meth:`example_inputs` where those are the traced sizes already."""
+        return self.example_inputs(config, batch=batch, seed=seed)
+
     def dynamic_shapes(self, batch) -> tuple[dict[int, Any], ...]:
         """The dynamic axes of the traced inputs for ``torch.onnx.export``: axis 0 of every input is the
         batch ``batch`` (a ``torch.export.Dim``). One entry per ``input_names``; the tracer takes as many as

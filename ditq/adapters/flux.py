@@ -106,22 +106,29 @@ class FluxAdapter(FamilyAdapter):
     def wrap(self, model: nn.Module) -> nn.Module:
         return (FluxGuidedForward if model.config.guidance_embeds else FluxForward)(model)
 
-    def example_inputs(self, config: Mapping[str, Any], batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Packed latents of :data:`TRACE_LATENT`, :data:`TRACE_TEXT` text tokens, sigmas in [0, 1), the
-        pipeline's ids and (guidance-distilled models) guidance scales in [1, 5)."""
+    def example_inputs(self, config: Mapping[str, Any], batch: int = 2, seed: int = 0, latent: tuple[int, int] = TRACE_LATENT,
+                       text_tokens: int = TRACE_TEXT) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        """Packed latents of ``latent`` (:data:`TRACE_LATENT`), ``text_tokens`` (:data:`TRACE_TEXT`) text
+        tokens, sigmas in [0, 1), the pipeline's ids and (guidance-distilled models) guidance scales in [1, 5)."""
         g = torch.Generator().manual_seed(seed)
-        h2, w2 = TRACE_LATENT[0] // 2, TRACE_LATENT[1] // 2
+        h2, w2 = latent[0] // 2, latent[1] // 2
         inputs = (
             torch.randn(batch, h2 * w2, config["in_channels"], generator=g),
-            torch.randn(batch, TRACE_TEXT, config["joint_attention_dim"], generator=g),
+            torch.randn(batch, text_tokens, config["joint_attention_dim"], generator=g),
             torch.randn(batch, config["pooled_projection_dim"], generator=g),
             torch.rand(batch, generator=g),
             torch.from_numpy(image_ids(h2, w2)),
-            torch.from_numpy(text_ids(TRACE_TEXT)),
+            torch.from_numpy(text_ids(text_tokens)),
         )
         if config["guidance_embeds"]:
             inputs += (1 + 4 * torch.rand(batch, generator=g),)
         return inputs
+
+    def serving_inputs(self, config: Mapping[str, Any], batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """:meth:`example_inputs` at FluxPipeline's defaults: the latents of :meth:`~FluxSpec.sample_shape`
+        (1024 px: 4096 image tokens) and T5's 512 text tokens."""
+        _, h, w = self.spec.sample_shape(config)
+        return self.example_inputs(config, batch=batch, seed=seed, latent=(h, w), text_tokens=self.spec.text_encoders[-1].max_length)
 
     def dynamic_shapes(self, batch) -> tuple[dict[int, Any], ...]:
         """Batch on axis 0 of the per-row inputs; the image tokens ``S`` and text tokens ``T`` on the

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from ditq.adapters import Coverage, FamilyAdapter, InputGroup, build_seeded, register
 from ditq.errors import DitqError
 from ditq.families import spec_for
-from ditq.families.pixart import VAE_SCALE_FACTOR, text_width, uses_additional_conditions
+from ditq.families.pixart import PIPELINE_TEXT_TOKENS, VAE_SCALE_FACTOR, text_width, uses_additional_conditions
 
 COVERAGE = Coverage(
     blocks="transformer_blocks",
@@ -153,23 +153,28 @@ class PixArtAdapter(FamilyAdapter):
     def wrap(self, model: nn.Module) -> nn.Module:
         return _forward_class(model.config)(model)
 
-    def example_inputs(self, config: Mapping[str, Any], batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Latents, :data:`TRACE_TEXT` caption tokens, masks that keep a prefix of 1 to ``T - 1`` tokens of
-        each row (every row has padding, as a prompt shorter than the pipeline's length does), integer
-        timesteps in 0..999; with micro-conditions, the pipeline's resolution and aspect ratio of a
-        ``sample_size`` image."""
+    def example_inputs(self, config: Mapping[str, Any], batch: int = 2, seed: int = 0, text_tokens: int = TRACE_TEXT) -> tuple[torch.Tensor, ...]:
+        """Latents, ``text_tokens`` caption tokens (:data:`TRACE_TEXT`), masks that keep a prefix of 1 to
+        ``T - 1`` tokens of each row (every row has padding, as a prompt shorter than the pipeline's length
+        does), integer timesteps in 0..999; with micro-conditions, the pipeline's resolution and aspect
+        ratio of a ``sample_size`` image."""
         g = torch.Generator().manual_seed(seed)
         c, s = config["in_channels"], config["sample_size"]
         x = torch.randn(batch, c, s, s, generator=g)
-        text = torch.randn(batch, TRACE_TEXT, text_width(config), generator=g)
-        kept = torch.randint(1, TRACE_TEXT, (batch, 1), generator=g)
-        mask = (torch.arange(TRACE_TEXT)[None] < kept).to(torch.int64)  # (B, T): 1 for a token, 0 for padding
+        text = torch.randn(batch, text_tokens, text_width(config), generator=g)
+        kept = torch.randint(1, text_tokens, (batch, 1), generator=g)
+        mask = (torch.arange(text_tokens)[None] < kept).to(torch.int64)  # (B, T): 1 for a token, 0 for padding
         t = torch.randint(0, 1000, (batch,), generator=g)
         inputs = (x, text, mask, t)
         if uses_additional_conditions(config):
             side = float(s * VAE_SCALE_FACTOR)
             inputs += (torch.tensor([[side, side]]).repeat(batch, 1), torch.ones(batch, 1))
         return inputs
+
+    def serving_inputs(self, config: Mapping[str, Any], batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """:meth:`example_inputs` with the longest caption a PixArt pipeline passes (PixArt-Sigma's 300
+        tokens, the prompt's padding masked)."""
+        return self.example_inputs(config, batch=batch, seed=seed, text_tokens=max(PIPELINE_TEXT_TOKENS.values()))
 
     def dynamic_shapes(self, batch) -> tuple[dict[int, Any], ...]:
         """Batch on axis 0 of every input, the text tokens ``T`` on axis 1 of the text and its mask (the

@@ -294,7 +294,7 @@ def bench(
                 gc.collect()
             bar.update()
         bar.close()
-        example = adapter.example_inputs(config, batch=batch, seed=1234)
+        example = adapter.serving_inputs(config, batch=batch, seed=1234)
         inputs = work / "inputs.npz"
         np.savez(inputs, **{name: x.numpy() for name, x in zip(adapter.input_names, example)})
         del loaded, example  # the workers need the memory, not the torch model
