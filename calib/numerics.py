@@ -86,7 +86,10 @@ def quantize(
     g = x.shape[-1] // scale.shape[-1]
     xg = _grouped(x.float(), g)
     lo, hi = qrange(bits, symmetric)
-    q = torch.clamp(torch.round(xg / scale.unsqueeze(-1)) + zero.unsqueeze(-1), lo, hi)
+    # one temporary the size of x, rounded, shifted and clamped in place (the same operations in the same
+    # order as clamp(round(x / s) + z)): the largest layers' quantization sets the export's peak memory
+    q = xg / scale.unsqueeze(-1)
+    q.round_().add_(zero.unsqueeze(-1)).clamp_(lo, hi)
     return q.reshape(x.shape)
 
 
