@@ -118,3 +118,29 @@ def test_importing_bench_leaves_the_root_logger_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.split() == ["0", str(logging.WARNING)]
+
+
+def test_a_worker_killed_mid_run_is_one_line_naming_its_model(tmp_path):
+    """A worker the system kills (the out-of-memory killer's SIGKILL) is reported in one line naming the
+    variant's file and the signal, not as a BrokenPipeError traceback."""
+    import signal
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ditq.workflows.bench import _Worker
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), model)
+    np.savez(tmp_path / "inputs.npz", x=np.ones((1, 4), np.float32))
+    worker = _Worker(model, tmp_path / "inputs.npz", tmp_path / "out.npy", 1, "cpu")
+    assert worker.ask()["ready"]
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
+    with pytest.raises(DitqError) as e:
+        worker.ask("run")
+    msg = str(e.value)
+    assert "\n" not in msg and str(model) in msg and "killed by signal 9" in msg, msg

@@ -207,17 +207,35 @@ class _Worker:
     def __init__(self, model: Path, inputs: Path, output: Path, threads: int | None, provider: str):
         cmd = [sys.executable, "-m", "ditq.runtime.bench_worker", "--model", str(model), "--inputs", str(inputs),
                "--output", str(output), "--threads", str(threads or 0), "--provider", provider]  # fmt: skip
+        self.model = model
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def ask(self, cmd: str | None = None) -> dict:
-        if cmd is not None:
-            self.proc.stdin.write(cmd + "\n")
-            self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        line = ""
+        try:
+            if cmd is not None:
+                self.proc.stdin.write(cmd + "\n")
+                self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, ConnectionResetError):  # the worker is gone: said below
+            pass
         if not line:
-            err = self.proc.stderr.read().strip().splitlines()
-            raise DitqError(f"benchmark worker failed: {err[-1] if err else 'no output'}")
+            raise DitqError(self._death())
         return json.loads(line)
+
+    def _death(self) -> str:
+        """Why the worker stopped answering, in one line: its last error line, or the signal that ended it."""
+        try:
+            code = self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = self.proc.returncode
+        err = (self.proc.stderr.read() or "").strip().splitlines()
+        if code is not None and code < 0:
+            how = f"killed by signal {-code}" + (" (out of memory? it holds one session; the bench holds one per variant at once)" if -code == 9 else "")
+        else:
+            how = err[-1] if err else f"exit status {code}, no output"
+        return f"benchmark worker for {self.model} failed: {how}"
 
     def close(self) -> int:
         peak = self.ask("quit")["peak_rss_bytes"]
