@@ -128,12 +128,18 @@ class QuantizedTensor:
         return tuple(self.codes.shape)
 
 
+RTN_CHUNK_ELEMENTS = 1 << 22  # quantize_rtn's rows per step: 16 MB of float32 temporaries whatever the layer
+
+
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedTensor:
     """Round-to-nearest min-max quantization of a ``[rows, K]`` weight, grouped along ``K``."""
     w = w.detach().float()
     scale, zero = choose_qparams(w, bits, group_size, symmetric)
-    codes = quantize(w, scale, zero, bits, symmetric)
-    return QuantizedTensor(codes.to(torch.int16), scale, zero.to(torch.int16), bits, group_size, symmetric)
+    codes = torch.empty(w.shape, dtype=torch.int16)
+    step = max(1, RTN_CHUNK_ELEMENTS // max(w.shape[-1], 1))  # rows at a time: one float temporary of a chunk
+    for r in range(0, w.shape[0], step):
+        codes[r : r + step] = quantize(w[r : r + step], scale[r : r + step], zero[r : r + step], bits, symmetric).to(torch.int16)
+    return QuantizedTensor(codes, scale, zero.to(torch.int16), bits, group_size, symmetric)
 
 
 def quantize_ternary(w: torch.Tensor, group_size: int) -> QuantizedTensor:

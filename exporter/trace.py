@@ -158,6 +158,33 @@ def _module_path(node: onnx.NodeProto, root: str) -> str | None:
     return None
 
 
+_CHUNK_BYTES = 16 << 20  # what one comparison reads of an external initializer at a time
+
+
+def _holds(init: onnx.TensorProto, want: np.ndarray, base_dir: Path) -> bool:
+    """Whether the initializer ``init`` holds exactly ``want`` (float32, same shape). External data (the
+    float graph's large weights) is read in chunks of :data:`_CHUNK_BYTES` rows, not whole: the largest
+    layer (Flux's fused single-block input, 264 MB) would otherwise sit in memory twice beside the model."""
+    if tuple(init.dims) != want.shape or init.data_type != onnx.TensorProto.FLOAT:
+        return False
+    if init.data_location != onnx.TensorProto.EXTERNAL:
+        return np.array_equal(onnx.numpy_helper.to_array(init), want)
+    info = {e.key: e.value for e in init.external_data}
+    offset, length = int(info.get("offset", 0)), int(info.get("length", want.nbytes))
+    if length != want.nbytes or want.ndim != 2:
+        return np.array_equal(onnx.numpy_helper.to_array(init, base_dir=str(base_dir)), want)
+    row_bytes = want.shape[1] * 4
+    rows = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+    with open(Path(base_dir) / info["location"], "rb") as f:  # the float graph this export just traced
+        f.seek(offset)
+        for r in range(0, want.shape[0], rows):
+            n = min(rows, want.shape[0] - r)
+            chunk = np.frombuffer(f.read(n * row_bytes), dtype="<f4")
+            if chunk.size != n * want.shape[1] or not np.array_equal(chunk.reshape(n, -1), want[r : r + n]):
+                return False
+    return True
+
+
 def bind_modules(
     adapter: FamilyAdapter, proto: onnx.ModelProto, model: nn.Module, plans: dict[str, LayerPlan], base_dir: Path
 ) -> dict[str, str]:
@@ -185,10 +212,8 @@ def bind_modules(
             w_in = node.input[1] if node.op_type != "Gather" else node.input[0]
             if w_in not in inits:
                 continue
-            arr = onnx.numpy_helper.to_array(inits[w_in], base_dir=str(base_dir))
-            if node.op_type == "MatMul" and arr.shape == weight.T.shape and np.array_equal(arr, weight.T):
-                hits.append(node)
-            elif node.op_type in ("Gemm", "Gather") and arr.shape == weight.shape and np.array_equal(arr, weight):
+            want = weight.T if node.op_type == "MatMul" else weight
+            if _holds(inits[w_in], want, base_dir):
                 hits.append(node)
         if len(hits) != 1:
             raise DitqError(

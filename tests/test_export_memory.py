@@ -178,3 +178,30 @@ def test_dit_b_export_holds_one_float_copy_of_the_weights():
     at most the codes; before the memory work it was 3.7x (the traced graph, int16 codes, proto copies)."""
     m = measure_export("dit-b-2", "w8a8@ort")
     assert m.ratio_above_baseline < 1.7, m
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_binding_compares_a_weight_chunk_by_chunk_exactly(tmp_path, monkeypatch, external):
+    """The traced graph's weight is matched to the module's exactly, reading external data a few rows at a
+    time: equal -> True; one element changed anywhere (first, middle, last chunk), another shape or another
+    type -> False."""
+    import ditq.exporter.trace as trace
+
+    monkeypatch.setattr(trace, "_CHUNK_BYTES", 3 * 8 * 4)  # 3 rows of 8 floats per read
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((10, 8)).astype(np.float32)
+    t = numpy_helper.from_array(w, "w")
+    if external:
+        with open(tmp_path / "d.bin", "wb") as f:
+            f.write(b"\0" * 12)  # the tensor starts past other data
+            f.write(w.tobytes())
+        t = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=w.shape, data_location=TensorProto.EXTERNAL)
+        for k, v in (("location", "d.bin"), ("offset", "12"), ("length", str(w.nbytes))):
+            t.external_data.add(key=k, value=v)
+    assert trace._holds(t, w, tmp_path)
+    for r, c in ((0, 0), (4, 3), (9, 7)):
+        other = w.copy()
+        other[r, c] = np.nextafter(other[r, c], np.float32(np.inf))
+        assert not trace._holds(t, other, tmp_path), (r, c)
+    assert not trace._holds(t, w.T.copy(), tmp_path)
+    assert not trace._holds(t, w[:9], tmp_path)

@@ -160,3 +160,18 @@ def test_sqnr():
     a = np.ones(100)
     assert sqnr_db(a, a) == float("inf")
     assert sqnr_db(a, a * 1.1) == pytest.approx(20.0)
+
+
+def test_rtn_in_row_chunks_gives_the_codes_of_the_whole_weight(monkeypatch):
+    """quantize_rtn quantizes a few rows at a time (peak memory); the codes are those of the formula
+    clamp(round(w / s) + z) over the whole weight, computed here directly."""
+    import ditq.calib.numerics as nm
+
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0)) * 3
+    whole = nm.quantize_rtn(w, 4, 16)
+    monkeypatch.setattr(nm, "RTN_CHUNK_ELEMENTS", 5 * 64)  # 5 rows per step, a short last step
+    chunked = nm.quantize_rtn(w, 4, 16)
+    s, z = whole.scale.repeat_interleave(16, dim=1), whole.zero.float().repeat_interleave(16, dim=1)
+    direct = torch.clamp(torch.round(w / s) + z, 0, 15).to(torch.int16)
+    assert torch.equal(chunked.codes, direct) and torch.equal(whole.codes, direct)
+    assert torch.equal(chunked.scale, whole.scale) and torch.equal(chunked.zero, whole.zero)
