@@ -238,9 +238,9 @@ class LowerToOrtKernelsPass(GraphPass):
                 shared[full] = helper.make_tensor(full, dtype, [], [value])
             return full
 
-        codes = qt.codes.numpy().T.astype(np.int8)  # [K, N]
+        codes = np.ascontiguousarray(qt.codes.numpy().T, dtype=np.int8)  # [K, N], one copy
         inits = [
-            numpy_helper.from_array(np.ascontiguousarray(codes), f"{name}.int8_weight"),
+            numpy_helper.from_array(codes, f"{name}.int8_weight"),
             numpy_helper.from_array(qt.scale.numpy()[:, 0].astype(np.float32), f"{name}.int8_scale"),
         ]
         p = f"{name}/act_quant"
