@@ -6,7 +6,7 @@ ORT     ?= cpu          # cpu | gpu  (which ONNX Runtime build to install)
 OUT     ?= out
 D       := $(OUT)/digits-w4a8
 
-.PHONY: setup demo eval bench bench-export-memory train-digits test test-all clean
+.PHONY: setup demo eval bench bench-export-memory train-digits train-digits-t2i test test-all clean
 
 # The stamp is remade when pyproject.toml changes; torch is pinned so pip never pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -44,6 +44,10 @@ bench-export-memory: setup
 # Recreate the shipped judge and digits DiT from scratch (seeded; about 30 min on 2 CPU cores; resumable).
 train-digits: setup
 	$(BIN)/ditq train-digits --checkpoint $(OUT)/train-digits.pt
+
+# The text-conditioned digits-t2i (ditq/assets/digits-t2i): seeded, resumable from its checkpoint.
+train-digits-t2i: setup
+	$(BIN)/ditq train-digits-t2i --checkpoint $(OUT)/train-digits-t2i.pt
 
 # The fast lane (the README's command): every package, without the tests marked slow (DiT-S/2 exports,
 # the wheel install, real exports and searches killed and resumed), on every core (pytest-xdist).

@@ -9,6 +9,11 @@ timesteps and prediction type (a :class:`~ditq.schedule.SchedulerSpec`, part of 
 key), so a ``v_prediction`` or otherwise non-default pipeline is calibrated on the inputs it really
 sees. The same trajectories give the model's own inputs ``(x_t, t, labels)``
 (:func:`record_model_inputs`), on which RobuQ measures activation sensitivity.
+
+A text-conditioned model samples them from prompts instead of labels (a
+:class:`~ditq.calib.conditioning.PromptConditioning`: prompts encoded once by the pipeline folder's float
+text encoders, guided with the empty prompt), stepped by its own schedule: a flow-matching one's Euler
+steps (:class:`~ditq.flow.FlowMatchSpec`) or DDIM. Its prompts and guidance scale are part of the cache's key.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import torch.nn as nn
 from ditq.adapters import adapter_for
 from ditq.errors import DitqError
 from ditq.files import atomic_path
-from ditq.runtime.samplers import sample, seeded_noise
+from ditq.calib.conditioning import PromptConditioning, conditioning_key
+from ditq.flow import FlowMatchSpec, Schedule
+from ditq.runtime.samplers import sample, sample_flow, seeded_noise
 from ditq.schedule import SchedulerSpec
 
 
@@ -38,14 +45,17 @@ class CalibConfig:
     seed: int = 1234
 
 
-def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, schedule: SchedulerSpec | None = None,
-                        clip_denoised: bool = True, progress: bool = True) -> None:  # fmt: skip
+def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, schedule: Schedule | None = None,
+                        clip_denoised: bool = True, progress: bool = True,
+                        conditioning: PromptConditioning | None = None) -> None:  # fmt: skip
     """The calibration trajectories: ``cfg.num_samples`` DDIM samples of the float ``model`` from seeded
     noise, labels cycling through the classes, guidance ``cfg.cfg``, sampled as ``schedule`` says (the
     model's :attr:`~ditq.models.LoadedModel.schedule`; None: DiT's). Before every model evaluation
     ``before_call(kept, x, t, y)`` sees its inputs (numpy, the guided batch: conditional rows, then the
     null class); ``kept`` is true at ``cfg.timesteps_per_sample`` of the schedule's timesteps, spread
-    over the trajectory."""
+    over the trajectory. A text model takes ``conditioning`` instead of labels: :func:`_sample_text`."""
+    if conditioning is not None:
+        return _sample_text(model, cfg, before_call, conditioning, schedule=schedule, clip_denoised=clip_denoised, progress=progress)
     adapter = adapter_for(model)
     mcfg = dict(model.config)
     shape, cond = adapter.sample_shape(mcfg), adapter.conditioning(mcfg)
@@ -64,28 +74,81 @@ def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, sche
            cfg=cfg.cfg, null_class=cond.null_label, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
 
 
-def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, schedule: SchedulerSpec | None = None,
-                        clip_denoised: bool = True,
-                        progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The model's own inputs ``(x_t [M,C,H,W], t [M], labels [M])`` at the kept timesteps of the
-    calibration trajectories: every row the model evaluates there, ``M = num_samples x
-    timesteps_per_sample`` (twice that with guidance: the null-class rows too)."""
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+def _sample_text(model: nn.Module, cfg: CalibConfig, before_call, cond: PromptConditioning, *, schedule: Schedule | None,
+                 clip_denoised: bool, progress: bool) -> None:  # fmt: skip
+    """:func:`sample_trajectories` of a text model: ``cfg.num_samples`` samples from seeded noise (numpy's
+    ``default_rng(cfg.seed).standard_normal([num_samples, *sample_shape])``, float32), sample ``i`` on
+    prompt ``i mod len(prompts)``, guided with the empty prompt at ``cond.guidance`` as the family's
+    pipelines guide: one batch ``[empty-prompt rows, prompt rows]`` and ``p = p_empty + G (p_prompt -
+    p_empty)`` on the prediction channels (a guidance-distilled model takes ``G`` as its input instead; a
+    family without negative-prompt guidance, or ``G <= 1``: the prompt rows only), stepped by the model's
+    own schedule: a flow-matching one's Euler steps (no clipping), else DDIM (``clip_denoised``). Before
+    every model evaluation ``before_call(kept, *inputs)`` sees the graph's inputs (numpy, in the family
+    adapter's ``input_names`` order), ``kept`` as in :func:`sample_trajectories`."""
+    adapter = adapter_for(model)
+    spec, mcfg = adapter.spec, dict(model.config)
+    torch_fn = adapter.torch_callable(model)
+    n, g = cfg.num_samples, cond.guidance
+    noise = np.random.default_rng(cfg.seed).standard_normal((n, *adapter.sample_shape(mcfg))).astype(np.float32)
+    rows, empty = cond.rows(n)
+    probe = spec.feeds(mcfg, noise[:1], np.ones(1, np.float32), {k: v[:1] for k, v in rows.items()}, g)
+    distilled = "guidance" in probe  # the graph takes the guidance scale
+    paired = not distilled and spec.negative_prompt_guidance and g > 1
+    p, var = spec.output_split(mcfg)
 
-    def keep(kept, x, t, y):
+    def guided(x: np.ndarray, t: np.ndarray, kept: bool) -> np.ndarray:
+        b = len(x)
+        xs, ts, c = (np.concatenate([x, x]), np.concatenate([t, t]), {k: np.concatenate([empty[k], rows[k]]) for k in rows}) if paired else (x, t, rows)
+        feeds = spec.feeds(mcfg, xs, ts, c, g if distilled else None)
+        inputs = [feeds[name] for name in adapter.input_names if name in feeds]
+        before_call(kept, *inputs)
+        out = np.asarray(torch_fn(*inputs))
+        pred = spec.prediction(mcfg, out, xs)
+        out = np.concatenate([pred, out[:, p : p + var]], axis=1) if var else pred
+        if not paired:
+            return out
+        u, c_ = out[:b], out[b:]
+        mixed = u[:, :p] + g * (c_[:, :p] - u[:, :p])
+        return np.concatenate([mixed, c_[:, p:]], axis=1) if out.shape[1] > p else mixed
+
+    if isinstance(schedule, FlowMatchSpec):
+        tokens = spec.image_tokens(mcfg)
+        _, ts = schedule.plan(cfg.steps, tokens)
+        keep_t = set(ts[np.linspace(0, len(ts) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
+        sample_flow(lambda x, t: guided(x, np.full(len(x), t, np.float32), float(t) in keep_t), noise, schedule=schedule,
+                    steps=cfg.steps, image_tokens=tokens, progress=progress)  # fmt: skip
+        return
+    ddim = schedule or SchedulerSpec()
+    use, _ = ddim.plan(cfg.steps, "ddim")
+    keep_t = set(use[np.linspace(0, len(use) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
+    sample(lambda x, t, _y: guided(x, t, int(t[0]) in keep_t), noise, np.zeros(n, np.int64), schedule=ddim, steps=cfg.steps,
+           method="ddim", clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+
+
+def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, schedule: Schedule | None = None,
+                        clip_denoised: bool = True, progress: bool = False,
+                        conditioning: PromptConditioning | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The model's own inputs at the kept timesteps of the calibration trajectories, one tensor per graph
+    input in its family adapter's order (class models: ``(x_t [M,C,H,W], t [M], labels [M])``; text models,
+    ``conditioning`` given: their graph's inputs, e.g. SD3's ``(x_t, encoder_hidden_states,
+    pooled_projections, t)``): every row the model evaluates there, ``M = num_samples x
+    timesteps_per_sample`` (twice that with guidance: the null-class or empty-prompt rows too)."""
+    rows: list[tuple[np.ndarray, ...]] = []
+    dtypes = (np.float32, np.int64, np.int64) if conditioning is None else adapter_for(model).input_dtypes
+
+    def keep(kept, *inputs):
         if kept:
-            rows.append((np.array(x, np.float32), np.array(t, np.int64), np.array(y, np.int64)))
+            rows.append(tuple(np.array(a, dtypes[i] if i < len(dtypes) else np.float32) for i, a in enumerate(inputs)))
 
-    sample_trajectories(model, cfg, keep, schedule=schedule, clip_denoised=clip_denoised, progress=progress)
-    x, t, y = (torch.from_numpy(np.concatenate(column)) for column in zip(*rows))
-    return x, t, y
+    sample_trajectories(model, cfg, keep, schedule=schedule, clip_denoised=clip_denoised, progress=progress, conditioning=conditioning)
+    return tuple(torch.from_numpy(np.concatenate(column)) for column in zip(*rows))
 
 
 def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfig, *,
-                       schedule: SchedulerSpec | None = None, clip_denoised: bool = True,
-                       progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
+                       schedule: Schedule | None = None, clip_denoised: bool = True, progress: bool = True,
+                       conditioning: PromptConditioning | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Inputs of ``layer_names`` (``[rows, K]``) at ``cfg.timesteps_per_sample`` steps of the calibration
-    trajectories (:func:`sample_trajectories`)."""
+    trajectories (:func:`sample_trajectories`; a text model's on ``conditioning``'s prompts)."""
     named = dict(model.named_modules())
     missing = [n for n in layer_names if n not in named]
     if missing:
@@ -107,11 +170,12 @@ def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfi
 
     handles = [named[n].register_forward_pre_hook(hook(n)) for n in layer_names]
 
-    def arm(kept, _x, _t, _y):
+    def arm(kept, *_inputs):
         state["record"] = kept
 
     try:
-        sample_trajectories(model, cfg, arm, schedule=schedule, clip_denoised=clip_denoised, progress=progress)
+        sample_trajectories(model, cfg, arm, schedule=schedule, clip_denoised=clip_denoised, progress=progress,
+                            conditioning=conditioning)  # fmt: skip
     finally:
         for h in handles:
             h.remove()
@@ -119,16 +183,16 @@ def record_activations(model: nn.Module, layer_names: list[str], cfg: CalibConfi
 
 
 def load_or_record(path: str | Path, model: nn.Module, layer_names: list[str], cfg: CalibConfig, *, model_digest: str,
-                   schedule: SchedulerSpec | None = None, clip_denoised: bool = True,
-                   progress: bool = True) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The cached set at ``path`` if it was made with these settings, sampling (schedule, clipping) and
-    model, else record and cache it."""
+                   schedule: Schedule | None = None, clip_denoised: bool = True, progress: bool = True,
+                   conditioning: PromptConditioning | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The cached set at ``path`` if it was made with these settings, sampling (schedule, clipping, a text
+    model's prompts and guidance) and model, else record and cache it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     path = Path(path)
     meta = {"config": json.dumps(asdict(cfg), sort_keys=True), "model": model_digest,
-            "sampling": sampling_key(schedule, clip_denoised)}  # fmt: skip
+            "sampling": sampling_key(schedule, clip_denoised, conditioning)}  # fmt: skip
     if path.is_file():
         try:
             from safetensors import safe_open
@@ -141,12 +205,18 @@ def load_or_record(path: str | Path, model: nn.Module, layer_names: list[str], c
                     return {n: data[n] for n in layer_names}
         except (SafetensorError, OSError) as e:
             raise DitqError(f"{path}: corrupt calibration cache ({e}); remove it") from None
-    data = record_activations(model, layer_names, cfg, schedule=schedule, clip_denoised=clip_denoised, progress=progress)
+    data = record_activations(model, layer_names, cfg, schedule=schedule, clip_denoised=clip_denoised, progress=progress,
+                              conditioning=conditioning)  # fmt: skip
     with atomic_path(path) as tmp:
         save_file({n: t.contiguous() for n, t in data.items()}, str(tmp), metadata=meta)
     return data
 
 
-def sampling_key(schedule: SchedulerSpec | None, clip_denoised: bool) -> str:
-    """How the calibration trajectories are sampled, as the cache records it (JSON, sorted keys)."""
-    return json.dumps({"schedule": (schedule or SchedulerSpec()).to_dict(), "clip_denoised": clip_denoised}, sort_keys=True)
+def sampling_key(schedule: Schedule | None, clip_denoised: bool, conditioning: PromptConditioning | None = None) -> str:
+    """How the calibration trajectories are sampled, as the cache records it (JSON, sorted keys): the
+    schedule, the clipping and, for a text model, its prompts and guidance (:meth:`PromptConditioning.key`)."""
+    key = {"schedule": (schedule or SchedulerSpec()).to_dict(), "clip_denoised": clip_denoised}
+    text = conditioning_key(conditioning)
+    if text is not None:
+        key["conditioning"] = json.loads(text)
+    return json.dumps(key, sort_keys=True)

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
 from ditq.calib.calibration import CalibConfig, record_model_inputs
+from ditq.calib.conditioning import PromptConditioning
+from ditq.flow import Schedule
 from ditq.calib.qlinear import QuantLinear, plan_weight, swap_module
 from ditq.recipe import LayerPlan, LayerQuant, Recipe
-from ditq.schedule import SchedulerSpec
 
 
 def allocate_bits(
@@ -69,16 +70,18 @@ def block_units(model) -> dict[str, tuple[str, ...]]:
 SENSITIVITY_TRAJECTORIES = CalibConfig(num_samples=8, timesteps_per_sample=8, seed=0)
 
 
-def sensitivity_inputs(model, *, clip_denoised: bool, schedule: SchedulerSpec | None = None, n: int = 64,
-                       seed: int = 0) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def sensitivity_inputs(model, *, clip_denoised: bool, schedule: Schedule | None = None, n: int = 64,
+                       seed: int = 0, conditioning: PromptConditioning | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """``n`` of the model's own inputs ``(x_t, t, labels)`` along its float DDIM trajectories
     (:data:`SENSITIVITY_TRAJECTORIES`, :func:`ditq.calib.calibration.record_model_inputs`), drawn without
     replacement with ``seed``: whatever the model's channels, size and classes, the inputs it sees when
     sampling. ``clip_denoised``: the model's sampling clamps ``x_0`` (pixel-space models); ``schedule``: how
-    it samples (its ``LoadedModel.schedule``; None: DiT's)."""
-    x, t, y = record_model_inputs(model, SENSITIVITY_TRAJECTORIES, schedule=schedule, clip_denoised=clip_denoised, progress=False)
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx], t[idx], y[idx]
+    it samples (its ``LoadedModel.schedule``; None: DiT's). A text model's (``conditioning``: its prompts) are
+    its graph's inputs, in its family adapter's order."""
+    inputs = record_model_inputs(model, SENSITIVITY_TRAJECTORIES, schedule=schedule, clip_denoised=clip_denoised, progress=False,
+                                 conditioning=conditioning)  # fmt: skip
+    idx = torch.randperm(len(inputs[0]), generator=torch.Generator().manual_seed(seed))[:n]
+    return tuple(a[idx] for a in inputs)
 
 
 def activation_plan(name: str, linear: torch.nn.Linear, bits: int, rotate: bool) -> LayerPlan:
@@ -92,10 +95,11 @@ def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bo
     """Relative output error ``|f_u,b(x) - f(x)|^2 / |f(x)|^2`` with only unit ``u``'s input activation
     quantized to ``b`` bits (:func:`activation_plan`; weights float: activation-only sensitivity). Each
     member of ``u`` is swapped for the :class:`~ditq.calib.qlinear.QuantLinear` of its float weight under
-    that plan, ``Q(x H)(W H)^T + b`` (``H = I`` unrotated), for one forward, then swapped back."""
-    x, t, y = inputs
+    that plan, ``Q(x H)(W H)^T + b`` (``H = I`` unrotated), for one forward, then swapped back. ``inputs``:
+    the model's graph inputs in its family adapter's order (DiT: ``(x, t, labels)``)."""
+    forward = adapter_for(model).wrap(model)
     with torch.no_grad():
-        ref = model(x, timestep=t, class_labels=y).sample
+        ref = forward(*inputs)
         norm = float((ref.double() ** 2).sum())
         out: dict[str, dict[int, float]] = {}
         units = block_units(model)
@@ -107,7 +111,7 @@ def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bo
                     plan = activation_plan(m, lin, bits, rotate)
                     swap_module(model, m, QuantLinear(plan_weight(lin.weight.detach().float(), plan), lin.bias, plan))
                 try:
-                    o = model(x, timestep=t, class_labels=y).sample
+                    o = forward(*inputs)
                 finally:
                     for m, lin in floats.items():
                         swap_module(model, m, lin)
@@ -138,13 +142,13 @@ class MixedRecipe:
     sensitivity: dict[str, dict[int, float]]  # unit -> bits -> relative output error
 
 
-def mixed_recipe(model, avg_bits: int, *, rotate: bool = True, clip_denoised: bool = False,
-                 schedule: SchedulerSpec | None = None, progress: bool = False) -> MixedRecipe:  # fmt: skip
+def mixed_recipe(model, avg_bits: int, *, rotate: bool = True, clip_denoised: bool = False, schedule: Schedule | None = None,
+                 progress: bool = False, conditioning: PromptConditioning | None = None) -> MixedRecipe:  # fmt: skip
     """``Recipe.robuq(coverage, avg_bits, rotate)`` (``model``'s family coverage) with mixed activation
     bits for ``model``: sensitivities measured on the model's own sampling inputs
     (:func:`sensitivity_inputs`), bits allocated by :func:`mixed_activation_bits` to average exactly
-    ``avg_bits`` over the block linears."""
-    inputs = sensitivity_inputs(model, clip_denoised=clip_denoised, schedule=schedule)
+    ``avg_bits`` over the block linears. A text model samples its inputs from ``conditioning``'s prompts."""
+    inputs = sensitivity_inputs(model, clip_denoised=clip_denoised, schedule=schedule, conditioning=conditioning)
     per_module, table, per_unit = mixed_activation_bits(model, avg_bits, rotate=rotate, inputs=inputs, progress=progress)
     recipe = Recipe.robuq(adapter_for(model).coverage_of(model), avg_bits, rotate=rotate, act_bits=per_module)
     return MixedRecipe(recipe, per_unit, table)

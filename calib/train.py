@@ -139,8 +139,12 @@ def train_dit(
     return TrainResult(ema.eval(), losses, cfg.steps, time.perf_counter() - t0)
 
 
-def _save_checkpoint(path: Path, cfg, step, losses, rng, model, ema, opt) -> None:
+def _save_checkpoint(path: Path, cfg, step, losses, rng, model, ema, opt, *, seconds: float | None = None) -> None:
+    """Write the training state atomically (tensors, numbers, strings: loadable with ``weights_only=True``);
+    ``seconds``, when given, is the training time so far (a resumed run's record adds it up)."""
+    extra = {} if seconds is None else {"seconds": float(seconds)}
     state = {
+        **extra,
         "config": asdict(cfg),
         "step": step,
         "losses": losses,

@@ -171,6 +171,19 @@ def cmd_train_digits(args) -> int:
     return 0
 
 
+def cmd_train_digits_t2i(args) -> int:
+    from dataclasses import replace
+
+    from ditq.calib.train_t2i import DEFAULT_CONFIG
+    from ditq.workflows.train_t2i import train_digits_t2i
+
+    res = train_digits_t2i(args.out, replace(DEFAULT_CONFIG, steps=args.steps, seed=args.seed), checkpoint=args.checkpoint,
+                           force=args.force, progress=not args.quiet, threads=args.threads)  # fmt: skip
+    print(f"digits-t2i: {res.parameters:,} parameters, {res.steps} steps in {res.seconds / 60:.1f} min, "
+          f"final loss {res.final_loss:.4f} -> {res.out_dir}")  # fmt: skip
+    return 0
+
+
 def cmd_search(args) -> int:
     from ditq.calib.search import SearchConfig
     from ditq.workflows.search import SearchOptions, prepare_search

@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="resumable training checkpoint file (written every 500 steps)")
     p.add_argument("--judge-only", action="store_true", help="train only the judge (seconds)")
     _add_force_arg(p)
+
+    p = sub.add_parser("train-digits-t2i", help="train the text-conditioned digits-t2i MMDiT and its text encoder from scratch (CPU)")
+    p.add_argument("--steps", type=int_in(1, MAX_TRAIN_STEPS), default=3000, help="training steps of batch 64 (default 3000)")
+    p.add_argument("--seed", type=int_in(0, SEED_MAX), default=0, help="seed of the weights, data order, prompts and noise")
+    p.add_argument("--threads", type=int_in(1, 256), default=1, help="torch threads (default 1: the same result everywhere)")
+    p.add_argument("--out", help="output pipeline folder (default: the shipped ditq/assets/digits-t2i)")
+    p.add_argument("--checkpoint", help="resumable training checkpoint file (written every 200 steps)")
+    _add_force_arg(p)
     return parser
 
 

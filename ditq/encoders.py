@@ -19,6 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+import torch.nn as nn
+
 from ditq.errors import DitqError, one_line, shown
 from ditq.families import FamilySpec
 from ditq.text import MAX_TOKEN_ID, MAX_TOKENIZER_BYTES, TEXT_KINDS, TextEncoder, parse_tokenizer
@@ -200,3 +203,18 @@ def tokenizer_json(root: str | Path, enc: TextEncoder, tok) -> str:
             return text
     raise DitqError(f"{folder}: the tokenizers library does not reproduce this tokenizer's ids (padding or truncation "
                     f"side, or options transformers adds); ditq exports only tokenizers it reproduces exactly")  # fmt: skip
+
+
+class TextEncoderGraph(nn.Module):
+    """What the ONNX file computes: the encoder's outputs of :data:`~ditq.text.TEXT_KINDS` for its kind."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        if self.kind == "t5":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        out = self.model(input_ids=input_ids, output_hidden_states=True)
+        pooled = out.text_embeds if self.kind == "clip-projection" else out.pooler_output  # (B, P) / (B, D)
+        return out.last_hidden_state, out.hidden_states[-2], pooled  # (B, T, D) x 2

@@ -4,7 +4,9 @@ Every folder ditq writes (``ditq export``, ``ditq qat``, ``ditq train-digits``) 
 
     {"tool": "ditq", "version": "...", ..., "files": {"model.onnx": {"bytes": 224226, "sha256": "..."}, ...}}
 
-``files`` lists every file of the folder as written (the manifest itself excepted), by plain name.
+``files`` lists every file of the folder as written (the manifest itself excepted), by its path in the
+folder: a plain name, or plain names joined by ``/`` for a pipeline folder's subfolders (no link is
+followed on the way).
 
 **Which existing folder an output may replace** (:func:`folder_status`; enforced by
 :func:`ditq.files.check_out_dir` before anything is written):
@@ -62,12 +64,29 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def list_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """The ``files`` table of ``folder``: every entry but the manifest, with its size and SHA-256."""
-    return {
-        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(Path(folder).iterdir())
-        if p.name != MANIFEST_FILE
-    }
+    """The ``files`` table of ``folder``: every regular file but the manifest, by its path relative to the
+    folder (``/``-separated: a pipeline folder's ``transformer/config.json``), with its size and SHA-256.
+    Links are not followed."""
+    folder = Path(folder)
+    out = {}
+    for path in sorted(_walk(folder)):
+        name = path.relative_to(folder).as_posix()
+        if name != MANIFEST_FILE and path.is_file() and not path.is_symlink():
+            out[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return out
+
+
+def _walk(folder: Path):
+    """Every entry under ``folder`` that is not a folder (links and special files included), and every
+    empty folder, without following links."""
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            inner = Path(entry.path)
+            if next(os.scandir(inner), None) is None:
+                yield inner
+            yield from _walk(inner)
+        else:
+            yield Path(entry.path)
 
 
 def tool_version() -> str:
@@ -104,9 +123,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(files, dict):
         raise ManifestError(f"{MANIFEST_FILE} has no files table")
     for name, info in files.items():
-        try:
-            inside(folder, name, MANIFEST_FILE, plain=True, links_may_leave=True)  # the name alone: nothing is opened
-            refused = name == MANIFEST_FILE
+        try:  # the name alone, each part a plain name: nothing is opened
+            refused = name == MANIFEST_FILE or not isinstance(name, str)
+            for part in name.split("/"):
+                inside(folder, part, MANIFEST_FILE, plain=True, links_may_leave=True)
         except DitqError:
             refused = True
         if refused:
@@ -133,17 +153,30 @@ def folder_status(folder: Path) -> tuple[str, str]:
         return FOREIGN, str(e)
     files = manifest["files"]
     for name, info in files.items():
-        size = regular_size(folder / name)
+        size = _listed_size(folder, name)
         if size is None:
             return MODIFIED, f"{name} is missing"
         if size != info["bytes"]:
             return MODIFIED, f"{name} is {size} bytes, its manifest says {info['bytes']}"
-    for name in names:
+    for path in _walk(folder):
+        name = path.relative_to(folder).as_posix()
         if name in files or name == MANIFEST_FILE:
             continue
-        if not name.lower().endswith(REPORT_SUFFIXES) or regular_size(folder / name) is None:
+        top_report = "/" not in name and name.lower().endswith(REPORT_SUFFIXES) and regular_size(path) is not None
+        if not top_report:
             return MODIFIED, f"it holds {shown(name, quote=False)}, which its manifest does not list"
     return OURS, ""
+
+
+def _listed_size(folder: Path, name: str) -> int | None:
+    """The size of the listed file ``name`` when it is a regular file reached through real folders of
+    ``folder`` (no link on the way: a listed path never leads out of the folder); else None."""
+    parent = Path(folder)
+    for part in name.split("/")[:-1]:
+        parent = parent / part
+        if parent.is_symlink() or not parent.is_dir():
+            return None
+    return regular_size(Path(folder) / name)
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
@@ -152,7 +185,7 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
     problems = []
     for name, info in manifest["files"].items():
         path = Path(folder) / name
-        size = regular_size(path)
+        size = _listed_size(folder, name)
         if size is None:
             problems.append(f"{name} is missing or not a regular file")
         elif size != info["bytes"]:

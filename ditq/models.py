@@ -39,7 +39,7 @@ DIT = adapter_for("DiTTransformer2DModel")  # the family the presets and checkpo
 
 # Models trained by the project and shipped with it (diffusers folders under ditq/assets/).
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILTIN: dict[str, Path] = {"digits": ASSETS / "digits"}
+BUILTIN: dict[str, Path] = {"digits": ASSETS / "digits", "digits-t2i": ASSETS / "digits-t2i"}
 
 
 def digits_config() -> dict[str, Any]:
@@ -110,11 +110,11 @@ def load_model(spec: str, *, image_size: int | None = None, seed: int = 0, num_h
     """Load ``spec``: a preset name, a diffusers folder, or an original DiT checkpoint file."""
     if spec in BUILTIN:
         folder = BUILTIN[spec]
-        if not (folder / "config.json").is_file():
+        if not ((folder / "config.json").is_file() or (folder / "model_index.json").is_file()):
             raise DitqError(f"the shipped {spec!r} weights are missing from {folder}; run `make train-{spec}` to recreate them")
         loaded = _load_diffusers(folder)
         source = {"kind": "builtin", "name": spec, "sha256": loaded.source["sha256"]}
-        return LoadedModel(loaded.model, source, pipeline_info(source))
+        return LoadedModel(loaded.model, source, pipeline_info(source) if spec in BUILTIN_PIPELINE else loaded.pipeline)
     if spec in PRESETS:
         hidden, depth, heads = PRESETS[spec]
         sample = 32 if image_size is None else _latent_size(image_size)
@@ -172,7 +172,7 @@ def pipeline_info(source: dict[str, Any], *, config: dict[str, Any] | None = Non
     kind, name = source.get("kind"), source.get("name")
     if kind == "builtin" and name in BUILTIN_PIPELINE:
         return BUILTIN_PIPELINE[name]
-    root = Path(source.get("path", "")) if kind == "diffusers" else None
+    root = source_folder(source)
     if config is None and kind == "preset" and name in PRESETS:
         config = dit_config(*PRESETS[name])
     if kind == "preset" and name in FAMILY_PRESETS:
@@ -400,6 +400,15 @@ def convert_original_dit(
             out[f"{dst}norm1.emb.timestep_embedder.linear_2.{p}"] = sd[f"t_embedder.mlp.2.{p}"]
         out[f"{dst}norm1.emb.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
     return config, out
+
+
+def source_folder(source: dict[str, Any]) -> Path | None:
+    """The diffusers folder a model ``source`` record is read from: a folder source's path, a built-in
+    model's shipped folder; None for the others (presets, checkpoint files)."""
+    kind, name = source.get("kind"), source.get("name")
+    if kind == "builtin":
+        return BUILTIN.get(name)
+    return Path(source.get("path", "")) if kind == "diffusers" else None
 
 
 def source_paths(source: dict[str, Any]) -> list[Path]:

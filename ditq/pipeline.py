@@ -46,7 +46,8 @@ PIPELINE_FILE = "ditq_pipeline.json"  # a diffusers folder ditq wrote (ditq qat)
 VAE_DECODER_FILE = "vae_decoder.onnx"  # written next to model.onnx when the source is a pipeline with a VAE
 SPACES = ("pixel", "latent")
 # The judges ditq ships (ditq.runtime.metrics.DigitJudge) and the images each scores: (channels, size, classes).
-JUDGES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 10)}
+JUDGES: dict[str, tuple[int, int, int]] = {"digits": (1, 8, 10), "digits-t2i": (1, 16, 10)}
+TEXT_JUDGES = frozenset({"digits-t2i"})  # judges of text-conditioned models (the prompt names the digit)
 
 # The record's fields as JSON: absent ones take these defaults (records of earlier ditq versions hold only
 # some of them); fields not named here are ignored (written by a newer ditq).
@@ -164,10 +165,17 @@ class Pipeline:
         score the images the model makes, and text encoders for a class-conditioned model."""
         if conditioning is not None and self.text:
             raise DitqError(f"{where}: text encoders ({', '.join(t.folder for t in self.text)}) do not fit a class-conditioned model")
+        if (self.judge in TEXT_JUDGES) != (conditioning is None) and self.judge is not None:
+            kind = "text" if conditioning is None else "class"
+            raise DitqError(f"{where}: judge {self.judge!r} does not fit a {kind}-conditioned model")
+        if self.judge is not None and conditioning is None:
+            jc, js, _ = JUDGES[self.judge]
+            if tuple(sample_shape) != (jc, js, js):
+                made = "x".join(str(d) for d in sample_shape)
+                raise DitqError(f"{where}: judge {self.judge!r} scores {jc}x{js}x{js} images; this model makes {made} samples")
         if conditioning is None:
-            if self.conditioning is not None or self.judge is not None:
-                what = "class conditioning" if self.conditioning is not None else f"judge {self.judge!r}"
-                raise DitqError(f"{where}: {what} does not fit a text-conditioned model")
+            if self.conditioning is not None:
+                raise DitqError(f"{where}: class conditioning does not fit a text-conditioned model")
             return self
         if self.judge is not None:
             jc, js, jn = JUDGES[self.judge]

@@ -47,7 +47,7 @@ from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, fusable_weight_
 from ditq.graphs.targets import as_target
 from ditq.graphs.tensors import code_type
 from ditq.manifest import RECIPE_FILE, tool_version, write_manifest
-from ditq.models import load_vae, pipeline_info, source_paths
+from ditq.models import load_vae, pipeline_info, source_folder, source_paths
 from ditq.options import check_int
 from ditq.pipeline import Pipeline
 
@@ -210,7 +210,7 @@ def export(
             for f in stage.glob(pipe.vae + ".data"):
                 f.unlink()
             onnx.save_model(vae_proto, str(vae_path))
-        text = write_text_encoders(source["path"], pipe.text, stage, work, opset=opset or DEFAULT_OPSET,
+        text = write_text_encoders(source_folder(source), pipe.text, stage, work, opset=opset or DEFAULT_OPSET,
                                    external_data_bytes=external_data_bytes) if pipe.text else []  # fmt: skip
         shutil.rmtree(work)
         (stage / RECIPE_FILE).write_text(qdit.recipe.to_json() + "\n")

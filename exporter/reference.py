@@ -72,13 +72,15 @@ class QuantizedDiT:
             raise RuntimeError("a QuantizedDiT made with consume=True gives its model's weights to the export; quantize without it")
         model = self.model if inplace else copy.deepcopy(self.model)
         for name, plan in self.plans.items():
-            w = self.weights[name].dequantize()
-            if plan.kind == "linear":
-                new = QuantLinear(w, model.get_submodule(name).bias, plan)
-            else:
-                new = QuantEmbedding(w)
-            swap_module(model, name, new)
+            swap_module(model, name, reference_module(model.get_submodule(name), plan, self.weights[name]))
         return model.eval()
+
+
+def reference_module(float_module: nn.Module, plan: LayerPlan, codes: QuantizedTensor) -> nn.Module:
+    """The reference module of one covered layer: a :class:`QuantLinear` of the dequantized ``codes`` (and
+    ``float_module``'s bias), or a :class:`QuantEmbedding` of the dequantized table."""
+    w = codes.dequantize()
+    return QuantLinear(w, float_module.bias, plan) if plan.kind == "linear" else QuantEmbedding(w)
 
 
 def resolve_plans(model: nn.Module, recipe: Recipe, target: Target | RecordedTarget | str = QDQ) -> dict[str, LayerPlan]:

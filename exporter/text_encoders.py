@@ -30,27 +30,12 @@ import torch
 import torch.nn as nn
 
 from ditq.calib.numerics import sqnr_db
-from ditq.encoders import check_prompts, load_text_encoder, load_tokenizer, pipeline_tokenize, tokenizer_json
+from ditq.encoders import TextEncoderGraph, check_prompts, load_text_encoder, load_tokenizer, pipeline_tokenize, tokenizer_json
 from ditq.exporter.trace import quiet_export, strip_trace_metadata
 from ditq.runtime.session import create_session
 from ditq.text import MAX_TEXT_TOKENS, TextEncoder
 
 TEXT_FLOOR_DB = 80.0  # ONNX Runtime vs torch, float32 both: see the module docstring
-
-
-class TextEncoderGraph(nn.Module):
-    """What the ONNX file computes: the encoder's outputs of :data:`~ditq.text.TEXT_KINDS` for its kind."""
-
-    def __init__(self, model: nn.Module, kind: str):
-        super().__init__()
-        self.model, self.kind = model, kind
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        if self.kind == "t5":
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
-        out = self.model(input_ids=input_ids, output_hidden_states=True)
-        pooled = out.text_embeds if self.kind == "clip-projection" else out.pooler_output  # (B, P) / (B, D)
-        return out.last_hidden_state, out.hidden_states[-2], pooled  # (B, T, D) x 2
 
 
 def export_text_encoder(model: nn.Module, enc: TextEncoder, path: Path, *, opset: int) -> None:

@@ -21,6 +21,7 @@ not one the target derives from the recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import onnx
 
@@ -38,6 +39,27 @@ from ditq.graphs.quant_weights import StoreQuantizedWeightsPass, WeightTarget
 from ditq.graphs.rotate import InsertRotationPass, RotationTarget
 from ditq.graphs.tensors import ROLE_ACT_QUANT, nodes_by_module
 from ditq.recipe import LayerPlan
+
+
+LAYER_CHUNK_ELEMENTS = 1 << 26  # weights per chunk of layers read back at a time (int16 codes: 128 MiB)
+
+
+def layer_chunks(plans: dict[str, LayerPlan], max_elements: int | None = None) -> Iterator[dict[str, LayerPlan]]:
+    """``plans`` in order, cut into consecutive groups of at most ``max_elements`` weights each (default
+    :data:`LAYER_CHUNK_ELEMENTS`; a larger layer alone): what is read back or compared at a time, so that
+    at most one group's codes are in memory."""
+    max_elements = LAYER_CHUNK_ELEMENTS if max_elements is None else max_elements
+    chunk: dict[str, LayerPlan] = {}
+    size = 0
+    for name, plan in plans.items():
+        n = plan.in_features * plan.out_features
+        if chunk and size + n > max_elements:
+            yield chunk
+            chunk, size = {}, 0
+        chunk[name] = plan
+        size += n
+    if chunk:
+        yield chunk
 
 
 @dataclass(frozen=True)
@@ -119,9 +141,20 @@ class Target:
         fails = check_weights(model, plans)
         return ({} if fails else weights_from_graph(model, plans)), fails
 
+    def weight_problems(self, model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[str]:
+        """The problems :meth:`read_weights` finds, holding no more than one :func:`layer_chunks` group of
+        weights at a time."""
+        return check_weights(model, plans)
+
     def compare_weights(self, model: onnx.ModelProto, plans: dict[str, LayerPlan], expected: dict[str, QuantizedTensor]) -> list[str]:
         """Where the stored codes, scales and zero points differ from ``expected``, element for element."""
-        return check_codes_equal(model, plans, expected)
+        return [f for part in self.weight_comparisons(model, plans, expected) for f in part]
+
+    def weight_comparisons(self, model: onnx.ModelProto, plans: dict[str, LayerPlan], expected: dict[str, QuantizedTensor]) -> list[list[str]]:
+        """:meth:`compare_weights`' failures, one list per kind of comparison, each in the order of
+        ``plans``: comparing group by group and joining each kind's lists gives :meth:`compare_weights`
+        of all the groups at once, message for message."""
+        return [check_codes_equal(model, plans, expected)]
 
     def probes(self, model: onnx.ModelProto, plans: dict[str, LayerPlan]) -> list[ActivationProbe]:
         """Every in-graph activation quantizer of a covered layer: its QuantizeLinear's float input and
@@ -158,8 +191,12 @@ class OrtTarget(Target):
         fails += check_weights(model, plans)
         return ({} if fails else {**weights_from_graph(model, plans), **lowered}), fails
 
-    def compare_weights(self, model, plans, expected):
-        return check_codes_equal(model, plans, expected) + check_same_weights(read_kernel_weights(model, plans)[0], expected)
+    def weight_problems(self, model, plans):
+        kernels = [f for chunk in layer_chunks(plans) for f in read_kernel_weights(model, chunk)[1]]
+        return kernels + check_weights(model, plans)
+
+    def weight_comparisons(self, model, plans, expected):
+        return [check_codes_equal(model, plans, expected), check_same_weights(read_kernel_weights(model, plans)[0], expected)]
 
     def probes(self, model, plans) -> list[ActivationProbe]:
         """Also the int8 kernel's per-token quantizer: Abs's input, QuantizeLinear's uint8 codes (+128)."""
@@ -208,8 +245,14 @@ class RecordedTarget:
     def read_weights(self, model, plans):
         return self.target.read_weights(model, plans)
 
+    def weight_problems(self, model, plans):
+        return self.target.weight_problems(model, plans)
+
     def compare_weights(self, model, plans, expected):
         return self.target.compare_weights(model, plans, expected)
+
+    def weight_comparisons(self, model, plans, expected):
+        return self.target.weight_comparisons(model, plans, expected)
 
     def probes(self, model, plans) -> list[ActivationProbe]:
         return self.target.probes(model, plans)

@@ -161,3 +161,14 @@ def flux_pipeline(folder: str | Path, seed: int = 0) -> Path:
 
 
 BUILDERS = {"sd3": sd3_pipeline, "pixart": pixart_pipeline, "flux": flux_pipeline}
+
+
+def digits_t2i_like(tmp, seed: int = 0):
+    """A random-weights pipeline folder of the shipped ``digits-t2i``'s layout (``DitqDigitsPipeline``: SD3
+    transformer, one CLIP with projection, WordLevel tokenizer, flow-matching scheduler, ditq's pipeline
+    record), tiny: width 64, two blocks, two text layers."""
+    from pathlib import Path
+
+    from ditq.calib.train_t2i import build_model, save_pipeline
+
+    return save_pipeline(build_model(seed, num_layers=2, width=64, text_layers=2), Path(tmp) / f"digits-t2i-like-{seed}")

@@ -164,7 +164,7 @@ def test_a_scheduler_of_the_other_kind_is_refused(tmp_path):
     with pytest.raises(DitqError, match="does not sample SD3Transformer2DModel, which predicts velocity"):
         pipeline_info({"kind": "diffusers", "path": str(folder)})
     folder = _pipeline_folder(tmp_path / "other", "MyPipeline", "SD3Transformer2DModel", SD3_TINY, FLOW)
-    with pytest.raises(DitqError, match="pipeline class \"MyPipeline\" spaces this model's flow-matching steps; it knows StableDiffusion3Pipeline$"):
+    with pytest.raises(DitqError, match="pipeline class \"MyPipeline\" spaces this model's flow-matching steps; it knows DitqDigitsPipeline, StableDiffusion3Pipeline$"):
         pipeline_info({"kind": "diffusers", "path": str(folder)})
     with pytest.raises(DitqError, match="take 2 or more steps"):
         FlowMatchSpec(shift_terminal=0.5).plan(1, 64)

@@ -342,3 +342,29 @@ def test_a_disk_that_fills_while_the_model_is_saved(tmp_path, old_export, tiny_s
     assert any(e in res["stderr"] for e in (os.strerror(errno.ENOSPC), os.strerror(errno.EFBIG))), res["stderr"]
     assert {k: bytes.fromhex(v) for k, v in res["files"].items()} == {f"m/{k}": v for k, v in snapshot(old_export).items()}
     assert res["top"] == ["m"]
+
+
+def test_a_pipeline_folder_with_subfolders_is_ours_and_its_links_are_not_followed(tmp_path):
+    """A folder ditq wrote with subfolders (a pipeline folder: transformer/, tokenizer/, ...) lists its files
+    by relative path and may be replaced; a file added in a subfolder, a listed path through a link, or a
+    name leading out are not ours."""
+    from ditq.manifest import OURS, MODIFIED, FOREIGN, folder_status, verify_files, write_manifest, read_manifest
+
+    d = tmp_path / "pipe"
+    (d / "transformer").mkdir(parents=True)
+    (d / "transformer" / "config.json").write_text("{}")
+    (d / "model_index.json").write_text("{}")
+    write_manifest(d, {"kind": "test"})
+    assert set(read_manifest(d)["files"]) == {"model_index.json", "transformer/config.json"}
+    assert folder_status(d)[0] == OURS and verify_files(d, read_manifest(d)) == []
+    assert check_out_dir(d) == Path(os.path.realpath(d))
+    (d / "transformer" / "extra.json").write_text("{}")  # not a top-level report: not listed, not ours
+    assert folder_status(d)[0] == MODIFIED
+    (d / "transformer" / "extra.json").unlink()
+    outside = tmp_path / "elsewhere"
+    (d / "transformer").rename(outside)
+    (d / "transformer").symlink_to(outside)  # the listed file now lies behind a link: never read through it
+    assert folder_status(d)[0] == MODIFIED
+    assert verify_files(d, read_manifest(d)) == ["transformer/config.json is missing or not a regular file"]
+    (d / "manifest.json").write_text(json.dumps({"tool": "ditq", "files": {"transformer/../../x": {"bytes": 1, "sha256": "0"}}}))
+    assert folder_status(d)[0] == FOREIGN

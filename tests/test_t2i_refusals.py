@@ -1,5 +1,7 @@
-"""Work that samples from class labels (GPTQ calibration, --mixed sensitivity, eval, the search, fitness)
-refuses a text-to-image model in one line, exit 2, writing nothing, instead of failing inside."""
+"""Work that samples a model's trajectories refuses, in one line, exit 2, writing nothing, a text-to-image
+model it cannot sample: GPTQ calibration and --mixed sensitivity a text model loaded without the text
+encoders of a pipeline folder (no prompts source; with them they work: tests/test_t2i_calibration.py);
+eval, the search and fitness any text model."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ def sd3(tmp_path_factory):
     (["export", "--wbits", "4", "--abits", "8", "--group-size", "16", "--method", "gptq"], "use --method rtn"),
     (["export", "--wbits", "1.58", "--abits", "4", "--mixed"], "without --mixed"),
 ])  # fmt: skip
-def test_export_work_that_samples_class_labels_is_refused(sd3, tmp_path, capsys, argv, needle):
+def test_export_work_that_samples_a_text_model_without_its_encoders_is_refused(sd3, tmp_path, capsys, argv, needle):
+    """A bare transformer folder has no text encoders to encode calibration prompts with."""
     code, _, err = run([argv[0], "--model", sd3, *argv[1:], "--out", str(tmp_path / "out")], capsys)
-    assert_one_line_refusal(code, err, "SD3Transformer2DModel is text-conditioned", needle)
+    assert_one_line_refusal(code, err, "SD3Transformer2DModel is text-conditioned", "without the text encoders", needle)
     assert_no_output(tmp_path)
 
 
@@ -51,3 +54,14 @@ def test_sampling_without_guidance_takes_the_pipelines_default(family, pipeline)
 
     want = inspect.signature(getattr(diffusers, pipeline).__call__).parameters["guidance_scale"].default
     assert spec_for(family).default_guidance == want
+
+
+def test_qat_refuses_a_text_model_that_is_not_a_digits_model(tmp_path, capsys):
+    """ditq qat trains on the digits: a text model no digits judge scores (here SD3 with random weights) is
+    refused before any training, writing nothing."""
+    from tests.t2i_fixtures import sd3_pipeline
+
+    folder = sd3_pipeline(tmp_path / "sd3")
+    code, _, err = run(["qat", "--model", str(folder), "--steps", "1", "--out", str(tmp_path / "out")], capsys)
+    assert_one_line_refusal(code, err, "not a digits model")
+    assert not (tmp_path / "out").exists()

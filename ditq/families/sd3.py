@@ -16,6 +16,10 @@ None)::
     pooled = concat(CLIP-L text_embeds [B, pL], CLIP-G text_embeds [B, pG], axis=-1)  # [B, P]
 
 A pipeline without T5 (``text_encoder_3`` None) feeds zeros ``[B, 256, joint_attention_dim]`` in its place.
+
+ditq's own ``DitqDigitsPipeline`` (the shipped ``digits-t2i``, :mod:`ditq.calib.train_t2i`) has one small
+CLIP with projection, trained with the transformer: ``tokens`` = its ``last_hidden_state [B, 16, D]``,
+``pooled`` = its ``text_embeds [B, P]``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from ditq.untrusted import Int, OneOf, check_fields, check_width
 CLIP_OUTPUTS = ("last_hidden_state", "penultimate", "pooled")
 CLIP_LENGTH = 77  # the CLIP tokenizers' model_max_length, the pipeline's tokenizer_max_length
 T5_LENGTH = 256  # the pipeline's max_sequence_length default
+DIGITS_PIPELINE = "DitqDigitsPipeline"  # ditq's digits-t2i: one CLIP with projection (module docstring)
+DIGITS_LENGTH = 16  # its tokenizer's and encoder's length
 QK_NORMS = (None, "rms_norm", "layer_norm", "fp32_layer_norm")  # what JointAttnProcessor2_0 applies per head
 
 # The keyword arguments of diffusers' SD3Transformer2DModel with its defaults. Bounds far beyond any
@@ -72,12 +78,21 @@ class SD3Spec(FamilySpec):
     input_names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
     prediction_type = "flow"
     default_guidance = 7.0  # StableDiffusion3Pipeline's guidance_scale
-    flow_grids = {"StableDiffusion3Pipeline": "timesteps"}  # the scheduler's own spacing (no sigmas passed)
+    flow_grids = {"StableDiffusion3Pipeline": "timesteps", DIGITS_PIPELINE: "timesteps"}  # the scheduler's own spacing (no sigmas passed)
     text_encoders = (
         TextEncoderSpec("text_encoder", "tokenizer", "clip-projection", CLIP_LENGTH, CLIP_OUTPUTS),  # CLIP-L
         TextEncoderSpec("text_encoder_2", "tokenizer_2", "clip-projection", CLIP_LENGTH, CLIP_OUTPUTS),  # CLIP-G
         TextEncoderSpec("text_encoder_3", "tokenizer_3", "t5", T5_LENGTH, ("last_hidden_state",)),  # T5-XXL
     )
+
+    digits_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "clip-projection", DIGITS_LENGTH, CLIP_OUTPUTS),)
+
+    def text_encoders_for(self, pipeline_class: Any) -> tuple[TextEncoderSpec, ...]:
+        """:data:`DIGITS_PIPELINE`'s single CLIP, else StableDiffusion3Pipeline's three encoders."""
+        return self.digits_encoders if pipeline_class == DIGITS_PIPELINE else self.text_encoders
+
+    def text_encoder_variants(self) -> tuple[tuple[TextEncoderSpec, ...], ...]:
+        return (self.text_encoders, self.digits_encoders)
 
     def check_config(self, obj: Any, where: str) -> dict[str, Any]:
         """The constructor keywords of ``obj`` (other keys dropped), each field bounded, and consistent:
@@ -122,7 +137,12 @@ class SD3Spec(FamilySpec):
         """``encoder_hidden_states [B, 77 + 256, D]`` and ``pooled_projections [B, pL + pG]`` from the
         encoders' outputs (module docstring); the masks are not used (SD3 attends over every token). Without
         a T5 (no ``text_encoder_3`` in ``encoded``) its tokens are zeros of width ``config``'s
-        ``joint_attention_dim``, as the pipeline's are."""
+        ``joint_attention_dim``, as the pipeline's are. :data:`DIGITS_PIPELINE`'s one encoder (no
+        ``text_encoder_2``): its last hidden states and projection as they are."""
+        if "text_encoder_2" not in encoded:
+            only = encoded["text_encoder"]
+            return {"encoder_hidden_states": np.asarray(only["last_hidden_state"], np.float32),
+                    "pooled_projections": np.asarray(only["pooled"], np.float32)}  # fmt: skip
         clip_l, clip_g = encoded["text_encoder"], encoded["text_encoder_2"]
         clip = np.concatenate([clip_l["penultimate"], clip_g["penultimate"]], axis=-1).astype(np.float32)
         if "text_encoder_3" in encoded:

@@ -24,6 +24,7 @@ import torch
 
 from ditq.adapters import DEFAULT_CLASS, adapter_for
 from ditq.calib.calibration import CalibConfig, load_or_record, record_activations, sampling_key
+from ditq.calib.conditioning import PromptConditioning, trajectory_conditioning
 from ditq.calib.robuq import mixed_recipe
 from ditq.errors import DitqError, shown
 from ditq.exporter.export import ExportResult, export
@@ -101,10 +102,10 @@ def build_recipe(options: RecipeOptions, loaded: LoadedModel | None = None, *, p
         elif loaded is None:
             raise DitqError("--mixed allocates activation bits on a model's measured sensitivity: give --model")
         else:
-            require_class_conditioned(loaded, "--mixed measures sensitivity on sampling trajectories of class-conditioned models",
-                                      "give --abits without --mixed")  # fmt: skip
+            cond = trajectory_conditioning(loaded, "--mixed measures sensitivity on the model's sampling trajectories",
+                                           "give --abits without --mixed")  # fmt: skip
             mixed = mixed_recipe(loaded.model, o.abits, rotate=o.rotate, schedule=loaded.schedule,
-                                 clip_denoised=loaded.pipeline.clip_denoised, progress=progress)  # fmt: skip
+                                 clip_denoised=loaded.pipeline.clip_denoised, progress=progress, conditioning=cond)  # fmt: skip
             recipe, bits = mixed.recipe, mixed.bits_per_unit
     elif o.mixed or not o.rotate:
         raise DitqError("--mixed and --no-rotate apply to ternary weights (--wbits 1.58)")
@@ -145,12 +146,13 @@ class CalibrationOptions:
             raise DitqError(f"calibration cache_dir: expected a folder path or None, got {shown(self.cache_dir)}")
 
 
-def calibration_cache_file(loaded: LoadedModel, options: CalibrationOptions) -> Path | None:
-    """Where :func:`calibrate` caches the inputs of ``loaded`` under ``options`` (None: not cached)."""
+def calibration_cache_file(loaded: LoadedModel, options: CalibrationOptions, conditioning: PromptConditioning | None = None) -> Path | None:
+    """Where :func:`calibrate` caches the inputs of ``loaded`` under ``options`` (None: not cached); a text
+    model's ``conditioning`` (its prompts and guidance) is part of the key."""
     if options.cache_dir is None:
         return None
     cfg = CalibConfig(num_samples=options.num_samples, timesteps_per_sample=options.timesteps)
-    settings = json.dumps(asdict(cfg), sort_keys=True) + sampling_key(loaded.schedule, loaded.pipeline.clip_denoised)
+    settings = json.dumps(asdict(cfg), sort_keys=True) + sampling_key(loaded.schedule, loaded.pipeline.clip_denoised, conditioning)
     key = hashlib.sha256(settings.encode()).hexdigest()[:8]
     return Path(options.cache_dir) / f"calib-{_model_digest(loaded)}-{key}.safetensors"
 
@@ -163,17 +165,19 @@ def calibrate(loaded: LoadedModel, recipe: Recipe, options: CalibrationOptions =
               progress: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """Calibration inputs ``[rows, K]`` of every linear ``recipe`` covers on ``loaded`` (what
     :func:`~ditq.exporter.reference.quantize_model` takes for ``method: gptq``), read from the cache when
-    it holds them for this model and these settings."""
-    require_class_conditioned(loaded, "GPTQ's calibration (--method gptq) records sampling trajectories of class-conditioned models",
-                              "use --method rtn")  # fmt: skip
+    it holds them for this model and these settings. A text model's trajectories take prompts
+    (:func:`~ditq.calib.conditioning.trajectory_conditioning`)."""
+    cond = trajectory_conditioning(loaded, "GPTQ's calibration (--method gptq) records the model's sampling trajectories",
+                                   "use --method rtn")  # fmt: skip
     cfg = CalibConfig(num_samples=options.num_samples, timesteps_per_sample=options.timesteps)
     linears = [n for n, p in recipe.resolve(loaded.model).items() if p.kind == "linear"]
     clip = loaded.pipeline.clip_denoised
-    cache = calibration_cache_file(loaded, options)
+    cache = calibration_cache_file(loaded, options, cond)
     if cache is None:
-        return record_activations(loaded.model, linears, cfg, schedule=loaded.schedule, clip_denoised=clip, progress=progress)
+        return record_activations(loaded.model, linears, cfg, schedule=loaded.schedule, clip_denoised=clip, progress=progress,
+                                  conditioning=cond)  # fmt: skip
     return load_or_record(cache, loaded.model, linears, cfg, model_digest=_model_digest(loaded), schedule=loaded.schedule,
-                          clip_denoised=clip, progress=progress)  # fmt: skip
+                          clip_denoised=clip, progress=progress, conditioning=cond)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """``ditq qat`` as a library: RobuQ quantization-aware training of a digits DiT, written as a diffusers
-folder with its recipe.
+folder with its recipe (a text-conditioned digits model, ``digits-t2i``: :mod:`ditq.workflows.qat_text`).
 
 The covered linears train through their quantizers (:func:`ditq.calib.qat.prepare_qat`) on scikit-learn's
 digits with the seeded, resumable loop of :func:`ditq.calib.train.train_dit`; the EMA weights, back in
@@ -26,6 +26,7 @@ from ditq.models import LoadedModel, load_model, source_paths
 from ditq.options import MAX_BATCH, MAX_TRAIN_STEPS, SEED_MAX, check_float, check_int
 from ditq.recipe import TERNARY, Recipe
 from ditq.workflows.export import RecipeOptions, build_recipe
+from ditq.workflows.qat_text import run_qat_text
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ def run_qat(model_spec: str, recipe: Recipe, out_dir: str | Path, cfg: TrainConf
     if loaded is None:
         loaded = load_model(model_spec)
     adapter, config = adapter_for(loaded.model), loaded.model.config
+    if adapter.conditioning(config) is None:
+        out, losses, seconds = run_qat_text(model_spec, recipe, out_dir, cfg, checkpoint=checkpoint, progress=progress, force=force, loaded=loaded)
+        return QATResult(out, recipe, losses, seconds)
     pipe = loaded.pipeline.fitted_to(adapter.conditioning(config), adapter.sample_shape(config), f"{model_spec}: pipeline")
     if not pipe.judged_by_digits:
         raise DitqError(f"{model_spec}: ditq qat trains on scikit-learn's digits; this model is not a digits model")

@@ -40,6 +40,7 @@ next to it; validation fails when that session misses the bound and the model re
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,9 +54,8 @@ from google.protobuf.message import DecodeError
 from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
-from ditq.calib.numerics import choose_qparams, quantize, sqnr_db
+from ditq.calib.numerics import sqnr_db
 from ditq.errors import DitqError, one_line
-from ditq.exporter.reference import QuantizedDiT, quantize_model
 from ditq.fileformat import EXACT_QDQ_CONFIG, META_PLANS, META_RECIPE, META_SOURCE, META_TARGET
 from ditq.graphs.checks import activation_qdq_layers, check_activations
 from ditq.graphs.plan_record import plans_from_json
@@ -67,6 +67,7 @@ from ditq.runtime.generate import resolve_model_file
 from ditq.runtime.integrity import folder_checks
 from ditq.runtime.session import applied_session_config, create_session, recorded_session_config, run_session
 from ditq.untrusted import check_source, parse_json
+from ditq.workflows.validate_codes import build_reference, check_activation_codes, input_sizes
 
 FP32_FLOOR_DB = 80.0
 ACCURACY_MATCH_DB = 1.0
@@ -260,39 +261,18 @@ def validate(
         steps.close()
         return report
     target = target.recorded(plans)  # the reference computes what the file records, not today's kernel choice
-    stored, weight_fails = target.read_weights(proto, plans)
-    if gptq:  # GPTQ codes depend on calibration data: the reference takes the stored ones
-        if weight_fails:  # nothing trustworthy to build the reference from
-            detail = f"{len(weight_fails)} problem(s): " + "; ".join(weight_fails[:3])
-            report.checks.append(Check("quantized weights: type, block size, shapes, code range", False, detail))
-            steps.close()
-            return report
-        qd = QuantizedDiT(loaded.model, recipe, plans, stored, target)
-    else:
-        qd = quantize_model(loaded.model, recipe, progress=False, target=target)
+    weight_fails = target.weight_problems(proto, plans)
+    if gptq and weight_fails:  # GPTQ codes depend on calibration data: the reference takes the stored ones
+        detail = f"{len(weight_fails)} problem(s): " + "; ".join(weight_fails[:3])  # nothing trustworthy to build it from
+        report.checks.append(Check("quantized weights: type, block size, shapes, code range", False, detail))
+        steps.close()
+        return report
     try:
         onnx.checker.check_model(str(path), full_check=True)
         report.checks.append(Check("onnx checker (full shape inference)", True))
     except Exception as e:  # checker raises ValidationError / InferenceError
         report.checks.append(Check("onnx checker (full shape inference)", False, one_line(e, 300)))
-    for name, fails, covered in (
-        ("quantized weights: type, block size, shapes, code range", weight_fails, len(qd.plans)),
-        *(
-            []
-            if gptq
-            else [(
-                "stored codes and scales equal the reference's",
-                target.compare_weights(proto, qd.plans, qd.weights),
-                len(qd.plans),
-            )]
-        ),
-        ("activation scales computed in the graph from min/max", check_activations(proto, qd.plans),
-         len(activation_qdq_layers(qd.plans))),
-    ):
-        ok = f"{covered} layers" if covered else "none to check (no layer quantizes its input in the graph)"
-        detail = ok if not fails else f"{len(fails)} problem(s): " + "; ".join(fails[:3])
-        report.checks.append(Check(name, not fails, detail))
-    steps.update()
+    act_fails, probes = check_activations(proto, plans), target.probes(proto, plans)
 
     adapter = adapter_for(loaded.model)
     config = dict(loaded.model.config)
@@ -304,14 +284,30 @@ def validate(
     with torch.no_grad():
         floats = [adapter.wrap(loaded.model)(*inputs).numpy() for inputs in cases]
         steps.update()
-        reference = qd.reference(inplace=True)  # the float outputs are taken: reuse the model's memory
-        refs = [adapter.wrap(reference)(*inputs).numpy() for inputs in cases]
+        # the float outputs are taken: the model becomes the reference, layer group by layer group
+        code_fails = build_reference(loaded.model, plans, proto, target, recipe.method, stored=gptq)
+        del proto  # the file's tensors: the checks below read the file itself
+        for name, fails, covered in (
+            ("quantized weights: type, block size, shapes, code range", weight_fails, len(plans)),
+            *([] if gptq else [("stored codes and scales equal the reference's", code_fails, len(plans))]),
+            ("activation scales computed in the graph from min/max", act_fails, len(activation_qdq_layers(plans))),
+        ):
+            ok = f"{covered} layers" if covered else "none to check (no layer quantizes its input in the graph)"
+            detail = ok if not fails else f"{len(fails)} problem(s): " + "; ".join(fails[:3])
+            report.checks.append(Check(name, not fails, detail))
+        steps.update()
+        reference = loaded.model
+        refs = [adapter.wrap(reference)(*inputs).numpy() for inputs in cases[:-1]]
+        with input_sizes(reference, list(dict.fromkeys(p.module for p in probes))) as sizes:  # what each probe exposes
+            refs.append(adapter.wrap(reference)(*cases[-1]).numpy())
+    del reference, loaded  # ONNX Runtime's sessions below run without the torch model in memory
+    gc.collect()
     steps.update()
 
     report.session_config = recorded_session_config(meta, str(path))
     session_config = applied_session_config(meta, str(path))
     session = create_session(path, provider=provider, config=session_config)
-    quantizes_acts = any(p.abits is not None for p in qd.plans.values())
+    quantizes_acts = any(p.abits is not None for p in plans.values())
     labels = [adapter.input_names.index("class_labels")] if "class_labels" in adapter.input_names else []
     for inputs, f, r in zip(cases, floats, refs):
         o = run_session(session, _feeds(adapter, inputs), where=str(path))[0]
@@ -336,23 +332,8 @@ def validate(
     report.checks.append(default_session_check(report.cases, report.session_config, session_config))
 
     # activation codes: expose every QuantizeLinear's input and final codes, recompute them in torch
-    probes = target.probes(proto, qd.plans)
     if probes:
-        for p in probes:
-            proto.graph.output.extend([onnx.ValueInfoProto(name=p.input), onnx.ValueInfoProto(name=p.codes)])
-        probe_session = create_session(proto.SerializeToString(), provider=provider, config=session_config)
-        names = [n for p in probes for n in (p.input, p.codes)]
-        outs = run_session(probe_session, _feeds(adapter, cases[-1]), names, where=str(path))
-        bad, total = [], 0
-        for i, p in enumerate(probes):
-            xin, got = torch.from_numpy(outs[2 * i]), outs[2 * i + 1].astype(np.int16) - p.offset
-            s, z = choose_qparams(xin, p.bits, p.group_size, p.symmetric)
-            want = quantize(xin, s, z, p.bits, p.symmetric).numpy().astype(np.int16)
-            got = got.reshape(want.shape)  # the int8 kernel quantizes a [tokens, K] view
-            total += want.size
-            diff = int((want != got).sum())
-            if diff:
-                bad.append(f"{p.module}: {diff} of {want.size} codes differ")
+        bad, total = check_activation_codes(path, probes, _feeds(adapter, cases[-1]), sizes, provider=provider, config=session_config)
         detail = f"{total} codes in {len(probes)} activation quantizers" if not bad else "; ".join(bad[:3])
         report.checks.append(Check("activation codes equal the reference numerics (bit exact)", not bad, detail))
     steps.update()
