@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
 from ditq.calib.conditioning import PromptConditioning
-from ditq.calib.train import TrainConfig, TrainResult, _load_checkpoint, _lr, _save_checkpoint
+from ditq.calib.train import TrainConfig, TrainResult, _load_checkpoint, _save_checkpoint, optimizer_step
 
 
 def train_text_flow(model: nn.Module, x: np.ndarray, y: np.ndarray, bank: PromptConditioning, prompts_of_label: Sequence[Sequence[int]],
@@ -70,17 +70,7 @@ def train_text_flow(model: nn.Module, x: np.ndarray, y: np.ndarray, bank: Prompt
         out = forward(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in adapter.input_names if n in feeds))
         v = spec.prediction(mcfg, out, xt)
         loss = torch.mean((v - torch.from_numpy(noise - x0)) ** 2)
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, ema, opt, cfg, step, loss)
         window.append(loss.item())
         if len(window) == 100 or step + 1 == cfg.steps:
             losses.append(float(np.mean(window)))

@@ -69,6 +69,22 @@ def _lr(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
+def optimizer_step(model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, step: int, loss: torch.Tensor) -> None:
+    """One step of every ditq training loop: the scheduled learning rate, backward, gradient clipping,
+    AdamW, and the EMA update (decay warmed up as ``(1 + step) / (10 + step)``)."""
+    for g in opt.param_groups:
+        g["lr"] = _lr(cfg, step)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+
+
 def _rng_state(rng: np.random.Generator) -> torch.Tensor:
     return torch.frombuffer(bytearray(json.dumps(rng.bit_generator.state).encode()), dtype=torch.uint8)
 
@@ -117,17 +133,7 @@ def train_dit(
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         out = model(xt, timestep=tt, class_labels=labels, return_dict=False)[0]
         loss = torch.mean((out[:, : x0.shape[1]] - noise) ** 2)
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, ema, opt, cfg, step, loss)
         window.append(loss.item())
         if len(window) == 100:
             losses.append(float(np.mean(window)))

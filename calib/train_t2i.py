@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ditq.calib.digits import load_split
 from ditq.calib.digits_prompts import NUM_DIGITS, train_prompts, vocabulary
-from ditq.calib.train import TrainConfig, TrainResult, _load_checkpoint, _lr, _save_checkpoint
+from ditq.calib.train import TrainConfig, TrainResult, _load_checkpoint, _save_checkpoint, optimizer_step
 from ditq.models import pipeline_info
 
 IMAGE_SIZE = 16
@@ -172,17 +172,7 @@ def train_t2i(model: DigitsT2I, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, 
         sv = s.view(-1, 1, 1, 1)
         out = model((1 - sv) * x0 + sv * noise, s, ids[torch.from_numpy(pick)])  # (B, 1, 16, 16) velocity
         loss = torch.mean((out - (noise - x0)) ** 2)
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, ema, opt, cfg, step, loss)
         step_losses.append(loss.item())
         if (step + 1) % LOSS_WINDOW == 0:
             bar.set_postfix(loss=f"{np.mean(step_losses[-LOSS_WINDOW:]):.4f}")
