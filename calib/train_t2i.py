@@ -35,6 +35,7 @@ from ditq.calib.digits import load_split
 from ditq.calib.digits_prompts import NUM_DIGITS, train_prompts, vocabulary
 from ditq.calib.train import TrainConfig, TrainResult, _load_checkpoint, _save_checkpoint, optimizer_step
 from ditq.models import pipeline_info
+from ditq.runtime.metrics import pool_to
 
 IMAGE_SIZE = 16
 MAX_TOKENS = 16  # the tokenizer's and the text encoder's length: BOS, up to 14 words, EOS, padding
@@ -61,9 +62,7 @@ def upsample(x: np.ndarray) -> np.ndarray:
 
 def pool_to_judge(x: np.ndarray) -> np.ndarray:
     """16x16 -> 8x8 by averaging 2x2 blocks: what the digit judge scores (exactly the inverse of :func:`upsample`)."""
-    x = np.asarray(x, np.float32)
-    n, c, h, w = x.shape
-    return x.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+    return pool_to(x, IMAGE_SIZE // 2)
 
 
 def build_tokenizer():

@@ -97,6 +97,17 @@ class DigitJudge:
         return float((self.predict(images) == np.asarray(labels)).mean())
 
 
+def pool_to(images: np.ndarray, size: int) -> np.ndarray:
+    """``images [N, C, H, W]`` average-pooled to ``size x size`` (``H`` and ``W`` multiples of ``size``): how a
+    judge of small images scores larger samples (the ``digits-t2i`` judge: 16x16 samples, each 2x2 block
+    one pixel of the 8x8 digit judge; exactly the inverse of repeating each pixel 2x2)."""
+    x = np.asarray(images, np.float32)
+    n, c, h, w = x.shape
+    if h % size or w % size:
+        raise DitqError(f"cannot pool {h}x{w} images to {size}x{size}: not a whole number of pixels per block")
+    return x.reshape(n, c, size, h // size, size, w // size).mean(axis=(3, 5))
+
+
 def default_judge_path() -> Path:
     """The shipped judge: package data of the installed ``ditq`` package (``ditq/assets/judge/``), wherever
     the package lives (a source checkout, an editable install or a wheel)."""

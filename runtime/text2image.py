@@ -187,6 +187,29 @@ class TextToImageModel:
                                      progress=progress, trajectory=trajectory))  # fmt: skip
         return np.concatenate(out)
 
+    def generate_prompts(self, prompts: list[str], *, seed: int = 0, steps: int = 28, guidance: float = 5.0, sampler: str | None = None,
+                         batch_size: int = 16, progress: bool = False) -> np.ndarray:  # fmt: skip
+        """One latent per prompt of ``prompts`` ``[len(prompts), C, H, W]`` (``ditq eval``'s held-out prompts):
+        row ``k`` starts from the same seeded noise as :meth:`generate`'s sample ``k``; each distinct prompt is
+        encoded once; guidance with the empty negative prompt as :meth:`generate` guides."""
+        shape = self.spec.sample_shape(self.config)
+        n = len(prompts)
+        check_sample_budget(n, shape)
+        noise = np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+        distinct = list(dict.fromkeys(prompts))
+        where = {p: i for i, p in enumerate(distinct)}
+        cfg = self.spec.negative_prompt_guidance and not self.guidance_input and guidance > 1
+        rows = self.encode([*distinct, ""] if cfg else distinct)
+        pick = np.array([where[p] for p in prompts], np.int64)
+        out = []
+        for i in range(0, n, batch_size):
+            x = noise[i : i + batch_size]
+            cond = {k: v[pick[i : i + batch_size]] for k, v in rows.items()}
+            uncond = {k: np.repeat(v[len(distinct) :], len(x), axis=0) for k, v in rows.items()} if cfg else None
+            out.append(self._denoise(x, cond, uncond, guidance=guidance, steps=steps, sampler=sampler, seed=seed * 100003 + i,
+                                     progress=progress, trajectory=None))  # fmt: skip
+        return np.concatenate(out)
+
     def _denoise(self, x, cond, uncond, *, guidance, steps, sampler, seed, progress, trajectory) -> np.ndarray:
         schedule = self.pipeline.schedule
         if isinstance(schedule, FlowMatchSpec):

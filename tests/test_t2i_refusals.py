@@ -1,7 +1,8 @@
 """Work that samples a model's trajectories refuses, in one line, exit 2, writing nothing, a text-to-image
 model it cannot sample: GPTQ calibration and --mixed sensitivity a text model loaded without the text
 encoders of a pipeline folder (no prompts source; with them they work: tests/test_t2i_calibration.py);
-eval, the search and fitness any text model."""
+eval a text model that samples latents (it judges pixel-space models: tests/test_t2i_eval.py), the search
+and fitness any text model without a judge."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def test_export_work_that_samples_a_text_model_without_its_encoders_is_refused(s
 
 def test_eval_and_search_refuse_a_text_model(sd3, tmp_path, capsys):
     code, _, err = run(["eval", "--model", sd3, "--configs", "fp,w8a8", "--num-samples", "8"], capsys)
-    assert_one_line_refusal(code, err, "ditq eval samples class-conditioned models", "text-conditioned")
+    assert_one_line_refusal(code, err, sd3, "samples latents", "ditq eval judges pixel-space models")
     code, _, err = run(["search", "--model", sd3, "--journal", str(tmp_path / "j.jsonl"), "--generations", "1",
                         "--out", str(tmp_path / "r.json")], capsys)
     assert_one_line_refusal(code, err, "text-conditioned")

@@ -2,7 +2,8 @@
 
 For every configuration (``fp``, ``w8a8``, ``w4a16``, ``w4a4g32``, ...) the model is quantized (RTN,
 Q-DiT coverage), exported to a ``qdq`` ONNX model, and sampled with ONNX Runtime from the same starting
-noise and labels. Reported per configuration, as the mean (and spread) over the seed sets:
+noise and labels (a text-to-image model: from the same noise and prompts, in ONNX Runtime alone; the
+``digits-t2i`` models from held-out paraphrases they never saw in training). Reported per configuration, as the mean (and spread) over the seed sets:
 
 - ``fid``: Frechet distance to the held-out real images in the judge's feature space (FID-digits);
 - ``class_accuracy``: how often the judge recognises the class each sample was asked for;
@@ -40,11 +41,10 @@ from ditq.graphs.targets import QDQ, Target, target_named
 from ditq.models import LoadedModel, load_model
 from ditq.options import MAX_CFG, MAX_SAMPLES, MAX_STEPS, SEED_MAX, check_float, check_int
 from ditq.recipe import TERNARY, LayerQuant, Recipe
-from ditq.runtime.generate import ExportedDiT
 from ditq.runtime.images import grid_image, save_png
 from ditq.runtime.metrics import DigitJudge, FeatureFn, fid, inception_features, load_images
-from ditq.runtime.samplers import seeded_noise
-from ditq.workflows.export import SAME_GROUP, BuiltRecipe, CalibrationOptions, RecipeOptions, build_recipe, calibrate, require_class_conditioned
+from ditq.workflows.eval_draws import ClassDraws, TextDraws
+from ditq.workflows.export import SAME_GROUP, BuiltRecipe, CalibrationOptions, RecipeOptions, build_recipe, calibrate
 
 _CONFIG_RE = re.compile(r"^w([2-8])a([2-8]|16|fp)(?:g(\d+|ch))?$")
 _ROBUQ_RE = re.compile(r"^w1\.58a([1-8])(h?)(m?)$")  # RobuQ: ternary, A bits, +Hadamard, +mixed precision
@@ -151,6 +151,11 @@ class EvalRow:
     sample_rmse: float | None = None
     layer_error: float | None = None  # mean relative output error of the block linears (--layer-error)
     per_seed: list[dict[str, Any]] = field(default_factory=list)
+    # paired against the fp row, seed set by seed set (same noise, same labels or prompts): mean and spread of the differences
+    fid_delta: float | None = None
+    fid_delta_std: float = 0.0
+    class_accuracy_delta: float | None = None
+    class_accuracy_delta_std: float = 0.0
 
 
 @dataclass
@@ -172,8 +177,9 @@ class EvalReport:
         s = self.settings
         spread = len(s["seeds"]) > 1
         le = any(r.layer_error is not None for r in self.rows)
+        paired = any(r.fid_delta is not None for r in self.rows)
         head = f"{'config':<10} {'FID-digits':>14} {'class acc':>14} {'SQNR step1':>11} {'RMSE vs fp':>11} {'file MB':>8}" + (
-            f" {'layer err':>10}" if le else "")
+            f" {'layer err':>10}" if le else "") + (f" {'dFID vs fp':>14} {'d acc vs fp':>14}" if paired else "")
         lines = [
             f"{s['model']}: {s['num_samples']} samples x {len(s['seeds'])} seed set(s) {s['seeds']}, "
             f"{s['sampler']}-{s['steps']}, cfg {s['cfg']}, group size {s['group_size']}, weights {s['method']}",
@@ -186,10 +192,21 @@ class EvalReport:
             q = "inf" if not np.isfinite(r.sqnr_db) else f"{r.sqnr_db:.1f} dB"
             e = "-" if r.sample_rmse is None else f"{r.sample_rmse:.4f}"
             lines.append(f"{r.config:<10} {f:>14} {a:>14} {q:>11} {e:>11} {r.file_bytes / 1e6:>8.2f}"
-                         + ((f" {r.layer_error:>10.4f}" if r.layer_error is not None else f" {'-':>10}") if le else ""))  # fmt: skip
+                         + ((f" {r.layer_error:>10.4f}" if r.layer_error is not None else f" {'-':>10}") if le else "")
+                         + (_paired_cells(r, spread) if paired else ""))  # fmt: skip
+        if paired and spread:
+            lines.append("d...vs fp: the difference to the fp row on each seed set (same noise, same conditioning), mean ± spread")
         floor = f"{self.noise_floor_fid:.2f}" + (f" ±{self.noise_floor_fid_std:.2f}" if spread else "")
         lines.append(f"noise floor (real vs real, {s['num_samples']} vs {s['real_images']} images): FID-digits {floor}")
         return "\n".join(lines)
+
+
+def _paired_cells(r: EvalRow, spread: bool) -> str:
+    if r.fid_delta is None or r.config == "fp":
+        return f" {'-':>14} {'-':>14}"
+    f = f"{r.fid_delta:+.2f}" + (f" ±{r.fid_delta_std:.2f}" if spread else "")
+    a = "-" if r.class_accuracy_delta is None else f"{100 * r.class_accuracy_delta:+.1f}" + (f" ±{100 * r.class_accuracy_delta_std:.1f}" if spread else "")
+    return f" {f:>14} {a:>14}"
 
 
 def _layer_error(qdit, inputs) -> float:
@@ -205,6 +222,18 @@ def _layer_error(qdit, inputs) -> float:
         out = quantize_input(inputs[name], plan).double() @ qdit.weights[name].dequantize().double().T
         errs.append(float(torch.linalg.norm(out - ref) / torch.linalg.norm(ref)))
     return float(np.mean(errs)) if errs else float("nan")
+
+
+def _paired(row: EvalRow, fp: EvalRow) -> None:
+    """``row``'s FID and class accuracy minus the float row's, seed set by seed set: mean and sample spread."""
+    def spread(d: np.ndarray) -> float:
+        return float(d.std(ddof=1)) if len(d) > 1 else 0.0
+
+    d = np.array([a["fid"] - b["fid"] for a, b in zip(row.per_seed, fp.per_seed)])
+    row.fid_delta, row.fid_delta_std = float(d.mean()), spread(d)
+    if row.class_accuracy is not None:
+        d = np.array([a["class_accuracy"] - b["class_accuracy"] for a, b in zip(row.per_seed, fp.per_seed)])
+        row.class_accuracy_delta, row.class_accuracy_delta_std = float(d.mean()), spread(d)
 
 
 def _sqnr(ref: np.ndarray, x: np.ndarray) -> float:
@@ -266,38 +295,22 @@ def evaluate(
     check_float(cfg, "cfg", 0.0, MAX_CFG)
     seeds = [check_int(s, "seeds", 0, SEED_MAX) for s in seeds]
     loaded = load_model(model_spec)
-    require_class_conditioned(loaded, "ditq eval samples class-conditioned models (one grid row per class)",
-                              "evaluate it with ditq validate and ditq sample --prompt")  # fmt: skip
-    mcfg = dict(loaded.model.config)
-    pipe, schedule = loaded.pipeline, loaded.schedule
-    sampler = sampler or schedule.default_sampler
-    c, size, ncls = mcfg["in_channels"], mcfg["sample_size"], pipe.conditioning.num_classes
+    pipe = loaded.pipeline
     if not pipe.samples_pixels:
-        raise DitqError(f"{model_spec}: samples latents and has no VAE decoder here; ditq eval judges images")
-    is_digits = pipe.judged_by_digits
-    judge = DigitJudge.load(judge_path) if is_digits else None
+        raise DitqError(f"{model_spec}: samples latents; ditq eval judges pixel-space models (digits, digits-t2i, or images "
+                        "in --real-images' space); sample it with ditq sample")  # fmt: skip
+    draws = (TextDraws if adapter_for(loaded.model).conditioning(dict(loaded.model.config)) is None else ClassDraws)(
+        loaded, model_spec, num_samples=num_samples, steps=steps, cfg=cfg, sampler=sampler, seed=seeds[0], provider=provider)  # fmt: skip
+    sampler = draws.sampler
+    judge = DigitJudge.load(judge_path) if draws.judged else None
     split = load_split()
     own_space = features is None  # the judge's features and the digits split
     if own_space:
-        if not is_digits:
-            raise DitqError(
-                f"{model_spec}: is not a digits model (it makes {c}x{size}x{size} images of {ncls} classes, and its "
-                "pipeline names no digit judge); "
-                "give a feature extractor (--inception WEIGHTS) and --real-images"
-            )
+        if judge is None:
+            raise DitqError(f"{model_spec}: {draws.not_digits}; give a feature extractor (--inception WEIGHTS) and --real-images")
         features, real_images = judge.features, to_unit_range(split.x_test)
     real_feats = features(real_images)
-    lo, hi = pipe.value_range
-    labels = np.arange(num_samples, dtype=np.int64) % ncls
-
-    # float reference of the first denoising step (the sampler's first timestep), on seed set 0
-    first_t = int(schedule.plan(steps, sampler)[0][0])
-    probe = min(num_samples, 64)
-    x_probe = seeded_noise(seeds[0], probe, c, size)
-    t_probe, y_probe = np.full(probe, first_t, np.int64), labels[:probe]
-    adapter = adapter_for(loaded.model)
-    float_out = adapter.torch_callable(loaded.model)(x_probe, t_probe, y_probe)
-
+    labels = draws.labels
     tmp = None
     if exports_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="ditq-eval-")
@@ -329,20 +342,20 @@ def evaluate(
                     bar.set_postfix_str("record held-out layer inputs")
                     blocks = adapter_for(loaded.model).coverage.blocks + "."
                     names = [n for n, m in loaded.model.named_modules() if n.startswith(blocks) and isinstance(m, torch_nn.Linear)]
-                    held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), schedule=schedule,
-                                                  clip_denoised=pipe.clip_denoised, progress=False)  # fmt: skip
+                    held_out = record_activations(loaded.model, names, CalibConfig(num_samples=32, seed=4321), schedule=loaded.schedule,
+                                                  clip_denoised=pipe.clip_denoised, progress=False, conditioning=draws.held_out_conditioning())  # fmt: skip
                 lerr = _layer_error(qdit, held_out)
             res = export(qdit, exports_dir / conf.name.replace("@", "-"), source=loaded.source, pipeline=pipe, progress=False)
             del qdit
-            model = ExportedDiT.open(res.out_dir, provider=provider)
-            sqnr = _sqnr(float_out, model.fn(x_probe, t_probe, y_probe))
+            model = draws.open(res.out_dir)
+            sqnr = _sqnr(draws.float_probe, draws.probe(model))
             bar.update()
             per_seed, samples[conf.name] = [], {}
             for s in seeds:
                 bar.set_postfix_str(f"{conf.name}: sample seed set {s}")
-                x = model.generate(labels, seed=s, steps=steps, cfg=cfg, method=sampler, batch_size=num_samples)
+                x = draws.sample(model, s)
                 samples[conf.name][s] = x
-                imgs = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+                imgs = draws.images(x)
                 per_seed.append(
                     {"seed": s, "fid": fid(features(imgs), real_feats), "class_accuracy": judge.accuracy(imgs, labels) if judge else None}
                 )
@@ -362,9 +375,11 @@ def evaluate(
         if tmp is not None:
             tmp.cleanup()
     if "fp" in samples:
+        fp_row = next(r for r in rows if r.config == "fp")
         for r in rows:
             diffs = [np.sqrt(np.mean((samples[r.config][s] - samples["fp"][s]) ** 2)) for s in seeds]
             r.sample_rmse = float(np.mean(diffs))
+            _paired(r, fp_row)
     # noise floor: a real set as large as the samples, disjoint from the reference set, in the same space
     floor = []
     pool = to_unit_range(split.x_train) if own_space else None
@@ -380,14 +395,14 @@ def evaluate(
     if grid_path is not None:
         k = min(grid_columns, num_samples)
         grid = grid_image(
-            [np.clip((samples[cf.name][seeds[0]][:k] - lo) / (hi - lo), 0, 1) for cf in configs],
+            [draws.images(samples[cf.name][seeds[0]][:k], judged=False) for cf in configs],
             row_labels=[cf.name for cf in configs], col_labels=[str(int(v)) for v in labels[:k]],
         )  # fmt: skip
         save_png(grid, grid_path)
     settings = {
         "model": model_spec, "num_samples": num_samples, "steps": steps, "cfg": cfg, "sampler": sampler,
         "seeds": seeds, "group_size": group_size, "symmetric": symmetric, "method": method or "rtn", "real_images": len(real_images),
-        "first_step_timestep": first_t, "seconds": round(time.perf_counter() - t0, 1),
+        "first_step_timestep": draws.first_timestep, **draws.settings, "seconds": round(time.perf_counter() - t0, 1),
         "activation_bits": allocations,
     }  # fmt: skip
     return EvalReport(rows, float(np.mean(floor)), float(np.std(floor, ddof=1)) if len(floor) > 1 else 0.0, settings)
