@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
 from ditq.calib.calibration import CalibConfig, record_model_inputs
 from ditq.calib.conditioning import PromptConditioning
 from ditq.flow import Schedule
-from ditq.calib.qlinear import QuantLinear, plan_weight, swap_module
+from ditq.calib.sensitivity import block_units, unit_errors
 from ditq.recipe import LayerPlan, LayerQuant, Recipe
 
 
@@ -58,14 +57,6 @@ def allocate_bits(
 
 
 # ------------------------------------------------------------------------- sensitivity of a real model
-def block_units(model) -> dict[str, tuple[str, ...]]:
-    """The activation quantizers of RobuQ's block linears, by unit: the input groups of the model family's
-    coverage (:meth:`ditq.adapters.Coverage.groups`; DiT: q/k/v share one input, one unit of three
-    layers, then the attention output, fc1 and fc2 of every block)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    return adapter_for(model).coverage.groups(names)
-
-
 # the trajectories sensitivity inputs are drawn from: 8 samples x 8 timesteps (x 2 rows with guidance)
 SENSITIVITY_TRAJECTORIES = CalibConfig(num_samples=8, timesteps_per_sample=8, seed=0)
 
@@ -93,30 +84,13 @@ def activation_plan(name: str, linear: torch.nn.Linear, bits: int, rotate: bool)
 
 def activation_sensitivity(model, options, *, rotate: bool, inputs, progress: bool = False) -> dict[str, dict[int, float]]:
     """Relative output error ``|f_u,b(x) - f(x)|^2 / |f(x)|^2`` with only unit ``u``'s input activation
-    quantized to ``b`` bits (:func:`activation_plan`; weights float: activation-only sensitivity). Each
-    member of ``u`` is swapped for the :class:`~ditq.calib.qlinear.QuantLinear` of its float weight under
-    that plan, ``Q(x H)(W H)^T + b`` (``H = I`` unrotated), for one forward, then swapped back. ``inputs``:
-    the model's graph inputs in its family adapter's order (DiT: ``(x, t, labels)``)."""
-    forward = adapter_for(model).wrap(model)
-    with torch.no_grad():
-        ref = forward(*inputs)
-        norm = float((ref.double() ** 2).sum())
-        out: dict[str, dict[int, float]] = {}
-        units = block_units(model)
-        for unit, members in tqdm(list(units.items()), desc="activation sensitivity", unit="unit", disable=not progress):
-            out[unit] = {}
-            floats = {m: model.get_submodule(m) for m in members}
-            for bits in options:
-                for m, lin in floats.items():
-                    plan = activation_plan(m, lin, bits, rotate)
-                    swap_module(model, m, QuantLinear(plan_weight(lin.weight.detach().float(), plan), lin.bias, plan))
-                try:
-                    o = forward(*inputs)
-                finally:
-                    for m, lin in floats.items():
-                        swap_module(model, m, lin)
-                out[unit][bits] = float(((o - ref).double() ** 2).sum()) / norm
-    return out
+    quantized to ``b`` bits (:func:`activation_plan`; weights float: activation-only sensitivity): the
+    members swapped for ``Q(x H)(W H)^T + b`` (``H = I`` unrotated) for one forward
+    (:func:`ditq.calib.sensitivity.unit_errors`). ``inputs``: the model's graph inputs in its family
+    adapter's order (DiT: ``(x, t, labels)``)."""
+    members = [m for ms in block_units(model).values() for m in ms]
+    plans = {bits: {m: activation_plan(m, model.get_submodule(m), bits, rotate) for m in members} for bits in options}
+    return unit_errors(model, inputs, plans, progress=progress, desc="activation sensitivity")
 
 
 def mixed_activation_bits(

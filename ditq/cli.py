@@ -205,6 +205,18 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from ditq.workflows.sensitivity import layer_sensitivity
+
+    groups = int_list(args.group_sizes, "--group-sizes", 1, 1 << 20)
+    report = layer_sensitivity(args.model, wbits=args.wbits, abits=args.abits, group_sizes=groups, symmetric=args.symmetric,
+                               progress=not args.quiet)  # fmt: skip
+    print(report.table())
+    if args.json:
+        _write_json(Path(args.json), report.to_dict())
+    return 0
+
+
 def cmd_fitness(args) -> int:
     """The search's fitness of whole configurations on several seed sets: can it tell them apart?"""
     from ditq.workflows.evaluate import parse_configs

@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-images", help="real images for --inception: .npy [N,C,H,W] in [0,1]")
     p.add_argument("--json", help="write the report as JSON")
 
+    p = sub.add_parser("sensitivity", help="per-layer sensitivity: the output error with one block unit quantized at a time, per group size")
+    p.add_argument("--model", default="digits", help="model to measure (default: the shipped digits model)")
+    p.add_argument("--wbits", type=int_in(2, 8), default=4, help="weight bits 2..8 (default 4)")
+    p.add_argument("--abits", type=_bits, default=4, help="activation bits 2..8, or 16 for float activations (default 4)")
+    p.add_argument("--group-sizes", default="32,64,128", help="comma-separated group sizes to compare (default 32,64,128)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric signed codes instead of asymmetric min-max")
+    p.add_argument("--json", help="write the table and the per-stream summary as JSON")
+
     p = sub.add_parser("search", help="evolutionary search of per-layer group sizes (Q-DiT), resumable")
     p.add_argument("--model", default="digits", help="model to search on (default digits; fitness is FID-digits)")
     p.add_argument("--wbits", type=int, default=4)

@@ -25,11 +25,14 @@ import importlib
 import pkgutil
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from ditq.errors import DitqError, shown
 from ditq.families import FamilySpec
 from ditq.pipeline import ClassConditioning
+
+
+STREAMS = ("image", "text", "joint")  # the tokens a block linear's input holds (:attr:`InputGroup.stream`)
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,13 @@ class InputGroup:
 
     name: str  # the group's name inside its block ("attn1.qkv")
     members: tuple[str, ...]  # module names inside the block, in order
+    stream: str = "image"  # which tokens its input holds: image, text (caption tokens) or joint (both, concatenated)
 
     def __post_init__(self) -> None:
         if not self.members:
             raise ValueError(f"input group {self.name!r} has no members")
+        if self.stream not in STREAMS:
+            raise ValueError(f"input group {self.name!r}: stream {self.stream!r} is not one of {STREAMS}")
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,14 @@ class Coverage:
         """The input groups present among the module names ``linears``: ``"<blocks>.<i>.<group>" ->
         member module names``, list by list, block by block (ascending ``i``), in group order. A group is
         present when every one of its members is among ``linears``."""
+        return {unit: members for unit, members, _ in self._present(linears)}
+
+    def streams(self, linears: Iterable[str]) -> dict[str, str]:
+        """The stream (:attr:`InputGroup.stream`) of each input group :meth:`groups` finds, by the same keys."""
+        return {unit: g.stream for unit, _, g in self._present(linears)}
+
+    def _present(self, linears: Iterable[str]) -> Iterator[tuple[str, tuple[str, ...], InputGroup]]:
         names = set(linears)
-        out: dict[str, tuple[str, ...]] = {}
         for bl in self.block_lists:
             prefix = bl.blocks + "."
             blocks = sorted({int(i) for n in names if n.startswith(prefix) and (i := n[len(prefix) :].split(".")[0]).isdigit()})
@@ -117,8 +129,7 @@ class Coverage:
                 for g in bl.activation_groups:
                     members = tuple(f"{prefix}{b}.{m}" for m in g.members)
                     if all(m in names for m in members):
-                        out[f"{prefix}{b}.{g.name}"] = members
-        return out
+                        yield f"{prefix}{b}.{g.name}", members, g
 
 
 class FamilyAdapter:

@@ -54,8 +54,8 @@ COVERAGE = Coverage(
         BlockList(
             "single_transformer_blocks",
             (
-                InputGroup("qkv_mlp", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
-                InputGroup("proj_out", ("proj_out",)),
+                InputGroup("qkv_mlp", ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "joint"),
+                InputGroup("proj_out", ("proj_out",), "joint"),
             ),
         ),
     ),

@@ -45,7 +45,7 @@ COVERAGE = Coverage(
         InputGroup("attn1.qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
         InputGroup("attn1.to_out.0", ("attn1.to_out.0",)),
         InputGroup("attn2.to_q", ("attn2.to_q",)),
-        InputGroup("attn2.kv", ("attn2.to_k", "attn2.to_v")),
+        InputGroup("attn2.kv", ("attn2.to_k", "attn2.to_v"), "text"),
         InputGroup("attn2.to_out.0", ("attn2.to_out.0",)),
         InputGroup("ff.net.0.proj", ("ff.net.0.proj",)),
         InputGroup("ff.net.2", ("ff.net.2",)),

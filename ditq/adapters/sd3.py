@@ -36,13 +36,13 @@ from ditq.families import spec_for
 # same design under the same module names): each stream's q/k/v, its output projection and feed-forward.
 JOINT_GROUPS = (
     InputGroup("attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
-    InputGroup("attn.add_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+    InputGroup("attn.add_qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "text"),
     InputGroup("attn.to_out.0", ("attn.to_out.0",)),
-    InputGroup("attn.to_add_out", ("attn.to_add_out",)),
+    InputGroup("attn.to_add_out", ("attn.to_add_out",), "text"),
     InputGroup("ff.net.0.proj", ("ff.net.0.proj",)),
     InputGroup("ff.net.2", ("ff.net.2",)),
-    InputGroup("ff_context.net.0.proj", ("ff_context.net.0.proj",)),
-    InputGroup("ff_context.net.2", ("ff_context.net.2",)),
+    InputGroup("ff_context.net.0.proj", ("ff_context.net.0.proj",), "text"),
+    InputGroup("ff_context.net.2", ("ff_context.net.2",), "text"),
 )
 COVERAGE = Coverage(
     blocks="transformer_blocks",
