@@ -74,8 +74,16 @@ def sample_trajectories(model: nn.Module, cfg: CalibConfig, before_call, *, sche
            cfg=cfg.cfg, null_class=cond.null_label, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
 
 
+def sample_prompts(model: nn.Module, cond: PromptConditioning, *, num_samples: int, steps: int, seed: int, schedule: Schedule | None,
+                   clip_denoised: bool, progress: bool = False) -> np.ndarray:  # fmt: skip
+    """``num_samples`` final samples of a text model (float32, the torch ``model``: float or a quantized
+    reference) on ``cond``'s prompts, exactly as its calibration trajectories are sampled (:func:`_sample_text`)."""
+    return _sample_text(model, CalibConfig(num_samples=num_samples, steps=steps, seed=seed, timesteps_per_sample=1), lambda *a: None,
+                        cond, schedule=schedule, clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+
+
 def _sample_text(model: nn.Module, cfg: CalibConfig, before_call, cond: PromptConditioning, *, schedule: Schedule | None,
-                 clip_denoised: bool, progress: bool) -> None:  # fmt: skip
+                 clip_denoised: bool, progress: bool) -> np.ndarray:  # fmt: skip
     """:func:`sample_trajectories` of a text model: ``cfg.num_samples`` samples from seeded noise (numpy's
     ``default_rng(cfg.seed).standard_normal([num_samples, *sample_shape])``, float32), sample ``i`` on
     prompt ``i mod len(prompts)``, guided with the empty prompt at ``cond.guidance`` as the family's
@@ -84,7 +92,7 @@ def _sample_text(model: nn.Module, cfg: CalibConfig, before_call, cond: PromptCo
     family without negative-prompt guidance, or ``G <= 1``: the prompt rows only), stepped by the model's
     own schedule: a flow-matching one's Euler steps (no clipping), else DDIM (``clip_denoised``). Before
     every model evaluation ``before_call(kept, *inputs)`` sees the graph's inputs (numpy, in the family
-    adapter's ``input_names`` order), ``kept`` as in :func:`sample_trajectories`."""
+    adapter's ``input_names`` order), ``kept`` as in :func:`sample_trajectories`. Returns the final samples."""
     adapter = adapter_for(model)
     spec, mcfg = adapter.spec, dict(model.config)
     torch_fn = adapter.torch_callable(model)
@@ -115,14 +123,13 @@ def _sample_text(model: nn.Module, cfg: CalibConfig, before_call, cond: PromptCo
         tokens = spec.image_tokens(mcfg)
         _, ts = schedule.plan(cfg.steps, tokens)
         keep_t = set(ts[np.linspace(0, len(ts) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
-        sample_flow(lambda x, t: guided(x, np.full(len(x), t, np.float32), float(t) in keep_t), noise, schedule=schedule,
-                    steps=cfg.steps, image_tokens=tokens, progress=progress)  # fmt: skip
-        return
+        return sample_flow(lambda x, t: guided(x, np.full(len(x), t, np.float32), float(t) in keep_t), noise, schedule=schedule,
+                           steps=cfg.steps, image_tokens=tokens, progress=progress)  # fmt: skip
     ddim = schedule or SchedulerSpec()
     use, _ = ddim.plan(cfg.steps, "ddim")
     keep_t = set(use[np.linspace(0, len(use) - 1, cfg.timesteps_per_sample).round().astype(int)].tolist())
-    sample(lambda x, t, _y: guided(x, t, int(t[0]) in keep_t), noise, np.zeros(n, np.int64), schedule=ddim, steps=cfg.steps,
-           method="ddim", clip_denoised=clip_denoised, progress=progress)  # fmt: skip
+    return sample(lambda x, t, _y: guided(x, t, int(t[0]) in keep_t), noise, np.zeros(n, np.int64), schedule=ddim, steps=cfg.steps,
+                  method="ddim", clip_denoised=clip_denoised, progress=progress)  # fmt: skip
 
 
 def record_model_inputs(model: nn.Module, cfg: CalibConfig, *, schedule: Schedule | None = None,

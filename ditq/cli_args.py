@@ -231,7 +231,7 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
 
 def _add_fitness_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int_in(1, MAX_SAMPLES), default=250, help="samples per fitness evaluation (default 250)")
-    p.add_argument("--fitness-steps", type=int_in(1, MAX_STEPS), default=25, help="DDIM steps per fitness evaluation (default 25)")
+    p.add_argument("--fitness-steps", type=int_in(1, MAX_STEPS), default=25, help="sampling steps per fitness evaluation: DDIM, or a flow-matching model's Euler steps (default 25)")
     p.add_argument("--rmse-weight", type=float_in(0.0, 1e6), default=20.0, help="fitness = FID-digits + this x RMSE vs float samples")
     p.add_argument("--workers", type=int_in(1, 256), default=2, help="parallel evaluation processes (default 2)")
 

@@ -2,7 +2,7 @@
 model it cannot sample: GPTQ calibration and --mixed sensitivity a text model loaded without the text
 encoders of a pipeline folder (no prompts source; with them they work: tests/test_t2i_calibration.py);
 eval a text model that samples latents (it judges pixel-space models: tests/test_t2i_eval.py), the search
-and fitness any text model without a judge."""
+and fitness a text model no digits-t2i judge scores (tests/test_t2i_search.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_eval_and_search_refuse_a_text_model(sd3, tmp_path, capsys):
     assert_one_line_refusal(code, err, sd3, "samples latents", "ditq eval judges pixel-space models")
     code, _, err = run(["search", "--model", sd3, "--journal", str(tmp_path / "j.jsonl"), "--generations", "1",
                         "--out", str(tmp_path / "r.json")], capsys)
-    assert_one_line_refusal(code, err, "text-conditioned")
+    assert_one_line_refusal(code, err, "no digits-t2i judge")
     assert not (tmp_path / "j.jsonl").exists()
 
 

@@ -73,13 +73,6 @@ class RecipeOptions:
             raise DitqError(f"method: expected one of {list(METHODS)}, got {shown(self.method)}")
 
 
-def require_class_conditioned(loaded: LoadedModel, what: str, instead: str) -> None:
-    """Refuse, in one line, work that samples a model from class labels when ``loaded`` is text-conditioned
-    (its family has no class conditioning): calibration trajectories, sensitivity, eval, the search."""
-    if loaded.pipeline.conditioning is None and adapter_for(loaded.model).conditioning(dict(loaded.model.config)) is None:
-        raise DitqError(f"{what}; {type(loaded.model).__name__} is text-conditioned, which this does not support yet: {instead}")
-
-
 @dataclass(frozen=True)
 class BuiltRecipe:
     recipe: Recipe

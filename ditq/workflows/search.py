@@ -25,12 +25,12 @@ from ditq.calib.search import (
     QDIT_SPACE, Gene, SearchConfig, SearchResult, evolve, genes_of, genome_cost, genome_recipe, parse_budget, settings_dict,
 )  # fmt: skip
 from ditq.errors import DitqError, shown
+from ditq.flow import FlowMatchSpec
 from ditq.models import load_model
 from ditq.options import SEED_MAX, check_int
 from ditq.recipe import METHODS, Recipe
 from ditq.workflows.evaluate import EvalConfig
-from ditq.workflows.export import require_class_conditioned
-from ditq.workflows.fitness import FitnessConfig, ParallelFitness
+from ditq.workflows.fitness import FitnessConfig, ParallelFitness, fitness_conditioning
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,7 @@ class SearchRun:
         o = self.options = options
         self.model_spec = model_spec
         loaded = load_model(model_spec)
-        require_class_conditioned(loaded, "the group-size search scores class-conditioned samples",
-                                  "export with uniform --group-size")  # fmt: skip
+        fitness_conditioning(loaded, o.fitness)  # a model the fitness cannot judge: refused here, not in a worker
         coverage = adapter_for(loaded.model).coverage_of(loaded.model)
         self.base = Recipe.qdit(coverage, o.wbits, o.abits, o.group_size, o.symmetric)
         self.genes = genes_of(self.base.resolve(loaded.model), coverage, o.space)
@@ -160,10 +159,11 @@ class FitnessComparison:
     rows: dict[str, list[dict[str, Any]]]  # config -> per seed set: seed, fid, rmse, class_accuracy, fitness
     rankings: list[list[str]] = field(default_factory=list)  # per seed set, best first
     consistent: bool = True  # the same ranking on every seed set
+    sampler: str = "DDIM"  # how the fitness samples: DDIM, or a flow-matching model's Euler steps
 
     def table(self) -> str:
         f, seeds = self.fitness, self.seeds
-        lines = [f"fitness = FID-digits + {f.rmse_weight} x RMSE vs float; {f.num_samples} samples, DDIM-{f.steps}, seed sets {seeds}",
+        lines = [f"fitness = FID-digits + {f.rmse_weight} x RMSE vs float; {f.num_samples} samples, {self.sampler}-{f.steps}, seed sets {seeds}",
                  f"{'config':<12} " + " ".join(f"{'seed ' + str(s):>22}" for s in seeds)]  # fmt: skip
         for n, per in self.rows.items():
             lines.append(f"{n:<12} " + " ".join(f"{m['fitness']:>8.3f} ({m['fid']:.2f}, {m['rmse']:.3f})" for m in per))
@@ -185,7 +185,8 @@ def compare_fitness(model_spec: str, configs: list[EvalConfig], *, seeds: list[i
     if not seeds:
         raise DitqError("seeds is empty")
     loaded = load_model(model_spec)
-    require_class_conditioned(loaded, "fitness scores class-conditioned samples", "use ditq validate")
+    fitness_conditioning(loaded, fitness)
+    sampler = "Euler" if isinstance(loaded.schedule, FlowMatchSpec) else "DDIM"
     named = {c.name: c.build(loaded, symmetric).recipe for c in configs}  # fails here, not inside a worker
     del loaded
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in named}
@@ -199,4 +200,4 @@ def compare_fitness(model_spec: str, configs: list[EvalConfig], *, seeds: list[i
         finally:
             pool.close(abort=not ok)
     ranks = [sorted(named, key=lambda n: rows[n][i]["fitness"]) for i in range(len(seeds))]
-    return FitnessComparison(fitness, seeds, rows, ranks, all(r == ranks[0] for r in ranks))
+    return FitnessComparison(fitness, seeds, rows, ranks, all(r == ranks[0] for r in ranks), sampler)
