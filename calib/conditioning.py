@@ -79,10 +79,11 @@ def calibration_prompts(pipeline) -> tuple[str, ...]:
     return tuple(per_digit[d][j % len(per_digit[d])] for j in range(max(map(len, per_digit))) for d in range(10))
 
 
-def encode_prompts(root: str | Path, text, spec, prompts: list[str]) -> dict[str, np.ndarray]:
+def encode_prompts(root: str | Path, text, spec, prompts: list[str], config: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
     """The transformer's text inputs for ``prompts`` (one row each): each encoder of ``text`` (the pipeline
     record's :class:`~ditq.text.TextEncoder` list) of the pipeline folder ``root``, float32 torch, on the ids
-    its transformers tokenizer gives as the pipeline calls it, combined by ``spec.compose_prompt``."""
+    its transformers tokenizer gives as the pipeline calls it, combined by ``spec.compose_prompt`` (``config``: the
+    transformer's)."""
     texts = [spec.prompt_text(p) for p in prompts]
     encoded: dict[str, dict[str, np.ndarray]] = {}
     masks: dict[str, np.ndarray] = {}
@@ -94,18 +95,18 @@ def encode_prompts(root: str | Path, text, spec, prompts: list[str]) -> dict[str
         out = (out,) if enc.kind == "t5" else out
         encoded[enc.folder] = {name: o.float().numpy() for name, o in zip(enc.outputs, out)}
         masks[enc.folder] = mask
-    return {k: np.asarray(v, np.float32) for k, v in spec.compose_prompt(encoded, masks).items()}
+    return {k: np.asarray(v, np.float32) for k, v in spec.compose_prompt(encoded, masks, config).items()}
 
 
 def prompt_conditioning(root: str | Path, pipeline, spec, prompts: tuple[str, ...] | None = None,
-                        guidance: float | None = None) -> PromptConditioning:  # fmt: skip
+                        guidance: float | None = None, config: Mapping[str, Any] | None = None) -> PromptConditioning:  # fmt: skip
     """The :class:`PromptConditioning` of a text model of the family ``spec`` whose pipeline folder is
     ``root`` and pipeline record ``pipeline``: ``prompts`` (None: :func:`calibration_prompts`) and the empty
-    prompt encoded in one batch, at ``guidance`` (None: the family's default)."""
+    prompt encoded in one batch, at ``guidance`` (None: the family's default); ``config``: the transformer's."""
     prompts = tuple(prompts if prompts is not None else calibration_prompts(pipeline))
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise DitqError("calibration prompts: expected a non-empty list of strings")
-    rows = encode_prompts(root, pipeline.text, spec, [*prompts, NEGATIVE_PROMPT])
+    rows = encode_prompts(root, pipeline.text, spec, [*prompts, NEGATIVE_PROMPT], config)
     n = len(prompts)
     g = float(spec.default_guidance if guidance is None else guidance)
     return PromptConditioning(prompts, {k: v[:n] for k, v in rows.items()}, {k: v[n:] for k, v in rows.items()}, g)
@@ -123,7 +124,7 @@ def trajectory_conditioning(loaded, what: str, instead: str, *, prompts: tuple[s
     if not loaded.pipeline.text or not roots:
         raise DitqError(f"{what}; {type(loaded.model).__name__} is text-conditioned and was loaded without the text encoders "
                         f"of a pipeline folder (model_index.json) to encode its prompts: give the pipeline folder, or {instead}")  # fmt: skip
-    return prompt_conditioning(roots[0], loaded.pipeline, adapter.spec, prompts)
+    return prompt_conditioning(roots[0], loaded.pipeline, adapter.spec, prompts, config=dict(loaded.model.config))
 
 
 def conditioning_key(conditioning: Any) -> str | None:

@@ -145,14 +145,19 @@ def load_tokenizer(folder: str | Path):
 def text_encoders_of(root: str | Path, spec: FamilySpec) -> tuple[TextEncoder, ...]:
     """The text part of the pipeline record of the pipeline folder ``root`` for the family ``spec`` (empty
     for a class-conditioned family): per encoder the family's lengths and flags, and the pad id of the
-    folder's tokenizer. A subfolder the family needs and the folder lacks is refused, naming it."""
+    folder's tokenizer. A subfolder the family needs and the folder lacks is refused, naming it; an optional
+    encoder (SD3's T5) that ``model_index.json`` names as none (``[null, null]``, as diffusers saves a pipeline
+    built without it) is left out."""
     if not spec.text_encoders:
         return ()
     root = Path(root)
-    pipeline_class = read_json(root / "model_index.json").get("_class_name")
+    index = read_json(root / "model_index.json")
+    pipeline_class = index.get("_class_name")
     name = pipeline_class if isinstance(pipeline_class, str) else f"{spec.class_name} pipeline"
     out = []
     for es in spec.text_encoders_for(pipeline_class):
+        if es.optional and index.get(es.folder, ...) in (None, [None, None]):
+            continue  # the pipeline runs without it
         if not set(es.outputs) <= set(TEXT_KINDS.get(es.kind, ())):
             raise ValueError(f"{spec.class_name}: text encoder {es.folder} asks for outputs {es.outputs} of a {es.kind!r} encoder")
         for sub, what in ((es.folder, f"text encoder {es.folder}/ ({ENCODER_CLASSES[es.kind]})"), (es.tokenizer, f"tokenizer {es.tokenizer}/")):

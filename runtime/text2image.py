@@ -132,7 +132,7 @@ class TextToImageModel:
         encoded, masks = {}, {}
         for enc in self.encoders:
             encoded[enc.record.folder], masks[enc.record.folder] = enc(texts)
-        return self.spec.compose_prompt(encoded, masks)
+        return self.spec.compose_prompt(encoded, masks, self.config)
 
     # ------------------------------------------------------------------------------------------ steps
     def _predict(self, x: np.ndarray, t: np.ndarray, cond: dict[str, np.ndarray], guidance: float | None) -> np.ndarray:

@@ -116,8 +116,9 @@ def tiny_vae(seed: int, *, scaling_factor: float, shift_factor: float | None):
     ))  # fmt: skip
 
 
-def sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
-    """A tiny ``StableDiffusion3Pipeline`` saved in ``folder``; returns it."""
+def sd3_pipeline(folder: str | Path, seed: int = 0, *, t5: bool = True) -> Path:
+    """A tiny ``StableDiffusion3Pipeline`` saved in ``folder`` (without ``t5``: built without its T5 encoder,
+    which the pipeline replaces by zeros); returns it."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline(
@@ -126,7 +127,7 @@ def sd3_pipeline(folder: str | Path, seed: int = 0) -> Path:
         vae=tiny_vae(seed + 1, scaling_factor=1.5305, shift_factor=0.0609),
         text_encoder=clip_encoder(seed + 2, hidden=8, heads=2, projection=16), tokenizer=word_tokenizer("clip"),
         text_encoder_2=clip_encoder(seed + 3, hidden=16, heads=4, projection=32), tokenizer_2=word_tokenizer("clip", pad="!"),
-        text_encoder_3=t5_encoder(seed + 4), tokenizer_3=word_tokenizer("t5"),
+        text_encoder_3=t5_encoder(seed + 4) if t5 else None, tokenizer_3=word_tokenizer("t5") if t5 else None,
     )  # fmt: skip
     return _save(pipe, folder)
 
@@ -160,7 +161,8 @@ def flux_pipeline(folder: str | Path, seed: int = 0) -> Path:
     return _save(pipe, folder)
 
 
-BUILDERS = {"sd3": sd3_pipeline, "pixart": pixart_pipeline, "flux": flux_pipeline}
+BUILDERS = {"sd3": sd3_pipeline, "sd3-no-t5": lambda folder, seed=0: sd3_pipeline(folder, seed, t5=False), "pixart": pixart_pipeline,
+            "flux": flux_pipeline}  # fmt: skip
 
 
 def digits_t2i_like(tmp, seed: int = 0):

@@ -69,7 +69,8 @@ def _diffusers_run(folder, family: str, noise: np.ndarray, *, steps: int, guidan
     """diffusers' own pipeline on ``noise``: (the transformer's output at every call, the images [N, H, W, 3])."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    none = {"text_encoder_3": None, "tokenizer_3": None} if family == "sd3-no-t5" else {}  # diffusers asks for them by name
+    pipe = DiffusionPipeline.from_pretrained(str(folder), **none)
     pipe.set_progress_bar_config(disable=True)
     outputs = []
     pipe.transformer.register_forward_hook(lambda module, args, out: outputs.append(out[0].detach().numpy().copy()))
@@ -90,6 +91,7 @@ def _diffusers_run(folder, family: str, noise: np.ndarray, *, steps: int, guidan
 CASES = [  # (family, guidance, negative prompt)
     pytest.param("sd3", 4.5, "a dog in the snow", id="sd3-cfg"),
     pytest.param("sd3", 1.0, None, id="sd3-no-cfg"),
+    pytest.param("sd3-no-t5", 4.5, None, id="sd3-without-t5"),  # zeros in place of the T5 tokens
     pytest.param("pixart", 4.5, None, id="pixart-ddim-cfg"),
     pytest.param("flux", 3.5, None, id="flux-guidance-input"),
 ]

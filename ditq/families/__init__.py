@@ -46,6 +46,7 @@ class TextEncoderSpec:
     attention_mask: bool = False  # the pipeline passes the tokenizer's mask to the encoder (PixArt's T5): an ONNX input
     pad_to_max_length: bool = True  # the pipeline's tokenizer call: padding="max_length"
     truncation: bool = True  # ... truncation=True
+    optional: bool = False  # the pipeline runs without it when model_index.json names none (SD3's T5: zeros in its place)
 
 
 class FamilySpec:
@@ -141,9 +142,11 @@ class FamilySpec:
         """The prediction ``[B, C, H, W]`` of the graph's output (the learned variance dropped)."""
         return out[:, : self.output_split(config)[0]]
 
-    def compose_prompt(self, encoded: Mapping[str, Mapping[str, np.ndarray]], masks: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def compose_prompt(self, encoded: Mapping[str, Mapping[str, np.ndarray]], masks: Mapping[str, np.ndarray],
+                       config: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
         """The transformer's text inputs from each encoder's outputs (``encoded[folder][output]``) and the
-        tokenizers' attention masks (``masks[folder]``, ``[B, T]`` int64)."""
+        tokenizers' attention masks (``masks[folder]``, ``[B, T]`` int64); ``config``: the transformer's (what
+        stands in for an optional encoder a pipeline runs without)."""
         raise NotImplementedError
 
     def prompt_text(self, prompt: str) -> str:

@@ -164,7 +164,7 @@ class FluxSpec(FamilySpec):
         """The packed output ``[B, S, 4C]`` unpacked to ``[B, C, H, W]`` at the size of ``x``."""
         return unpack_latents(np.asarray(out), x.shape[2], x.shape[3])
 
-    def compose_prompt(self, encoded, masks) -> dict[str, np.ndarray]:
+    def compose_prompt(self, encoded, masks, config=None) -> dict[str, np.ndarray]:
         """FluxPipeline.encode_prompt: T5's last hidden state is the text, CLIP-L's pooled output the pooled
         projection; neither takes an attention mask."""
         return {

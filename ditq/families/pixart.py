@@ -182,7 +182,7 @@ class PixArtSpec(FamilySpec):
             feeds["aspect_ratio"] = np.ascontiguousarray(aspect, np.float32)
         return feeds
 
-    def compose_prompt(self, encoded, masks) -> dict[str, np.ndarray]:
+    def compose_prompt(self, encoded, masks, config=None) -> dict[str, np.ndarray]:
         """``encode_prompt`` of both PixArt pipelines: T5's last hidden state is the text, the tokenizer's
         attention mask (the one T5 was run with) masks its padding in every cross-attention."""
         return {

@@ -82,7 +82,7 @@ class SD3Spec(FamilySpec):
     text_encoders = (
         TextEncoderSpec("text_encoder", "tokenizer", "clip-projection", CLIP_LENGTH, CLIP_OUTPUTS),  # CLIP-L
         TextEncoderSpec("text_encoder_2", "tokenizer_2", "clip-projection", CLIP_LENGTH, CLIP_OUTPUTS),  # CLIP-G
-        TextEncoderSpec("text_encoder_3", "tokenizer_3", "t5", T5_LENGTH, ("last_hidden_state",)),  # T5-XXL
+        TextEncoderSpec("text_encoder_3", "tokenizer_3", "t5", T5_LENGTH, ("last_hidden_state",), optional=True),  # T5-XXL
     )
 
     digits_encoders = (TextEncoderSpec("text_encoder", "tokenizer", "clip-projection", DIGITS_LENGTH, CLIP_OUTPUTS),)
@@ -92,7 +92,7 @@ class SD3Spec(FamilySpec):
         return self.digits_encoders if pipeline_class == DIGITS_PIPELINE else self.text_encoders
 
     def text_encoder_variants(self) -> tuple[tuple[TextEncoderSpec, ...], ...]:
-        return (self.text_encoders, self.digits_encoders)
+        return (self.text_encoders, self.text_encoders[:2], self.digits_encoders)  # with T5, without (zeros), digits
 
     def check_config(self, obj: Any, where: str) -> dict[str, Any]:
         """The constructor keywords of ``obj`` (other keys dropped), each field bounded, and consistent:
