@@ -105,3 +105,18 @@ def test_api_check_goals():
 
     slow = BenchReport([row("float", 1, 0), row("w8a8@ort", 1.5, 0.01)])
     assert ditq.check_goals(slow) == ["w8a8@ort is 1.50x faster than float, goal 2.0x"]
+
+
+def test_a_configuration_that_does_not_fit_the_model_is_refused_before_any_sampling(monkeypatch, capsys):
+    """g128 does not divide the digits DiT's width 192: refused before the fp and w8a8 rows are sampled
+    (it used to stop after them, minutes later)."""
+    import ditq.workflows.evaluate as ev
+
+    from .conftest import assert_one_line_refusal, run
+
+    def sampled(*a, **k):
+        raise AssertionError("sampling started before every configuration was checked")
+
+    monkeypatch.setattr(ev, "ClassDraws", sampled)
+    code, _, err = run(["eval", "--model", "digits", "--configs", "fp,w8a8,w4a4g128", "--num-samples", "4"], capsys)
+    assert_one_line_refusal(code, err, "group size 128 does not divide the input width 192")

@@ -299,6 +299,10 @@ def evaluate(
     if not pipe.samples_pixels:
         raise DitqError(f"{model_spec}: samples latents; ditq eval judges pixel-space models (digits, digits-t2i, or images "
                         "in --real-images' space); sample it with ditq sample")  # fmt: skip
+    for conf in configs:  # a recipe that does not fit the model is refused now, not after the configurations before it
+        if not conf.mixed:
+            with torch.no_grad():
+                conf.build(loaded, symmetric, method).recipe.resolve(loaded.model)
     draws = (TextDraws if adapter_for(loaded.model).conditioning(dict(loaded.model.config)) is None else ClassDraws)(
         loaded, model_spec, num_samples=num_samples, steps=steps, cfg=cfg, sampler=sampler, seed=seeds[0], provider=provider)  # fmt: skip
     sampler = draws.sampler
