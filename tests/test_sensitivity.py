@@ -92,3 +92,16 @@ def test_the_cli_table_ranks_units_and_summarises_streams(t2i, tmp_path, capsys)
     assert next(ln for ln in stdout.splitlines() if ln.startswith(worst)).split()[-1] == "1"
     code, _, err = run(["sensitivity", "--model", str(t2i[0]), "--group-sizes", "48"], capsys)
     assert_one_line_refusal(code, err, "48")
+
+
+def test_only_the_units_take_the_group_size_so_the_embedders_width_need_not_divide_it():
+    """The digits DiT: block linears 192 and 768 wide, the timestep MLP 256 wide; g192 fits the units."""
+    from ditq.models import load_model
+    from ditq.workflows.sensitivity import _unit_recipe
+
+    model = load_model("digits").model
+    coverage = adapter_for(model).coverage_of(model)
+    plans = resolve_plans(model, _unit_recipe(coverage, 4, 4, 192, False))
+    assert plans["transformer_blocks.0.attn1.to_q"].group_size == 192 and plans["transformer_blocks.0.attn1.to_q"].abits == 4
+    emb = next(n for n in plans if "timestep_embedder.linear_1" in n)
+    assert plans[emb].abits is None and plans[emb].group_size in (None, 256)  # per channel: the whole 256-wide row

@@ -15,7 +15,7 @@ finer groups is the one finer groups pay for.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from ditq.calib.sensitivity import block_units, unit_errors, unit_stream
 from ditq.errors import DitqError
 from ditq.exporter.reference import resolve_plans
 from ditq.models import load_model
-from ditq.recipe import Recipe
+from ditq.recipe import Recipe, Rule
 
 
 @dataclass
@@ -70,11 +70,18 @@ class SensitivityReport:
         return "\n".join(lines)
 
 
+def _unit_recipe(coverage, wbits: int, abits: int | None, group: int, symmetric: bool) -> Recipe:
+    """Q-DiT's recipe with group size ``group`` on the block units (the other layers per channel: only the
+    units' plans are used, and a group size need not divide the embedders' widths)."""
+    base = Recipe.qdit(coverage, wbits, abits, None, symmetric)
+    return replace(base, rules=(*base.rules, *(Rule(p, {"group_size": group}) for p in coverage.activation_linears)))
+
+
 def layer_sensitivity(model_spec: str, *, wbits: int = 4, abits: int | None = 4, group_sizes: list[int] = (32, 64, 128),
                       symmetric: bool = False, progress: bool = True) -> SensitivityReport:  # fmt: skip
     """The per-unit sensitivity of ``model_spec`` to Q-DiT's W``wbits``A``abits`` at each of ``group_sizes``
     (module docstring). A group size that does not divide a unit's input width is refused in one line
-    naming the layer (as export refuses it)."""
+    naming the layer (as export refuses it); the layers outside the units do not take it."""
     group_sizes = sorted(set(group_sizes))
     if not group_sizes:
         raise DitqError("--group-sizes: give at least one group size")
@@ -84,7 +91,7 @@ def layer_sensitivity(model_spec: str, *, wbits: int = 4, abits: int | None = 4,
     cond = trajectory_conditioning(loaded, "ditq sensitivity measures on the model's sampling trajectories",
                                    "use a model with its pipeline folder")  # fmt: skip
     coverage = adapter.coverage_of(model)
-    plans = {g: resolve_plans(model, Recipe.qdit(coverage, wbits, abits, g, symmetric)) for g in group_sizes}
+    plans = {g: resolve_plans(model, _unit_recipe(coverage, wbits, abits, g, symmetric)) for g in group_sizes}
     inputs = sensitivity_inputs(model, clip_denoised=loaded.pipeline.clip_denoised, schedule=loaded.schedule, conditioning=cond)
     errors = unit_errors(model, inputs, plans, progress=progress)
     streams, units = unit_stream(model), block_units(model)
